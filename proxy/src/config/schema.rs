@@ -1,0 +1,447 @@
+//! The config file as users write it: serde types that mirror the YAML one to one.
+//!
+//! Unknown fields are errors everywhere (`deny_unknown_fields`). Values whose shape can be checked
+//! alone (addresses, CIDRs, durations, enums) are parsed during deserialization, so the YAML
+//! library reports their line. Cross-references (allow lists, duplicate names, files) are checked
+//! in `validate.rs`; the fields they need are `Spanned` so that errors can still name a line.
+//! Defaults are written once, as functions next to their field, and documented in docs/config.md.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub listeners: Vec<RawListener>,
+    #[serde(default)]
+    pub admin: Option<RawAdmin>,
+    pub mesh: RawMesh,
+    pub services: OrderedMap<RawService>,
+    pub tenants: OrderedMap<RawTenant>,
+    /// Header that may carry an API key, besides `Proxy-Authorization`.
+    #[serde(default = "default_api_key_header")]
+    pub api_key_header: Spanned<String>,
+    #[serde(default)]
+    pub upstream: Option<Spanned<RawUpstream>>,
+}
+
+pub fn default_api_key_header() -> Spanned<String> {
+    Spanned::new(
+        "x-meshgate-key".to_string(),
+        serde_saphyr::Location::UNKNOWN,
+        serde_saphyr::Location::UNKNOWN,
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListener {
+    pub name: Spanned<String>,
+    pub bind: Spanned<Addr>,
+    pub protocol: ListenerProtocol,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    /// HTTP/1.1 and h2c with prior knowledge on the same port.
+    Http,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub bind: Spanned<Addr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMesh {
+    pub trust_domain: Spanned<String>,
+    pub gateway: Spanned<HostPort>,
+    /// How often the gateway name is resolved again (its addresses change as the LB scales).
+    #[serde(default = "default_gateway_refresh")]
+    pub gateway_refresh: Dur,
+    pub identity: RawIdentity,
+}
+
+pub fn default_gateway_refresh() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdentity {
+    pub cert_chain: Spanned<String>,
+    pub key: Spanned<String>,
+    pub root_cert: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    pub host: Spanned<String>,
+    pub port: Spanned<u16>,
+    pub protocol: UpstreamProtocol,
+    #[serde(default)]
+    pub subset: Option<Spanned<String>>,
+    #[serde(default)]
+    pub identity: Option<Spanned<OneOrMany<String>>>,
+    #[serde(default)]
+    pub aliases: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum UpstreamProtocol {
+    #[serde(rename = "http1")]
+    Http1,
+    #[serde(rename = "http2")]
+    Http2,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTenant {
+    #[serde(default)]
+    pub sources: Vec<Cidr>,
+    #[serde(default)]
+    pub api_keys: Vec<Spanned<String>>,
+    pub allow: Vec<Spanned<String>>,
+}
+
+/// Pool and timeout settings for connections to the east-west gateway.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    #[serde(default = "d_connect_timeout")]
+    pub connect_timeout: Dur,
+    #[serde(default = "d_handshake_timeout")]
+    pub handshake_timeout: Dur,
+    /// From sending the request until the response headers arrive.
+    #[serde(default = "d_request_timeout")]
+    pub request_timeout: Dur,
+    #[serde(default = "d_idle_timeout")]
+    pub idle_timeout: Dur,
+    #[serde(default = "d_max_connection_age")]
+    pub max_connection_age: Dur,
+    /// Fraction (0..1) by which each connection's maximum age is randomly shortened or lengthened,
+    /// so a fleet does not reconnect in waves.
+    #[serde(default = "d_max_connection_age_jitter")]
+    pub max_connection_age_jitter: f64,
+    #[serde(default = "d_min_connections")]
+    pub min_connections: usize,
+    #[serde(default = "d_max_connections")]
+    pub max_connections: usize,
+    #[serde(default = "d_target_streams")]
+    pub target_streams_per_connection: usize,
+    #[serde(default = "d_max_streams")]
+    pub max_streams_per_connection: usize,
+    #[serde(default = "d_http1_max_connections")]
+    pub http1_max_connections: usize,
+}
+
+pub fn d_connect_timeout() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+pub fn d_handshake_timeout() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+pub fn d_request_timeout() -> Dur {
+    Dur(Duration::from_secs(60))
+}
+pub fn d_idle_timeout() -> Dur {
+    Dur(Duration::from_secs(90))
+}
+pub fn d_max_connection_age() -> Dur {
+    Dur(Duration::from_secs(300))
+}
+pub fn d_max_connection_age_jitter() -> f64 {
+    0.2
+}
+pub fn d_min_connections() -> usize {
+    2
+}
+pub fn d_max_connections() -> usize {
+    8
+}
+pub fn d_target_streams() -> usize {
+    50
+}
+pub fn d_max_streams() -> usize {
+    100
+}
+pub fn d_http1_max_connections() -> usize {
+    256
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        RawUpstream {
+            connect_timeout: d_connect_timeout(),
+            handshake_timeout: d_handshake_timeout(),
+            request_timeout: d_request_timeout(),
+            idle_timeout: d_idle_timeout(),
+            max_connection_age: d_max_connection_age(),
+            max_connection_age_jitter: d_max_connection_age_jitter(),
+            min_connections: d_min_connections(),
+            max_connections: d_max_connections(),
+            target_streams_per_connection: d_target_streams(),
+            max_streams_per_connection: d_max_streams(),
+            http1_max_connections: d_http1_max_connections(),
+        }
+    }
+}
+
+/// A socket address `IP:PORT`, checked while parsing.
+#[derive(Debug, Clone, Copy)]
+pub struct Addr(pub SocketAddr);
+
+impl<'de> Deserialize<'de> for Addr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse::<SocketAddr>().map(Addr).map_err(|_| {
+            de::Error::custom(format!(
+                "invalid address {s:?}: expected IP:PORT such as 0.0.0.0:8080 or [::]:8080"
+            ))
+        })
+    }
+}
+
+/// `host:port` where host is a DNS name or an IP address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+pub fn parse_host_port(s: &str) -> Result<HostPort, String> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok(HostPort {
+            host: sa.ip().to_string(),
+            port: sa.port(),
+        });
+    }
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("invalid address {s:?}: expected host:port"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("invalid port in {s:?}: expected 1-65535"))?;
+    if port == 0 {
+        return Err(format!("invalid port in {s:?}: expected 1-65535"));
+    }
+    let valid_host = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if !valid_host {
+        return Err(format!("invalid host in {s:?}: expected a DNS name or IP"));
+    }
+    Ok(HostPort {
+        host: host.to_ascii_lowercase(),
+        port,
+    })
+}
+
+impl<'de> Deserialize<'de> for HostPort {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_host_port(&s).map_err(de::Error::custom)
+    }
+}
+
+/// An IP network in CIDR notation; a bare address means a single host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr(pub ipnet::IpNet);
+
+pub fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    if let Ok(net) = s.parse::<ipnet::IpNet>() {
+        // 10.20.0.5/16 is almost always a typo for 10.20.0.0/16; refuse rather than guess.
+        if net.trunc() != net {
+            return Err(format!(
+                "invalid CIDR {s:?}: host bits are set (did you mean {}?)",
+                net.trunc()
+            ));
+        }
+        return Ok(net);
+    }
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(ipnet::IpNet::from(ip));
+    }
+    Err(format!(
+        "invalid CIDR {s:?}: expected e.g. 10.20.0.0/16 or 2001:db8::/32"
+    ))
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_cidr(&s).map(Cidr).map_err(de::Error::custom)
+    }
+}
+
+/// A duration such as `250ms`, `5s`, `2m` or `1h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 250ms, 5s, 2m, 1h"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => {
+            return Err(format!(
+                "invalid duration {s:?}: unit must be ms, s, m or h"
+            ))
+        }
+    };
+    if !secs.is_finite() || secs <= 0.0 || secs > 86400.0 * 365.0 {
+        return Err(format!("invalid duration {s:?}: must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s).map(Dur).map_err(de::Error::custom)
+    }
+}
+
+/// A scalar or a list of scalars.
+#[derive(Debug)]
+pub struct OneOrMany<T>(pub Vec<T>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Not `#[serde(untagged)]`: that buffers the input and loses the YAML spans.
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = OneOrMany<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string or a list of strings")
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(v) = seq.next_element()? {
+                    out.push(v);
+                }
+                Ok(OneOrMany(out))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                let t = T::deserialize(de::value::StrDeserializer::<E>::new(v))?;
+                Ok(OneOrMany(vec![t]))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// A YAML mapping kept in file order, with the line of each key, so errors about an entry can
+/// point at it. Duplicate keys are rejected by the YAML parser itself.
+#[derive(Debug)]
+pub struct OrderedMap<V>(pub Vec<(Spanned<String>, V)>);
+
+impl<V> Default for OrderedMap<V> {
+    fn default() -> Self {
+        OrderedMap(Vec::new())
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for OrderedMap<V> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct MapV<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for MapV<V> {
+            type Value = OrderedMap<V>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a mapping of names to entries")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some((k, v)) = map.next_entry::<Spanned<String>, V>()? {
+                    out.push((k, v));
+                }
+                Ok(OrderedMap(out))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(OrderedMap(Vec::new()))
+            }
+        }
+        d.deserialize_map(MapV(std::marker::PhantomData))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn cidrs() {
+        assert_eq!(
+            parse_cidr("10.20.0.0/16").unwrap().to_string(),
+            "10.20.0.0/16"
+        );
+        assert_eq!(parse_cidr("10.1.2.3").unwrap().to_string(), "10.1.2.3/32");
+        assert_eq!(parse_cidr("2001:db8::/32").unwrap().prefix_len(), 32);
+        assert!(parse_cidr("10.20.0.5/16")
+            .unwrap_err()
+            .contains("10.20.0.0/16"));
+        assert!(parse_cidr("10.20.0.0/33").is_err());
+        assert!(parse_cidr("banana").is_err());
+    }
+
+    #[test]
+    fn host_ports() {
+        let hp = parse_host_port("EastWest.mesh.example.com:15443").unwrap();
+        assert_eq!(hp.host, "eastwest.mesh.example.com");
+        assert_eq!(hp.port, 15443);
+        let hp = parse_host_port("[::1]:15443").unwrap();
+        assert_eq!(hp.host, "::1");
+        assert_eq!(hp.to_string(), "[::1]:15443");
+        assert!(parse_host_port("gateway").is_err());
+        assert!(parse_host_port("gateway:0").is_err());
+        assert!(parse_host_port("bad host:1").is_err());
+        assert!(parse_host_port("a..b:1").is_err());
+    }
+}

@@ -1,0 +1,483 @@
+//! Turns a parsed [`RawConfig`] into a [`Snapshot`], or into every error it contains, each with
+//! its line. Cross-references, uniqueness and the identity files are checked here.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::HeaderName;
+use serde_saphyr::Spanned;
+
+use super::schema::{RawConfig, RawUpstream};
+use super::{sni_for, ConfigError, ConfigErrors, Listener, Service, Snapshot, UpstreamSettings};
+use crate::identity::{ExpectedServer, Identity, IdentityFile, IdentityPaths};
+use crate::policy::keys::parse_key_hash;
+use crate::policy::{Allow, Tenant, Tenants};
+use crate::route::RouteTable;
+
+struct Errors<'a> {
+    file: &'a Path,
+    list: Vec<ConfigError>,
+}
+
+fn line<T>(s: &Spanned<T>) -> Option<u64> {
+    let l = s.referenced.line();
+    (l > 0).then_some(l)
+}
+
+impl Errors<'_> {
+    fn at(&mut self, line: Option<u64>, message: impl Into<String>) {
+        self.list.push(ConfigError {
+            file: self.file.to_owned(),
+            line,
+            message: message.into(),
+        });
+    }
+}
+
+/// Names that become metric label values and log fields: keep them boring.
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn valid_hostname(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// The message of a YAML/serde error, without the location the library appends (we print our own).
+fn yaml_error(file: &Path, e: &serde_saphyr::Error) -> ConfigError {
+    let line = e.location().map(|l| l.line()).filter(|l| *l > 0);
+    let rendered = e.without_snippet().to_string();
+    let mut message = rendered
+        .lines()
+        .next()
+        .unwrap_or("invalid YAML")
+        .trim()
+        .to_string();
+    // "… at line 3, column 5" → "…": the line goes in front, the column is noise for a config.
+    for cut in [" at line ", ", set DuplicateKeyPolicy"] {
+        if let Some(idx) = message.find(cut) {
+            message.truncate(idx);
+        }
+    }
+    if message.is_empty() {
+        message = "invalid YAML".into();
+    }
+    ConfigError {
+        file: file.to_owned(),
+        line,
+        message,
+    }
+}
+
+pub(super) fn parse(path: &Path, text: &str, now: SystemTime) -> Result<Snapshot, ConfigErrors> {
+    let raw: RawConfig =
+        serde_saphyr::from_str(text).map_err(|e| ConfigErrors(vec![yaml_error(path, &e)]))?;
+    let mut errs = Errors {
+        file: path,
+        list: Vec::new(),
+    };
+    let snapshot = build(path, raw, now, &mut errs);
+    if errs.list.is_empty() {
+        if let Some(s) = snapshot {
+            return Ok(s);
+        }
+    }
+    let mut list = errs.list;
+    list.sort_by_key(|e| e.line.unwrap_or(u64::MAX));
+    Err(ConfigErrors(list))
+}
+
+fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Option<Snapshot> {
+    // Listeners.
+    if raw.listeners.is_empty() {
+        errs.at(None, "at least one listener is required");
+    }
+    let mut listeners = Vec::new();
+    let mut listener_names: HashMap<String, Option<u64>> = HashMap::new();
+    let mut binds: HashMap<std::net::SocketAddr, String> = HashMap::new();
+    for l in &raw.listeners {
+        let name = &l.name.value;
+        if !valid_name(name) {
+            errs.at(
+                line(&l.name),
+                format!(
+                    "invalid listener name {name:?}: use lower-case letters, digits, '-' and '_'"
+                ),
+            );
+        }
+        if let Some(prev) = listener_names.insert(name.clone(), line(&l.name)) {
+            errs.at(
+                line(&l.name),
+                format!(
+                    "duplicate listener name {name:?} (first defined on line {})",
+                    prev.unwrap_or(0)
+                ),
+            );
+        }
+        // Port 0 asks the OS for a free port: never a clash.
+        let fixed_port = l.bind.value.0.port() != 0;
+        if let Some(other) = binds
+            .insert(l.bind.value.0, name.clone())
+            .filter(|_| fixed_port)
+        {
+            errs.at(
+                line(&l.bind),
+                format!(
+                    "address {} is already bound by listener {other:?}",
+                    l.bind.value.0
+                ),
+            );
+        }
+        listeners.push(Listener {
+            name: name.clone(),
+            bind: l.bind.value.0,
+            protocol: l.protocol,
+        });
+    }
+    let admin = raw.admin.as_ref().map(|a| {
+        if let Some(other) = binds
+            .get(&a.bind.value.0)
+            .filter(|_| a.bind.value.0.port() != 0)
+        {
+            errs.at(
+                line(&a.bind),
+                format!(
+                    "admin address {} is already bound by listener {other:?}",
+                    a.bind.value.0
+                ),
+            );
+        }
+        a.bind.value.0
+    });
+
+    // Mesh.
+    let td = raw.mesh.trust_domain.value.clone();
+    let td_ok = !td.is_empty()
+        && td
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_');
+    if !td_ok {
+        errs.at(
+            line(&raw.mesh.trust_domain),
+            format!("invalid trust_domain {td:?}: expected a name such as cluster.local"),
+        );
+    }
+
+    // Services and routes.
+    let mut services: Vec<Arc<Service>> = Vec::new();
+    let mut service_ids: HashMap<String, usize> = HashMap::new();
+    let mut route_names: HashMap<(String, u16), String> = HashMap::new();
+    for (name, s) in &raw.services.0 {
+        let id = services.len();
+        let n = &name.value;
+        if !valid_name(n) {
+            errs.at(
+                line(name),
+                format!("invalid service name {n:?}: use lower-case letters, digits, '-' and '_'"),
+            );
+        }
+        service_ids.insert(n.clone(), id);
+        let host = s.host.value.trim_end_matches('.').to_ascii_lowercase();
+        if !valid_hostname(&host) {
+            errs.at(line(&s.host), format!("invalid host {:?}: expected a DNS name such as reviews.bookinfo.svc.cluster.local", s.host.value));
+        }
+        let port = s.port.value;
+        if port == 0 {
+            errs.at(line(&s.port), "invalid port 0: expected 1-65535");
+        }
+        let subset = s.subset.as_ref().map(|sub| {
+            let ok = !sub.value.is_empty()
+                && sub.value.len() <= 63
+                && sub
+                    .value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                errs.at(
+                    line(sub),
+                    format!(
+                        "invalid subset {:?}: expected a DestinationRule subset name",
+                        sub.value
+                    ),
+                );
+            }
+            sub.value.clone()
+        });
+        let expected_server = match &s.identity {
+            None => ExpectedServer::TrustDomain(td.clone()),
+            Some(ids) => {
+                if ids.value.0.is_empty() {
+                    errs.at(line(ids), "identity: list must not be empty (omit it to accept any identity in the trust domain)");
+                }
+                for id in &ids.value.0 {
+                    if crate::identity::spiffe_trust_domain(id).is_none()
+                        || id.contains(char::is_whitespace)
+                    {
+                        errs.at(line(ids), format!("invalid identity {id:?}: expected a SPIFFE ID such as spiffe://cluster.local/ns/NS/sa/SA"));
+                    }
+                }
+                ExpectedServer::Exact(ids.value.0.clone())
+            }
+        };
+        let mut aliases = Vec::new();
+        // A subset service usually shares its host with the plain service; when it has aliases,
+        // VMs reach it by those, and its host only names the mesh service in the SNI.
+        let routes_host = subset.is_none() || s.aliases.is_empty();
+        let mut names: Vec<(String, Option<u64>)> = Vec::new();
+        if routes_host {
+            names.push((host.clone(), line(&s.host)));
+        }
+        for a in &s.aliases {
+            let alias = a.value.trim_end_matches('.').to_ascii_lowercase();
+            if !valid_hostname(&alias) {
+                errs.at(
+                    line(a),
+                    format!("invalid alias {:?}: expected a DNS name", a.value),
+                );
+            }
+            aliases.push(alias.clone());
+            names.push((alias, line(a)));
+        }
+        for (nm, l) in names {
+            if let Some(other) = route_names.insert((nm.clone(), port), n.clone()) {
+                errs.at(
+                    l,
+                    format!("host {nm} port {port} is already routed to service {other:?}"),
+                );
+            }
+        }
+        let sni = sni_for(&host, port, subset.as_deref());
+        if rustls::pki_types::ServerName::try_from(sni.clone()).is_err() {
+            errs.at(
+                line(&s.host),
+                format!("SNI {sni:?} built from this service is not a valid TLS server name"),
+            );
+        }
+        services.push(Arc::new(Service {
+            id,
+            name: n.clone(),
+            host,
+            port,
+            protocol: s.protocol,
+            subset,
+            aliases,
+            expected_server,
+            sni,
+        }));
+    }
+    let routes = RouteTable::new(
+        route_names
+            .iter()
+            .map(|((name, port), svc)| (name.as_str(), *port, service_ids[svc])),
+    );
+
+    // Tenants.
+    let mut tenants = Vec::new();
+    let mut tenant_names = Vec::new();
+    let mut key_owner: HashMap<[u8; 32], String> = HashMap::new();
+    let mut keyless_sources: HashMap<ipnet::IpNet, String> = HashMap::new();
+    for (name, t) in &raw.tenants.0 {
+        let n = &name.value;
+        if !valid_name(n) {
+            errs.at(
+                line(name),
+                format!("invalid tenant name {n:?}: use lower-case letters, digits, '-' and '_'"),
+            );
+        }
+        if t.sources.is_empty() && t.api_keys.is_empty() {
+            errs.at(
+                line(name),
+                format!("tenant {n:?} has neither sources nor api_keys, so no client can match it"),
+            );
+        }
+        let mut key_hashes = Vec::new();
+        for k in &t.api_keys {
+            match parse_key_hash(&k.value) {
+                Ok(h) => {
+                    if let Some(other) = key_owner.insert(h, n.clone()) {
+                        errs.at(
+                            line(k),
+                            format!("duplicate API key (already listed for tenant {other:?})"),
+                        );
+                    }
+                    key_hashes.push(h);
+                }
+                Err(e) => errs.at(line(k), format!("invalid API key: {e}")),
+            }
+        }
+        if t.api_keys.is_empty() {
+            for src in &t.sources {
+                if let Some(other) = keyless_sources.insert(src.0, n.clone()) {
+                    if other != *n {
+                        errs.at(line(name), format!("source {} is also claimed by tenant {other:?}: a client there would match both", src.0));
+                    }
+                }
+            }
+        }
+        let mut allow_all = false;
+        let mut allowed = vec![false; services.len()];
+        for a in &t.allow {
+            if a.value == "*" {
+                allow_all = true;
+            } else if let Some(id) = service_ids.get(&a.value) {
+                allowed[*id] = true;
+            } else {
+                errs.at(
+                    line(a),
+                    format!("tenant {n:?} allows unknown service {:?}", a.value),
+                );
+            }
+        }
+        tenant_names.push(n.clone());
+        tenants.push(Tenant {
+            name: n.clone(),
+            sources: t.sources.iter().map(|c| c.0).collect(),
+            key_hashes,
+            allow: if allow_all {
+                Allow::All
+            } else {
+                Allow::Services(allowed)
+            },
+        });
+    }
+
+    // API key header.
+    let hdr = raw.api_key_header.value.to_ascii_lowercase();
+    const RESERVED: &[&str] = &[
+        "host",
+        "proxy-authorization",
+        "authorization",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "te",
+        "upgrade",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-request-id",
+        "x-forwarded-client-cert",
+    ];
+    let api_key_header = match HeaderName::from_bytes(hdr.as_bytes()) {
+        Ok(h) if !RESERVED.contains(&hdr.as_str()) => Some(h),
+        Ok(_) => {
+            errs.at(
+                line(&raw.api_key_header),
+                format!("api_key_header {hdr:?} is a header meshgate or HTTP already uses"),
+            );
+            None
+        }
+        Err(_) => {
+            errs.at(
+                line(&raw.api_key_header),
+                format!("api_key_header {hdr:?} is not a valid header name"),
+            );
+            None
+        }
+    };
+
+    // Upstream settings.
+    let (up, up_line) = match &raw.upstream {
+        Some(s) => (&s.value, line(s)),
+        None => (&RawUpstream::default(), None),
+    };
+    let upstream = UpstreamSettings {
+        connect_timeout: up.connect_timeout.0,
+        handshake_timeout: up.handshake_timeout.0,
+        request_timeout: up.request_timeout.0,
+        idle_timeout: up.idle_timeout.0,
+        max_connection_age: up.max_connection_age.0,
+        max_connection_age_jitter: up.max_connection_age_jitter,
+        min_connections: up.min_connections,
+        max_connections: up.max_connections,
+        target_streams_per_connection: up.target_streams_per_connection,
+        max_streams_per_connection: up.max_streams_per_connection,
+        http1_max_connections: up.http1_max_connections,
+    };
+    if !(0.0..=0.5).contains(&upstream.max_connection_age_jitter) {
+        errs.at(
+            up_line,
+            "upstream.max_connection_age_jitter must be between 0 and 0.5",
+        );
+    }
+    if upstream.min_connections == 0 || upstream.max_connections < upstream.min_connections {
+        errs.at(
+            up_line,
+            "upstream: need 1 <= min_connections <= max_connections",
+        );
+    }
+    if upstream.max_streams_per_connection == 0
+        || upstream.target_streams_per_connection == 0
+        || upstream.target_streams_per_connection > upstream.max_streams_per_connection
+    {
+        errs.at(
+            up_line,
+            "upstream: need 1 <= target_streams_per_connection <= max_streams_per_connection",
+        );
+    }
+    if upstream.http1_max_connections == 0 {
+        errs.at(up_line, "upstream.http1_max_connections must be at least 1");
+    }
+
+    // Identity, last: it touches files, and its errors are clearer once the rest is right.
+    let base = path.parent().unwrap_or(Path::new("."));
+    let resolve = |p: &str| -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            base.join(p)
+        }
+    };
+    let idr = &raw.mesh.identity;
+    let paths = IdentityPaths {
+        cert_chain: resolve(&idr.cert_chain.value),
+        key: resolve(&idr.key.value),
+        root_cert: resolve(&idr.root_cert.value),
+    };
+    let identity = if td_ok {
+        match Identity::load(&paths, &td, now) {
+            Ok(i) => Some(Arc::new(i)),
+            Err(e) => {
+                let l = match e.file() {
+                    IdentityFile::CertChain => line(&idr.cert_chain),
+                    IdentityFile::Key => line(&idr.key),
+                    IdentityFile::RootCert => line(&idr.root_cert),
+                };
+                errs.at(l, e.to_string());
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    Some(Snapshot {
+        path: path.to_owned(),
+        listeners,
+        admin,
+        trust_domain: td,
+        gateway: raw.mesh.gateway.value.clone(),
+        gateway_refresh: raw.mesh.gateway_refresh.0,
+        identity: identity?,
+        services,
+        routes,
+        tenants: Tenants::new(tenants),
+        tenant_names,
+        api_key_header: api_key_header?,
+        upstream,
+    })
+}

@@ -1,0 +1,144 @@
+//! Every way a request can be refused or fail, by blame, mapped once to an HTTP status, a metric
+//! `reason` label (a fixed set, never request data) and a one-line body `meshgate: <reason>`.
+
+use http::StatusCode;
+
+use crate::policy::keys::KeyError;
+use crate::policy::Deny;
+use crate::route::RouteError;
+use crate::upstream::UpstreamError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The client sent something we cannot interpret.
+    #[error("malformed request: {0}")]
+    Malformed(&'static str),
+    #[error("{0}")]
+    Key(#[from] KeyError),
+    #[error("{0}")]
+    Policy(#[from] Deny),
+    #[error("{0}")]
+    Route(#[from] RouteError),
+    #[error("{0}")]
+    Upstream(#[from] UpstreamError),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Malformed(_) | ProxyError::Route(RouteError::Malformed) => {
+                StatusCode::BAD_REQUEST
+            }
+            ProxyError::Key(_) | ProxyError::Policy(Deny::BadKey) => StatusCode::UNAUTHORIZED,
+            ProxyError::Policy(_) => StatusCode::FORBIDDEN,
+            ProxyError::Route(RouteError::UnknownHost) => StatusCode::NOT_FOUND,
+            ProxyError::Upstream(u) => match u {
+                UpstreamError::Unresolved(_)
+                | UpstreamError::Connect { .. }
+                | UpstreamError::ConnectTimeout { .. }
+                | UpstreamError::PoolTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+                UpstreamError::Tls { .. }
+                | UpstreamError::Identity { .. }
+                | UpstreamError::Protocol { .. }
+                | UpstreamError::Http(_) => StatusCode::BAD_GATEWAY,
+                UpstreamError::HandshakeTimeout { .. } | UpstreamError::RequestTimeout(_) => {
+                    StatusCode::GATEWAY_TIMEOUT
+                }
+            },
+        }
+    }
+
+    /// The metric and access-log label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::Malformed(_) | ProxyError::Route(RouteError::Malformed) => {
+                "malformed_request"
+            }
+            ProxyError::Key(_) | ProxyError::Policy(Deny::BadKey) => "bad_key",
+            ProxyError::Policy(Deny::UnknownClient) => "unknown_client",
+            ProxyError::Policy(Deny::KeyWrongSource) => "key_wrong_source",
+            ProxyError::Policy(Deny::ServiceNotAllowed) => "service_not_allowed",
+            ProxyError::Route(RouteError::UnknownHost) => "unknown_host",
+            ProxyError::Upstream(u) => match u {
+                UpstreamError::Unresolved(_) => "gateway_unresolved",
+                UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. } => {
+                    "gateway_unreachable"
+                }
+                UpstreamError::Tls { .. } => "upstream_tls",
+                UpstreamError::Identity { .. } => "upstream_identity",
+                UpstreamError::HandshakeTimeout { .. } => "upstream_handshake_timeout",
+                UpstreamError::Protocol { .. } => "upstream_protocol",
+                UpstreamError::RequestTimeout(_) => "upstream_timeout",
+                UpstreamError::Http(_) => "upstream_reset",
+                UpstreamError::PoolTimeout(_) => "upstream_pool_timeout",
+            },
+        }
+    }
+
+    /// The response body: one line. Upstream details (addresses, certificate names) help the
+    /// operator and reveal nothing a VM could not learn from the mesh itself.
+    pub fn body(&self) -> String {
+        let mut msg = self.to_string().replace(['\r', '\n'], " ");
+        msg.truncate(400);
+        format!("meshgate: {msg}\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_by_blame() {
+        let cases: Vec<(ProxyError, u16, &str)> = vec![
+            (
+                ProxyError::Policy(Deny::UnknownClient),
+                403,
+                "unknown_client",
+            ),
+            (ProxyError::Policy(Deny::BadKey), 401, "bad_key"),
+            (ProxyError::Key(KeyError::Malformed), 401, "bad_key"),
+            (
+                ProxyError::Policy(Deny::ServiceNotAllowed),
+                403,
+                "service_not_allowed",
+            ),
+            (
+                ProxyError::Route(RouteError::UnknownHost),
+                404,
+                "unknown_host",
+            ),
+            (
+                ProxyError::Malformed("missing Host"),
+                400,
+                "malformed_request",
+            ),
+            (
+                ProxyError::Upstream(UpstreamError::Connect {
+                    addr: "a".into(),
+                    reason: "refused".into(),
+                }),
+                503,
+                "gateway_unreachable",
+            ),
+            (
+                ProxyError::Upstream(UpstreamError::Identity { reason: "x".into() }),
+                502,
+                "upstream_identity",
+            ),
+            (
+                ProxyError::Upstream(UpstreamError::RequestTimeout(
+                    std::time::Duration::from_secs(1),
+                )),
+                504,
+                "upstream_timeout",
+            ),
+        ];
+        for (e, status, reason) in cases {
+            assert_eq!(e.status().as_u16(), status, "{e}");
+            assert_eq!(e.reason(), reason);
+            assert!(e.body().starts_with("meshgate: "));
+            assert_eq!(e.body().matches('\n').count(), 1);
+        }
+    }
+}

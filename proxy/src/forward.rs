@@ -1,0 +1,511 @@
+//! The per-request pipeline: snapshot → authorize → resolve → send → record.
+//!
+//! Decisions come from the pure functions in `policy` and `route`; this module only extracts
+//! their inputs from the request, rewrites headers for the hop into the mesh, and wraps the
+//! bodies so bytes are counted and the access-log line is written when the response ends.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::config::{Snapshot, UpstreamProtocol};
+use crate::error::ProxyError;
+use crate::metrics::Metrics;
+use crate::policy::keys::presented_key;
+use crate::policy::Deny;
+use crate::upstream::{BoxError, Lease, RequestBody, Upstream, UpstreamError};
+
+/// What one listener's requests share. A reload (later) swaps the whole value.
+pub struct Proxy {
+    pub snapshot: Arc<Snapshot>,
+    pub upstream: Arc<Upstream>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Facts about the client connection a request arrived on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub listener: Arc<str>,
+    pub client: SocketAddr,
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+/// Identity and telemetry headers only the mesh may set (istio-wire.md §0, §3).
+static MESH_ONLY: [HeaderName; 3] = [
+    HeaderName::from_static("x-forwarded-client-cert"),
+    HeaderName::from_static("x-envoy-peer-metadata"),
+    HeaderName::from_static("x-envoy-peer-metadata-id"),
+];
+
+/// Removes hop-by-hop fields (RFC 9110 §7.6.1): those named in `Connection`, plus the ones that
+/// are hop-by-hop by definition. `TE: trailers` survives: gRPC needs it end to end over h2.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    let te_trailers = h.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
+    for n in [
+        &header::CONNECTION,
+        &PROXY_CONNECTION,
+        &KEEP_ALIVE,
+        &header::TE,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::PROXY_AUTHORIZATION,
+        &header::PROXY_AUTHENTICATE,
+    ] {
+        h.remove(n);
+    }
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+fn new_request_id() -> HeaderValue {
+    let mut b = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
+    b[6] = (b[6] & 0x0f) | 0x40; // UUID v4
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    let s = format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    );
+    HeaderValue::from_str(&s).expect("hex is a valid header value")
+}
+
+/// The authority the client asked for: absolute-form URI or `:authority` first, then `Host`.
+fn authority_of(req: &Request<Incoming>) -> Result<String, ProxyError> {
+    if let Some(a) = req.uri().authority() {
+        return Ok(a.as_str().to_string());
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts
+        .next()
+        .ok_or(ProxyError::Malformed("missing Host header"))?;
+    if hosts.next().is_some() {
+        return Err(ProxyError::Malformed("more than one Host header"));
+    }
+    let host = host
+        .to_str()
+        .map_err(|_| ProxyError::Malformed("Host header is not ASCII"))?;
+    Ok(host.to_string())
+}
+
+/// One access-log line, written when the response ends (or the client goes away).
+struct AccessLog {
+    metrics: Arc<Metrics>,
+    listener: Arc<str>,
+    client: SocketAddr,
+    tenant: Option<String>,
+    service: Option<String>,
+    method: Method,
+    authority: String,
+    path: String,
+    request_id: String,
+    status: u16,
+    reason: &'static str,
+    started: Instant,
+    bytes_in: Arc<AtomicU64>,
+    bytes_out: u64,
+    reused: Option<bool>,
+}
+
+impl AccessLog {
+    fn finish(&self, completed: bool) {
+        let duration = self.started.elapsed();
+        let bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        self.metrics.requests_in_flight.dec();
+        self.metrics.record_request(
+            &self.listener,
+            self.tenant.as_deref(),
+            self.service.as_deref(),
+            self.status,
+            self.reason,
+            duration,
+            bytes_in,
+            self.bytes_out,
+        );
+        tracing::info!(
+            target: "access",
+            listener = %self.listener,
+            client = %self.client,
+            tenant = self.tenant.as_deref().unwrap_or("-"),
+            service = self.service.as_deref().unwrap_or("-"),
+            method = %self.method,
+            authority = %self.authority,
+            path = %self.path,
+            status = self.status,
+            reason = self.reason,
+            duration_ms = duration.as_secs_f64() * 1000.0,
+            bytes_in,
+            bytes_out = self.bytes_out,
+            upstream_conn = match self.reused { Some(true) => "reused", Some(false) => "new", None => "-" },
+            completed,
+            request_id = %self.request_id,
+        );
+    }
+}
+
+/// Request body towards the mesh, counting bytes as they stream.
+struct CountingBody {
+    inner: Incoming,
+    counter: Arc<AtomicU64>,
+}
+
+impl Body for CountingBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let p = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &p {
+            if let Some(d) = f.data_ref() {
+                self.counter.fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+        }
+        p
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+enum Inner {
+    Upstream(Incoming),
+    Local(Option<Bytes>),
+}
+
+/// Response body towards the VM. Holds the upstream lease until the body ends, so pool stream
+/// accounting matches what is really in flight, and writes the access log at the end.
+pub struct ResponseBody {
+    inner: Inner,
+    lease: Option<Lease>,
+    log: Option<Box<AccessLog>>,
+}
+
+impl ResponseBody {
+    fn local(b: Bytes) -> Self {
+        ResponseBody {
+            inner: Inner::Local(Some(b)),
+            lease: None,
+            log: None,
+        }
+    }
+
+    fn finish(&mut self, completed: bool) {
+        if let Some(lease) = self.lease.as_mut() {
+            if completed {
+                lease.body_finished();
+            }
+        }
+        self.lease = None;
+        if let Some(log) = self.log.take() {
+            log.finish(completed);
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let p = match &mut this.inner {
+            Inner::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Inner::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        };
+        match &p {
+            Poll::Ready(Some(Ok(f))) => {
+                if let (Some(d), Some(log)) = (f.data_ref(), this.log.as_mut()) {
+                    log.bytes_out += d.len() as u64;
+                }
+                // hyper stops polling once `is_end_stream` says so, so the end may never be
+                // seen as `Ready(None)`: settle the lease and log here.
+                let ended = match &this.inner {
+                    Inner::Upstream(b) => b.is_end_stream(),
+                    Inner::Local(b) => b.is_none(),
+                };
+                if ended {
+                    this.finish(true);
+                }
+            }
+            Poll::Ready(None) => this.finish(true),
+            Poll::Ready(Some(Err(_))) => this.finish(false),
+            Poll::Pending => {}
+        }
+        p
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Upstream(b) => b.is_end_stream(),
+            Inner::Local(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Upstream(b) => b.size_hint(),
+            Inner::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        self.finish(false);
+    }
+}
+
+fn local_response(e: &ProxyError) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::local(Bytes::from(e.body())));
+    *resp.status_mut() = e.status();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if e.status() == StatusCode::UNAUTHORIZED {
+        h.insert(
+            header::PROXY_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"meshgate\""),
+        );
+    }
+    resp
+}
+
+/// Serves one request. Never fails at the hyper level: every error becomes a response.
+pub async fn handle(
+    proxy: Arc<Proxy>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let started = Instant::now();
+    proxy.metrics.requests_in_flight.inc();
+    let request_id = req
+        .headers()
+        .get(&X_REQUEST_ID)
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .cloned()
+        .unwrap_or_else(new_request_id);
+    let mut log = Box::new(AccessLog {
+        metrics: proxy.metrics.clone(),
+        listener: conn.listener.clone(),
+        client: conn.client,
+        tenant: None,
+        service: None,
+        method: req.method().clone(),
+        authority: String::new(),
+        path: req.uri().path().to_string(),
+        request_id: request_id.to_str().unwrap_or("-").to_string(),
+        status: 0,
+        reason: "",
+        started,
+        bytes_in: Arc::new(AtomicU64::new(0)),
+        bytes_out: 0,
+        reused: None,
+    });
+    let result = forward(&proxy, &conn, req, request_id, &mut log).await;
+    let mut resp = match result {
+        Ok((resp, lease)) => {
+            log.reused = Some(lease.reused);
+            log.status = resp.status().as_u16();
+            let (parts, body) = resp.into_parts();
+            Response::from_parts(
+                parts,
+                ResponseBody {
+                    inner: Inner::Upstream(body),
+                    lease: Some(lease),
+                    log: None,
+                },
+            )
+        }
+        Err(e) => {
+            log.status = e.status().as_u16();
+            log.reason = e.reason();
+            if e.status().is_server_error() {
+                tracing::warn!(service = log.service.as_deref().unwrap_or("-"), error = %e, "upstream request failed");
+            }
+            local_response(&e)
+        }
+    };
+    resp.body_mut().log = Some(log);
+    Ok(resp)
+}
+
+async fn forward(
+    proxy: &Proxy,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+    request_id: HeaderValue,
+    log: &mut AccessLog,
+) -> Result<(Response<Incoming>, Lease), ProxyError> {
+    let snap = &proxy.snapshot;
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::Malformed(
+            "CONNECT is not supported on this listener",
+        ));
+    }
+    let authority = authority_of(&req)?;
+    log.authority = authority.chars().take(255).collect();
+
+    let key = presented_key(req.headers(), &snap.api_key_header)?;
+    let tenant_id = snap
+        .tenants
+        .authorize(conn.client.ip(), key.as_ref().map(|k| &k.0))?;
+    log.tenant = Some(snap.tenants.get(tenant_id).name.clone());
+    let service_id = snap.routes.resolve(&authority)?;
+    let service = &snap.services[service_id];
+    log.service = Some(service.name.clone());
+    if !snap.tenants.allows(tenant_id, service_id) {
+        return Err(Deny::ServiceNotAllowed.into());
+    }
+
+    let (mut parts, body) = req.into_parts();
+    let h = &mut parts.headers;
+    strip_hop_by_hop(h);
+    h.remove(&snap.api_key_header);
+    for n in &MESH_ONLY {
+        h.remove(n);
+    }
+    let client_ip = conn.client.ip().to_canonical().to_string();
+    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client_ip}"),
+        _ => client_ip,
+    };
+    h.remove(&X_FORWARDED_FOR);
+    h.insert(
+        &X_FORWARDED_FOR,
+        HeaderValue::from_str(&xff).map_err(|_| ProxyError::Malformed("bad X-Forwarded-For"))?,
+    );
+    h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    h.insert(&X_REQUEST_ID, request_id);
+
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    match service.protocol {
+        UpstreamProtocol::Http2 => {
+            h.remove(header::HOST);
+            parts.uri = Uri::builder()
+                .scheme("http")
+                .authority(authority.as_str())
+                .path_and_query(path)
+                .build()
+                .map_err(|_| ProxyError::Malformed("invalid request target"))?;
+            parts.version = Version::HTTP_2;
+        }
+        UpstreamProtocol::Http1 => {
+            let host = HeaderValue::from_str(&authority)
+                .map_err(|_| ProxyError::Malformed("invalid Host"))?;
+            h.insert(header::HOST, host);
+            parts.uri = path
+                .parse()
+                .map_err(|_| ProxyError::Malformed("invalid request target"))?;
+            parts.version = Version::HTTP_11;
+        }
+    }
+    let body: RequestBody = CountingBody {
+        inner: body,
+        counter: log.bytes_in.clone(),
+    }
+    .map_err(|e| -> BoxError { Box::new(e) })
+    .boxed_unsync();
+    let upstream_req = Request::from_parts(parts, body);
+
+    let pool = proxy.upstream.pool(service);
+    let timeout = snap.upstream.request_timeout;
+    let (mut resp, lease) = tokio::time::timeout(timeout, pool.send(upstream_req))
+        .await
+        .map_err(|_| UpstreamError::RequestTimeout(timeout))??;
+    let h = resp.headers_mut();
+    strip_hop_by_hop(h);
+    h.remove(&MESH_ONLY[1]);
+    h.remove(&MESH_ONLY[2]);
+    Ok((resp, lease))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_removed_including_connection_named() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, x-secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("proxy-connection", "keep-alive".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        h.insert(header::PROXY_AUTHORIZATION, "Bearer k".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        h.insert(header::TE, "gzip".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn te_trailers_survives() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, "trailers, gzip".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+    }
+
+    #[test]
+    fn request_ids_are_uuid_v4() {
+        let id = new_request_id();
+        let s = id.to_str().unwrap();
+        assert_eq!(s.len(), 36);
+        assert_eq!(&s[14..15], "4");
+        assert_ne!(new_request_id(), id);
+    }
+}

@@ -1,0 +1,263 @@
+//! The `meshgate` command: run, check, hash-key, demo.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use meshgate::config::{self, Snapshot};
+use meshgate::identity::rfc3339;
+
+#[derive(Parser)]
+#[command(
+    name = "meshgate",
+    version,
+    about = "Carries plain HTTP from VMs into an Istio mesh over mTLS"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+    /// Log format; `auto` is pretty on a terminal and JSON otherwise.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
+    log_format: LogFormat,
+    /// Log filter (e.g. `info`, `meshgate=debug`); the RUST_LOG variable overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Auto,
+    Json,
+    Pretty,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start the proxy (the normal service command).
+    Run {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Validate a config file and print a summary, or every error with its line.
+    Check {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Generate a random API key and print it with the `sha256:` form for the config.
+    HashKey {
+        /// Hash a key read from standard input instead of generating one.
+        #[arg(long)]
+        stdin: bool,
+    },
+    /// Start an embedded sandbox mesh and meshgate in front of it, and print commands to try.
+    #[cfg(feature = "demo")]
+    Demo {
+        /// Where the demo's VM-facing listener binds.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Pretty => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().flatten_event(true).with_current_span(false).init();
+    } else {
+        b.init();
+    }
+}
+
+fn load_or_report(path: &std::path::Path) -> Option<Snapshot> {
+    match config::load(path) {
+        Ok(s) => Some(s),
+        Err(errs) => {
+            for e in &errs.0 {
+                eprintln!("error: {e}");
+            }
+            eprintln!("{} error(s) in {}", errs.0.len(), path.display());
+            None
+        }
+    }
+}
+
+fn human_duration(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h {}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d {}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+fn print_summary(s: &Snapshot) {
+    println!("config {}: OK", s.path.display());
+    println!("listeners:");
+    for l in &s.listeners {
+        println!(
+            "  {:<16} {:<22} {:?}",
+            l.name,
+            l.bind.to_string(),
+            l.protocol
+        );
+    }
+    match s.admin {
+        Some(a) => println!("admin: {a}"),
+        None => println!("admin: (none)"),
+    }
+    println!(
+        "mesh: trust domain {}, gateway {}",
+        s.trust_domain, s.gateway
+    );
+    let id = &s.identity;
+    let left = id
+        .not_after
+        .duration_since(SystemTime::now())
+        .map(human_duration)
+        .unwrap_or_else(|_| "expired".into());
+    println!(
+        "identity: {} (valid until {}, {} left)",
+        id.spiffe_id,
+        rfc3339(id.not_after),
+        left
+    );
+    println!("services:");
+    for svc in &s.services {
+        println!(
+            "  {:<16} {}:{} {:?} sni={} expects {}",
+            svc.name, svc.host, svc.port, svc.protocol, svc.sni, svc.expected_server
+        );
+        if !svc.aliases.is_empty() {
+            println!("  {:<16} aliases: {}", "", svc.aliases.join(", "));
+        }
+    }
+    println!("tenants:");
+    for t in s.tenants.iter() {
+        let sources: Vec<String> = t.sources.iter().map(|n| n.to_string()).collect();
+        let allow = match &t.allow {
+            meshgate::policy::Allow::All => "*".to_string(),
+            meshgate::policy::Allow::Services(v) => s
+                .services
+                .iter()
+                .filter(|svc| v[svc.id])
+                .map(|svc| svc.name.clone())
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        println!(
+            "  {:<16} sources: {}  api keys: {}  allow: {}",
+            t.name,
+            if sources.is_empty() {
+                "any".into()
+            } else {
+                sources.join(", ")
+            },
+            t.key_hashes.len(),
+            allow
+        );
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Check { config } => match load_or_report(&config) {
+            Some(s) => {
+                print_summary(&s);
+                ExitCode::SUCCESS
+            }
+            None => ExitCode::FAILURE,
+        },
+        Cmd::HashKey { stdin } => {
+            if stdin {
+                let mut key = String::new();
+                if std::io::stdin().read_line(&mut key).is_err() || key.trim().is_empty() {
+                    eprintln!("error: no key on standard input");
+                    return ExitCode::FAILURE;
+                }
+                let h = meshgate::policy::hash_key(key.trim());
+                println!("sha256:{}", hex::encode(h));
+            } else {
+                let (key, hashed) = meshgate::policy::keys::generate_key();
+                println!("key:    {key}");
+                println!("config: \"{hashed}\"");
+            }
+            ExitCode::SUCCESS
+        }
+        Cmd::Run { config } => {
+            init_logging(cli.log_format, &cli.log_level);
+            let Some(snapshot) = load_or_report(&config) else {
+                return ExitCode::FAILURE;
+            };
+            runtime().block_on(async move {
+                let bound = match meshgate::app::start(snapshot).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                wait_for_signal().await;
+                tracing::info!("shutting down: draining in-flight requests");
+                bound.shutdown().await;
+                ExitCode::SUCCESS
+            })
+        }
+        #[cfg(feature = "demo")]
+        Cmd::Demo { listen } => {
+            init_logging(
+                cli.log_format,
+                if cli.log_level == "info" {
+                    "warn"
+                } else {
+                    &cli.log_level
+                },
+            );
+            runtime().block_on(async move {
+                let demo = match meshgate::demo::Demo::start(listen).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                println!("{}", demo.instructions());
+                wait_for_signal().await;
+                demo.shutdown().await;
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("start tokio runtime")
+}

@@ -1,0 +1,232 @@
+//! Who is the client, and may it reach a service: tenants by API key or by source subnet.
+//!
+//! Rules (the config contract): a request that presents a key belongs to the tenant holding that
+//! key, and if that tenant lists `sources` the client address must be in them. A request without a
+//! key belongs to the key-less tenant with the longest matching source prefix. Nothing matches →
+//! denied. Keys are stored and compared only as SHA-256 digests: the lookup is by digest, so
+//! timing reveals nothing about the key itself, and a config file never holds a usable secret.
+
+pub mod keys;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+pub use keys::{hash_key, PresentedKey};
+
+pub type TenantId = usize;
+
+#[derive(Debug, Clone)]
+pub enum Allow {
+    All,
+    /// Indexed by service id.
+    Services(Vec<bool>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub name: String,
+    pub sources: Vec<IpNet>,
+    pub key_hashes: Vec<[u8; 32]>,
+    pub allow: Allow,
+}
+
+/// Why a client was refused before routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Deny {
+    #[error("client address is not in any tenant")]
+    UnknownClient,
+    #[error("invalid API key")]
+    BadKey,
+    #[error("API key not accepted from this client address")]
+    KeyWrongSource,
+    #[error("service not allowed for tenant")]
+    ServiceNotAllowed,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Tenants {
+    tenants: Vec<Tenant>,
+    by_key: HashMap<[u8; 32], TenantId>,
+    /// Key-less tenants' sources, longest prefix first, so the first hit is the best one.
+    keyless: Vec<(IpNet, TenantId)>,
+}
+
+/// IPv4 clients reach a dual-stack listener as `::ffff:a.b.c.d`; match them as IPv4.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
+}
+
+impl Tenants {
+    /// Builds the lookup tables. Callers validate uniqueness of keys and of key-less sources.
+    pub fn new(tenants: Vec<Tenant>) -> Tenants {
+        let mut by_key = HashMap::new();
+        let mut keyless = Vec::new();
+        for (id, t) in tenants.iter().enumerate() {
+            for k in &t.key_hashes {
+                by_key.insert(*k, id);
+            }
+            if t.key_hashes.is_empty() {
+                keyless.extend(t.sources.iter().map(|n| (*n, id)));
+            }
+        }
+        keyless.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
+        Tenants {
+            tenants,
+            by_key,
+            keyless,
+        }
+    }
+
+    pub fn get(&self, id: TenantId) -> &Tenant {
+        &self.tenants[id]
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Tenant> {
+        self.tenants.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.tenants.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tenants.is_empty()
+    }
+
+    /// Decides the tenant of a request from its client address and the SHA-256 digest of the
+    /// API key it presented, if any.
+    pub fn authorize(&self, client: IpAddr, key_hash: Option<&[u8; 32]>) -> Result<TenantId, Deny> {
+        let client = canonical_ip(client);
+        match key_hash {
+            Some(h) => {
+                let id = *self.by_key.get(h).ok_or(Deny::BadKey)?;
+                let t = &self.tenants[id];
+                if t.sources.is_empty() || t.sources.iter().any(|n| n.contains(&client)) {
+                    Ok(id)
+                } else {
+                    Err(Deny::KeyWrongSource)
+                }
+            }
+            None => self
+                .keyless
+                .iter()
+                .find(|(net, _)| net.contains(&client))
+                .map(|(_, id)| *id)
+                .ok_or(Deny::UnknownClient),
+        }
+    }
+
+    pub fn allows(&self, tenant: TenantId, service: usize) -> bool {
+        match &self.tenants[tenant].allow {
+            Allow::All => true,
+            Allow::Services(v) => v.get(service).copied().unwrap_or(false),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn table() -> Tenants {
+        Tenants::new(vec![
+            Tenant {
+                name: "wide".into(),
+                sources: vec![net("10.0.0.0/8")],
+                key_hashes: vec![],
+                allow: Allow::Services(vec![true, false]),
+            },
+            Tenant {
+                name: "billing".into(),
+                sources: vec![net("10.20.0.0/16"), net("2001:db8::/32")],
+                key_hashes: vec![],
+                allow: Allow::Services(vec![false, true]),
+            },
+            Tenant {
+                name: "laptops".into(),
+                sources: vec![],
+                key_hashes: vec![hash_key("k1")],
+                allow: Allow::All,
+            },
+            Tenant {
+                name: "ci".into(),
+                sources: vec![net("192.168.1.0/24")],
+                key_hashes: vec![hash_key("k2")],
+                allow: Allow::All,
+            },
+        ])
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let t = table();
+        assert_eq!(t.authorize(ip("10.20.3.4"), None), Ok(1));
+        assert_eq!(t.authorize(ip("10.21.3.4"), None), Ok(0));
+        assert_eq!(t.authorize(ip("2001:db8::5"), None), Ok(1));
+    }
+
+    #[test]
+    fn mapped_ipv4_matches_ipv4_cidrs() {
+        let t = table();
+        assert_eq!(t.authorize(ip("::ffff:10.20.3.4"), None), Ok(1));
+    }
+
+    #[test]
+    fn unknown_client_denied() {
+        let t = table();
+        assert_eq!(
+            t.authorize(ip("172.16.0.1"), None),
+            Err(Deny::UnknownClient)
+        );
+        // A keyed tenant's sources never admit key-less requests.
+        assert_eq!(
+            t.authorize(ip("192.168.1.7"), None),
+            Err(Deny::UnknownClient)
+        );
+    }
+
+    #[test]
+    fn keys_pick_their_tenant_from_anywhere() {
+        let t = table();
+        assert_eq!(t.authorize(ip("172.16.0.1"), Some(&hash_key("k1"))), Ok(2));
+        // The key decides even inside another tenant's subnet.
+        assert_eq!(t.authorize(ip("10.20.0.1"), Some(&hash_key("k1"))), Ok(2));
+    }
+
+    #[test]
+    fn bad_key_is_not_downgraded_to_source_match() {
+        let t = table();
+        assert_eq!(
+            t.authorize(ip("10.20.0.1"), Some(&hash_key("nope"))),
+            Err(Deny::BadKey)
+        );
+    }
+
+    #[test]
+    fn key_with_sources_requires_both() {
+        let t = table();
+        assert_eq!(t.authorize(ip("192.168.1.9"), Some(&hash_key("k2"))), Ok(3));
+        assert_eq!(
+            t.authorize(ip("192.168.2.9"), Some(&hash_key("k2"))),
+            Err(Deny::KeyWrongSource)
+        );
+    }
+
+    #[test]
+    fn allow_lists() {
+        let t = table();
+        assert!(t.allows(0, 0));
+        assert!(!t.allows(0, 1));
+        assert!(t.allows(2, 1));
+        assert!(!t.allows(1, 7));
+    }
+}

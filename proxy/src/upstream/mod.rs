@@ -1,0 +1,85 @@
+//! Everything between meshgate and the mesh: the gateway's addresses, TLS with the workload
+//! identity, and the per-service connection pools.
+
+pub mod connect;
+pub mod gateway;
+pub mod pool;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+
+use crate::config::{Service, Snapshot};
+pub use gateway::Gateway;
+pub use pool::{Lease, Pool, PoolStats};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type every pool sends; boxed so listeners of any kind can feed the same pools.
+pub type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Upstream failures, by what the operator has to fix. Cloneable so one failed dial can be
+/// reported to every request that was waiting for it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("gateway {0} has no resolved address")]
+    Unresolved(String),
+    #[error("gateway {addr} unreachable: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("connecting to gateway {addr} timed out")]
+    ConnectTimeout { addr: String },
+    #[error("TLS handshake via gateway {addr} failed: {reason}")]
+    Tls { addr: String, reason: String },
+    #[error("upstream identity rejected: {reason}")]
+    Identity { reason: String },
+    #[error("TLS handshake via gateway {addr} timed out")]
+    HandshakeTimeout { addr: String },
+    #[error("upstream negotiated {got}, but the service is configured for {want}")]
+    Protocol { got: String, want: &'static str },
+    #[error("no response from upstream within {0:?}")]
+    RequestTimeout(std::time::Duration),
+    #[error("upstream connection failed: {0}")]
+    Http(String),
+    #[error("no upstream connection available within {0:?}")]
+    PoolTimeout(std::time::Duration),
+}
+
+/// The upstream side of one config snapshot: a gateway resolver and a pool per service.
+pub struct Upstream {
+    pub gateway: Arc<Gateway>,
+    pools: Vec<Arc<Pool>>,
+}
+
+impl Upstream {
+    pub fn new(snapshot: &Snapshot, gateway: Arc<Gateway>) -> Upstream {
+        let pools = snapshot
+            .services
+            .iter()
+            .map(|s| {
+                Pool::new(
+                    s.clone(),
+                    &snapshot.identity,
+                    snapshot.upstream.clone(),
+                    gateway.clone(),
+                )
+            })
+            .collect();
+        Upstream { gateway, pools }
+    }
+
+    pub fn pool(&self, service: &Service) -> &Arc<Pool> {
+        &self.pools[service.id]
+    }
+
+    pub fn pools(&self) -> &[Arc<Pool>] {
+        &self.pools
+    }
+
+    /// Closes idle and over-age connections; run periodically.
+    pub fn sweep(&self) {
+        for p in &self.pools {
+            p.sweep();
+        }
+    }
+}

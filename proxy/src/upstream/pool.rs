@@ -1,0 +1,546 @@
+//! Connections to one service through the gateway, reused across requests.
+//!
+//! HTTP/2 services: streams are multiplexed over a small set of connections. The gateway picks
+//! one pod per TLS connection (AUTO_PASSTHROUGH is L4), so one connection would pin all load to
+//! one pod: the pool keeps at least `min_connections`, opens another when the least loaded one
+//! carries `target_streams_per_connection`, never exceeds `max_connections` or
+//! `max_streams_per_connection`, and retires each connection after a jittered maximum age so
+//! load re-spreads as pods come and go.
+//!
+//! HTTP/1.1 services: one request per connection at a time; idle connections are kept for reuse,
+//! at most `http1_max_connections` open.
+//!
+//! Invariants (all under `state`):
+//! - `dialing` counts dial tasks in flight; a dial is started only while
+//!   `h2.len() + dialing` is below the wanted count, so a burst of requests causes one dial
+//!   (single flight), not one per request.
+//! - A connection in `h2` is usable for new streams; a connection that is closed, broken,
+//!   over age or idle too long is removed. Removing it drops only the pool's handle: in-flight
+//!   streams hold their own `Arc`, and hyper closes the connection gracefully once the last
+//!   handle and stream are gone.
+//! - `in_flight` of an h2 connection = leases alive on it. It is changed without the lock; a
+//!   waiter announces itself in `waiters` before reading the state and a releaser reads
+//!   `waiters` after decrementing (both SeqCst), so a release is never missed.
+//! - `h1_open` = idle HTTP/1 connections + leased ones + none of the dialing ones.
+//! - A request that waited and saw a dial fail (`dials_done` moved past where it started) with
+//!   nothing else in progress gets that dial's error: when the gateway is down, requests fail
+//!   fast with the reason instead of waiting out their deadline.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rand::Rng;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::connect::{connect, TlsParams};
+use super::{Gateway, RequestBody, UpstreamError};
+use crate::config::{Service, UpstreamProtocol, UpstreamSettings};
+use crate::identity::Identity;
+
+struct H2Conn {
+    id: u64,
+    addr: SocketAddr,
+    created: Instant,
+    expires: Instant,
+    sender: http2::SendRequest<RequestBody>,
+    in_flight: AtomicUsize,
+    requests: AtomicU64,
+    /// Milliseconds since `created` when `in_flight` last dropped to zero.
+    idle_since_ms: AtomicU64,
+    broken: AtomicBool,
+}
+
+struct H1Conn {
+    id: u64,
+    addr: SocketAddr,
+    created: Instant,
+    expires: Instant,
+    idle_since: Instant,
+    requests: u64,
+    sender: http1::SendRequest<RequestBody>,
+}
+
+enum Dialed {
+    H2(Arc<H2Conn>),
+    H1(H1Conn),
+}
+
+#[derive(Default)]
+struct State {
+    h2: Vec<Arc<H2Conn>>,
+    h1_idle: Vec<H1Conn>,
+    h1_open: usize,
+    dialing: usize,
+    dials_done: u64,
+    last_error: Option<(u64, UpstreamError)>,
+    next_id: u64,
+    connects_ok: u64,
+    connects_failed: u64,
+}
+
+/// A snapshot of a pool for the admin API and tests.
+#[derive(Debug, Clone)]
+pub struct PoolStats {
+    pub service: String,
+    pub connections: Vec<ConnStats>,
+    pub dialing: usize,
+    pub connects_ok: u64,
+    pub connects_failed: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConnStats {
+    pub id: u64,
+    pub gateway: SocketAddr,
+    pub age: Duration,
+    pub streams_in_use: usize,
+}
+
+pub struct Pool {
+    service: Arc<Service>,
+    tls: TlsParams,
+    gateway: Arc<Gateway>,
+    settings: UpstreamSettings,
+    state: Mutex<State>,
+    waiters: AtomicUsize,
+    changed: Notify,
+}
+
+/// The right to send one request on one connection; held until the response body ends.
+pub struct Lease {
+    pool: Arc<Pool>,
+    kind: LeaseKind,
+    /// False when this request's connection was dialed for it.
+    pub reused: bool,
+    body_done: bool,
+}
+
+enum LeaseKind {
+    H2(Arc<H2Conn>, http2::SendRequest<RequestBody>),
+    H1(Option<H1Conn>),
+}
+
+struct WaiterGuard<'a>(&'a Pool);
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        self.0.waiters.fetch_sub(1, SeqCst);
+    }
+}
+
+impl Pool {
+    pub fn new(
+        service: Arc<Service>,
+        identity: &Identity,
+        settings: UpstreamSettings,
+        gateway: Arc<Gateway>,
+    ) -> Arc<Pool> {
+        let tls = TlsParams::new(identity, &service);
+        Arc::new(Pool {
+            service,
+            tls,
+            gateway,
+            settings,
+            state: Mutex::new(State::default()),
+            waiters: AtomicUsize::new(0),
+            changed: Notify::new(),
+        })
+    }
+
+    pub fn service(&self) -> &Arc<Service> {
+        &self.service
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn jittered_age(&self) -> Duration {
+        let j = self.settings.max_connection_age_jitter;
+        let f = if j > 0.0 {
+            rand::rng().random_range(1.0 - j..=1.0 + j)
+        } else {
+            1.0
+        };
+        self.settings.max_connection_age.mul_f64(f)
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let st = self.lock();
+        let now = Instant::now();
+        let mut connections: Vec<ConnStats> = st
+            .h2
+            .iter()
+            .map(|c| ConnStats {
+                id: c.id,
+                gateway: c.addr,
+                age: now - c.created,
+                streams_in_use: c.in_flight.load(SeqCst),
+            })
+            .collect();
+        connections.extend(st.h1_idle.iter().map(|c| ConnStats {
+            id: c.id,
+            gateway: c.addr,
+            age: now - c.created,
+            streams_in_use: 0,
+        }));
+        PoolStats {
+            service: self.service.name.clone(),
+            connections,
+            dialing: st.dialing,
+            connects_ok: st.connects_ok,
+            connects_failed: st.connects_failed,
+        }
+    }
+
+    /// Drops connections that can no longer take new requests.
+    fn prune(&self, st: &mut State, now: Instant) {
+        let idle = self.settings.idle_timeout;
+        st.h2.retain(|c| {
+            let idle_since = c.created + Duration::from_millis(c.idle_since_ms.load(SeqCst));
+            let idle_too_long =
+                c.in_flight.load(SeqCst) == 0 && now.saturating_duration_since(idle_since) >= idle;
+            !(c.sender.is_closed() || c.broken.load(SeqCst) || now >= c.expires || idle_too_long)
+        });
+        let before = st.h1_idle.len();
+        st.h1_idle.retain(|c| {
+            !c.sender.is_closed()
+                && now < c.expires
+                && now.saturating_duration_since(c.idle_since) < idle
+        });
+        st.h1_open -= before - st.h1_idle.len();
+    }
+
+    pub fn sweep(&self) {
+        let mut st = self.lock();
+        self.prune(&mut st, Instant::now());
+    }
+
+    fn start_dials(self: &Arc<Self>, st: &mut State, n: usize) {
+        for _ in 0..n {
+            st.dialing += 1;
+            let pool = self.clone();
+            tokio::spawn(async move { pool.dial_task().await });
+        }
+    }
+
+    /// Decides whether this moment calls for new connections (see the module invariants).
+    fn plan_h2(self: &Arc<Self>, st: &mut State, best_load: Option<usize>) {
+        let s = &self.settings;
+        let live = st.h2.len() + st.dialing;
+        let want = if live < s.min_connections {
+            s.min_connections - live
+        } else if st.dialing == 0
+            && live < s.max_connections
+            && best_load.is_none_or(|l| l >= s.target_streams_per_connection)
+        {
+            1
+        } else {
+            0
+        };
+        self.start_dials(st, want);
+    }
+
+    fn try_take(self: &Arc<Self>, st: &mut State, may_dial: bool) -> Option<Lease> {
+        match self.service.protocol {
+            UpstreamProtocol::Http2 => {
+                let max = self.settings.max_streams_per_connection;
+                let best = st
+                    .h2
+                    .iter()
+                    .filter(|c| c.in_flight.load(SeqCst) < max)
+                    .min_by_key(|c| (c.in_flight.load(SeqCst), c.id))
+                    .cloned();
+                if may_dial {
+                    self.plan_h2(st, best.as_ref().map(|c| c.in_flight.load(SeqCst)));
+                }
+                best.map(|c| {
+                    c.in_flight.fetch_add(1, SeqCst);
+                    let reused = c.requests.fetch_add(1, SeqCst) > 0;
+                    let sender = c.sender.clone();
+                    Lease {
+                        pool: self.clone(),
+                        kind: LeaseKind::H2(c, sender),
+                        reused,
+                        body_done: false,
+                    }
+                })
+            }
+            UpstreamProtocol::Http1 => {
+                if let Some(mut c) = st.h1_idle.pop() {
+                    let reused = c.requests > 0;
+                    c.requests += 1;
+                    return Some(Lease {
+                        pool: self.clone(),
+                        kind: LeaseKind::H1(Some(c)),
+                        reused,
+                        body_done: false,
+                    });
+                }
+                let waiting = self.waiters.load(SeqCst);
+                if may_dial
+                    && st.h1_open + st.dialing < self.settings.http1_max_connections
+                    && st.dialing < waiting
+                {
+                    self.start_dials(st, 1);
+                }
+                None
+            }
+        }
+    }
+
+    /// Takes a connection for one request, dialing if the pool calls for it.
+    pub async fn checkout(self: &Arc<Self>) -> Result<Lease, UpstreamError> {
+        let wait_limit = self.settings.request_timeout;
+        let deadline = Instant::now() + wait_limit;
+        self.waiters.fetch_add(1, SeqCst);
+        let _guard = WaiterGuard(self);
+        let mut started_at: Option<u64> = None;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let taken = {
+                let mut st = self.lock();
+                let start = *started_at.get_or_insert(st.dials_done);
+                self.prune(&mut st, Instant::now());
+                // Once a dial failed while this request waited, it starts no more dials of its
+                // own: it takes what the dials in progress bring, or reports the failure.
+                let failed_since_start =
+                    st.last_error.as_ref().is_some_and(|(seq, _)| *seq > start);
+                let taken = self.try_take(&mut st, !failed_since_start);
+                if taken.is_none() && failed_since_start && st.dialing == 0 {
+                    let (_, e) = st.last_error.as_ref().expect("checked above");
+                    return Err(e.clone());
+                }
+                taken
+            };
+            if let Some(mut lease) = taken {
+                if let LeaseKind::H1(Some(c)) = &mut lease.kind {
+                    // The previous response may still be settling in hyper's dispatcher.
+                    let ready =
+                        tokio::time::timeout(Duration::from_secs(1), c.sender.ready()).await;
+                    if !matches!(ready, Ok(Ok(()))) {
+                        lease.body_done = false; // drop it, don't return it to the idle list
+                        continue;
+                    }
+                }
+                return Ok(lease);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let st = self.lock();
+                return Err(match &st.last_error {
+                    Some((seq, e)) if Some(*seq) > started_at => e.clone(),
+                    _ => UpstreamError::PoolTimeout(wait_limit),
+                });
+            }
+        }
+    }
+
+    async fn dial_task(self: Arc<Self>) {
+        let result = self.dial().await;
+        {
+            let mut st = self.lock();
+            st.dialing -= 1;
+            st.dials_done += 1;
+            match result {
+                Ok(Dialed::H2(c)) => {
+                    st.connects_ok += 1;
+                    st.h2.push(c);
+                }
+                Ok(Dialed::H1(c)) => {
+                    st.connects_ok += 1;
+                    st.h1_open += 1;
+                    st.h1_idle.push(c);
+                }
+                Err(e) => {
+                    st.connects_failed += 1;
+                    tracing::warn!(service = %self.service.name, error = %e, "upstream connect failed");
+                    st.last_error = Some((st.dials_done, e));
+                }
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    async fn dial(&self) -> Result<Dialed, UpstreamError> {
+        let addr = self
+            .gateway
+            .pick()
+            .ok_or_else(|| UpstreamError::Unresolved(self.gateway.target().to_string()))?;
+        let s = &self.settings;
+        let conn = connect(addr, &self.tls, s.connect_timeout, s.handshake_timeout).await?;
+        let want = self.service.protocol;
+        let speaks_h2 = match conn.alpn.as_deref() {
+            Some(b"h2") => true,
+            Some(b"http/1.1") => false,
+            // No ALPN agreed: trust the configured protocol, as Envoy does for a declared port.
+            None => want == UpstreamProtocol::Http2,
+            Some(other) => {
+                return Err(UpstreamError::Protocol {
+                    got: String::from_utf8_lossy(other).into_owned(),
+                    want: protocol_name(want),
+                })
+            }
+        };
+        if speaks_h2 != (want == UpstreamProtocol::Http2) {
+            return Err(UpstreamError::Protocol {
+                got: if speaks_h2 {
+                    "h2".into()
+                } else {
+                    "http/1.1".into()
+                },
+                want: protocol_name(want),
+            });
+        }
+        let io = TokioIo::new(conn.stream);
+        let now = Instant::now();
+        let id = {
+            let mut st = self.lock();
+            st.next_id += 1;
+            st.next_id
+        };
+        let expires = now + self.jittered_age();
+        let service = self.service.name.clone();
+        if speaks_h2 {
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .initial_max_send_streams(s.max_streams_per_connection)
+                // Pings notice a connection silently dropped by the LB or gateway.
+                .keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .handshake(io)
+                .await
+                .map_err(|e| UpstreamError::Http(format!("HTTP/2 handshake: {e}")))?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(%service, conn = id, error = %e, "upstream h2 connection ended");
+                }
+            });
+            Ok(Dialed::H2(Arc::new(H2Conn {
+                id,
+                addr,
+                created: now,
+                expires,
+                sender,
+                in_flight: AtomicUsize::new(0),
+                requests: AtomicU64::new(0),
+                idle_since_ms: AtomicU64::new(0),
+                broken: AtomicBool::new(false),
+            })))
+        } else {
+            let (sender, connection) = http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(|e| UpstreamError::Http(format!("HTTP/1.1 handshake: {e}")))?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(%service, conn = id, error = %e, "upstream http/1.1 connection ended");
+                }
+            });
+            Ok(Dialed::H1(H1Conn {
+                id,
+                addr,
+                created: now,
+                expires,
+                idle_since: now,
+                requests: 0,
+                sender,
+            }))
+        }
+    }
+
+    /// Sends a request, retrying on another connection when the chosen one turned out to be
+    /// closed before the request left (hyper hands the request back in that case).
+    pub async fn send(
+        self: &Arc<Self>,
+        mut req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let mut lease = self.checkout().await?;
+            let sent = match &mut lease.kind {
+                LeaseKind::H2(_, sender) => sender.try_send_request(req).await,
+                LeaseKind::H1(Some(c)) => c.sender.try_send_request(req).await,
+                LeaseKind::H1(None) => unreachable!("a fresh lease always holds its connection"),
+            };
+            match sent {
+                Ok(resp) => return Ok((resp, lease)),
+                Err(mut e) => {
+                    lease.mark_broken();
+                    match e.take_message() {
+                        Some(r) if attempts < 3 => req = r,
+                        _ => return Err(UpstreamError::Http(e.into_error().to_string())),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn protocol_name(p: UpstreamProtocol) -> &'static str {
+    match p {
+        UpstreamProtocol::Http2 => "http2",
+        UpstreamProtocol::Http1 => "http1",
+    }
+}
+
+impl Lease {
+    /// The response body reached its end: an HTTP/1 connection may carry the next request.
+    pub fn body_finished(&mut self) {
+        self.body_done = true;
+    }
+
+    fn mark_broken(&mut self) {
+        match &mut self.kind {
+            LeaseKind::H2(c, _) => c.broken.store(true, SeqCst),
+            LeaseKind::H1(_) => self.body_done = false,
+        }
+    }
+
+    pub fn connection_id(&self) -> u64 {
+        match &self.kind {
+            LeaseKind::H2(c, _) => c.id,
+            LeaseKind::H1(c) => c.as_ref().map_or(0, |c| c.id),
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let pool = &self.pool;
+        match &mut self.kind {
+            LeaseKind::H2(c, _) => {
+                if c.in_flight.fetch_sub(1, SeqCst) == 1 {
+                    let ms = Instant::now()
+                        .saturating_duration_since(c.created)
+                        .as_millis() as u64;
+                    c.idle_since_ms.store(ms, SeqCst);
+                }
+            }
+            LeaseKind::H1(slot) => {
+                if let Some(mut c) = slot.take() {
+                    let now = Instant::now();
+                    let mut st = pool.lock();
+                    if self.body_done && !c.sender.is_closed() && now < c.expires {
+                        c.idle_since = now;
+                        st.h1_idle.push(c);
+                    } else {
+                        st.h1_open -= 1;
+                    }
+                }
+            }
+        }
+        if pool.waiters.load(SeqCst) > 0 {
+            pool.changed.notify_waiters();
+        }
+    }
+}

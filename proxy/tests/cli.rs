@@ -1,0 +1,427 @@
+//! The `meshgate` binary's config handling: `check` and `run` reject each kind of bad config with
+//! file, line and reason (exit status 1), accept a good one with a summary (exit status 0).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime};
+
+use meshsim::{IssueOptions, MeshCa, WorkloadCert};
+
+const TD: &str = "cluster.local";
+const BASE: &str = r#"listeners:
+  - name: vm-http
+    bind: 127.0.0.1:0
+    protocol: http
+admin:
+  bind: 127.0.0.1:0
+mesh:
+  trust_domain: cluster.local
+  gateway: eastwest.mesh.example.com:15443
+  identity:
+    cert_chain: cert-chain.pem
+    key: key.pem
+    root_cert: root-cert.pem
+services:
+  reviews:
+    host: reviews.bookinfo.svc.cluster.local
+    port: 9080
+    protocol: http2
+tenants:
+  billing-vms:
+    sources: [10.20.0.0/16]
+    allow: [reviews]
+  laptops:
+    api_keys: ["sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"]
+    allow: ["*"]
+"#;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    ca: MeshCa,
+}
+
+impl Fixture {
+    /// A directory with a good identity from a fresh mesh CA.
+    fn new() -> Fixture {
+        let ca = MeshCa::new(TD).unwrap();
+        let f = Fixture {
+            dir: tempfile::tempdir().unwrap(),
+            ca,
+        };
+        let cert = f.ca.issue("meshgate", "meshgate").unwrap();
+        f.identity(&cert, &f.ca.root_pem());
+        f
+    }
+
+    fn identity(&self, cert: &WorkloadCert, root: &str) {
+        cert.write_files(self.dir.path(), root).unwrap();
+    }
+
+    fn write(&self, name: &str, text: &str) {
+        std::fs::write(self.dir.path().join(name), text).unwrap();
+    }
+
+    fn config(&self, text: &str) -> PathBuf {
+        let p = self.dir.path().join("meshgate.yaml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+fn meshgate(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .args(args)
+        .output()
+        .expect("run meshgate");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn check(path: &Path) -> (i32, String, String) {
+    meshgate(&["check", "-c", path.to_str().unwrap()])
+}
+
+/// Asserts `meshgate check` fails naming `file:line:` and a reason containing `needle`.
+fn assert_rejected(f: &Fixture, text: &str, line: u64, needle: &str) {
+    let path = f.config(text);
+    let (code, _out, err) = check(&path);
+    assert_eq!(code, 1, "expected rejection, stderr: {err}");
+    let want = format!("{}:{line}: ", path.display());
+    let hit = err.lines().find(|l| l.contains(&want));
+    let hit = hit.unwrap_or_else(|| panic!("no error at line {line} in:\n{err}"));
+    assert!(
+        hit.contains(needle),
+        "error at line {line} lacks {needle:?}: {hit}"
+    );
+}
+
+fn replace(from: &str, to: &str) -> String {
+    assert!(BASE.contains(from), "{from}");
+    BASE.replacen(from, to, 1)
+}
+
+#[test]
+fn good_config_prints_summary() {
+    let f = Fixture::new();
+    let (code, out, err) = check(&f.config(BASE));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("vm-http"), "{out}");
+    assert!(
+        out.contains("identity: spiffe://cluster.local/ns/meshgate/sa/meshgate (valid until 20"),
+        "{out}"
+    );
+    assert!(
+        out.contains("sni=outbound_.9080_._.reviews.bookinfo.svc.cluster.local"),
+        "{out}"
+    );
+    assert!(out.contains("billing-vms"), "{out}");
+    assert!(out.contains("laptops"), "{out}");
+}
+
+#[test]
+fn syntax_error() {
+    let f = Fixture::new();
+    assert_rejected(
+        &f,
+        &replace("    allow: [reviews]\n", "    allow: [reviews\n"),
+        23,
+        "",
+    );
+    assert_rejected(
+        &f,
+        &replace("    protocol: http2\n", "    protocol: http2: x\n"),
+        18,
+        "",
+    );
+}
+
+#[test]
+fn unknown_field() {
+    let f = Fixture::new();
+    assert_rejected(
+        &f,
+        &replace(
+            "    protocol: http2\n",
+            "    protocol: http2\n    colour: blue\n",
+        ),
+        19,
+        "unknown field `colour`",
+    );
+    assert_rejected(
+        &f,
+        &replace("admin:\n", "admn:\n"),
+        5,
+        "unknown field `admn`",
+    );
+}
+
+#[test]
+fn bad_cidr() {
+    let f = Fixture::new();
+    assert_rejected(
+        &f,
+        &replace("10.20.0.0/16", "10.20.0.0/33"),
+        21,
+        "invalid CIDR",
+    );
+    assert_rejected(
+        &f,
+        &replace("10.20.0.0/16", "10.20.1.0/16"),
+        21,
+        "host bits",
+    );
+}
+
+#[test]
+fn bad_addresses() {
+    let f = Fixture::new();
+    assert_rejected(
+        &f,
+        &replace(
+            "bind: 127.0.0.1:0\n    protocol",
+            "bind: 127.0.0.1:99999\n    protocol",
+        ),
+        3,
+        "invalid address",
+    );
+    assert_rejected(
+        &f,
+        &replace(
+            "eastwest.mesh.example.com:15443",
+            "eastwest.mesh.example.com",
+        ),
+        9,
+        "expected host:port",
+    );
+    assert_rejected(
+        &f,
+        &replace("  bind: 127.0.0.1:0\nmesh", "  bind: localhost:9901\nmesh"),
+        6,
+        "invalid address",
+    );
+}
+
+#[test]
+fn duplicate_names() {
+    let f = Fixture::new();
+    let dup_listener = replace(
+        "    protocol: http\n",
+        "    protocol: http\n  - name: vm-http\n    bind: 127.0.0.1:1\n    protocol: http\n",
+    );
+    assert_rejected(&f, &dup_listener, 5, "duplicate listener name \"vm-http\"");
+    let dup_service = replace(
+        "tenants:\n",
+        "  reviews:\n    host: other.bookinfo.svc.cluster.local\n    port: 9080\n    protocol: http2\ntenants:\n",
+    );
+    assert_rejected(&f, &dup_service, 19, "duplicate");
+    let dup_route = replace(
+        "tenants:\n",
+        "  reviews-again:\n    host: reviews.bookinfo.svc.cluster.local\n    port: 9080\n    protocol: http1\ntenants:\n",
+    );
+    assert_rejected(&f, &dup_route, 20, "already routed to service \"reviews\"");
+}
+
+#[test]
+fn duplicate_keys() {
+    let f = Fixture::new();
+    let text = replace(
+        "    sources: [10.20.0.0/16]\n",
+        "    sources: [10.20.0.0/16]\n    api_keys: [\"sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824\"]\n",
+    );
+    assert_rejected(&f, &text, 25, "duplicate API key");
+    assert_rejected(&f, &replace("sha256:2cf24d", "2cf24d"), 24, "sha256:");
+}
+
+#[test]
+fn allow_list_naming_a_missing_service() {
+    let f = Fixture::new();
+    assert_rejected(
+        &f,
+        &replace("allow: [reviews]", "allow: [reviews, ratings]"),
+        22,
+        "unknown service \"ratings\"",
+    );
+}
+
+#[test]
+fn unreadable_identity_files() {
+    let f = Fixture::new();
+    assert_rejected(
+        &f,
+        &replace("cert_chain: cert-chain.pem", "cert_chain: missing.pem"),
+        11,
+        "cannot read",
+    );
+    assert_rejected(
+        &f,
+        &replace("key: key.pem", "key: missing-key.pem"),
+        12,
+        "cannot read",
+    );
+    assert_rejected(
+        &f,
+        &replace("root_cert: root-cert.pem", "root_cert: nope.pem"),
+        13,
+        "cannot read",
+    );
+}
+
+#[test]
+fn unparsable_identity_files() {
+    let f = Fixture::new();
+    f.write(
+        "garbage.pem",
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    );
+    f.write("empty.pem", "hello\n");
+    assert_rejected(
+        &f,
+        &replace("cert_chain: cert-chain.pem", "cert_chain: garbage.pem"),
+        11,
+        "garbage.pem",
+    );
+    assert_rejected(
+        &f,
+        &replace("cert_chain: cert-chain.pem", "cert_chain: empty.pem"),
+        11,
+        "no PEM CERTIFICATE",
+    );
+    assert_rejected(
+        &f,
+        &replace("key: key.pem", "key: empty.pem"),
+        12,
+        "no PEM private key",
+    );
+    assert_rejected(
+        &f,
+        &replace("root_cert: root-cert.pem", "root_cert: empty.pem"),
+        13,
+        "no PEM CERTIFICATE",
+    );
+}
+
+#[test]
+fn key_that_does_not_match_its_cert() {
+    let f = Fixture::new();
+    let other = f.ca.issue("meshgate", "meshgate").unwrap();
+    f.write("other-key.pem", &other.key_pem);
+    assert_rejected(
+        &f,
+        &replace("key: key.pem", "key: other-key.pem"),
+        12,
+        "does not match the leaf certificate",
+    );
+}
+
+#[test]
+fn leaf_that_does_not_chain_to_the_root() {
+    let f = Fixture::new();
+    let stranger = MeshCa::new(TD).unwrap();
+    f.write("other-root.pem", &stranger.root_pem());
+    assert_rejected(
+        &f,
+        &replace("root_cert: root-cert.pem", "root_cert: other-root.pem"),
+        11,
+        "does not chain to the mesh root",
+    );
+}
+
+#[test]
+fn leaf_without_spiffe_san() {
+    let f = Fixture::new();
+    let mut opts = IssueOptions::workload(TD, "meshgate", "meshgate");
+    opts.spiffe_id = None;
+    opts.dns_names = vec!["meshgate.example.com".into()];
+    f.identity(&f.ca.issue_with(&opts).unwrap(), &f.ca.root_pem());
+    assert_rejected(&f, BASE, 11, "no SPIFFE URI SAN");
+}
+
+#[test]
+fn leaf_outside_trust_domain() {
+    let f = Fixture::new();
+    let mut opts = IssueOptions::workload(TD, "meshgate", "meshgate");
+    opts.spiffe_id = Some("spiffe://other.domain/ns/meshgate/sa/meshgate".into());
+    f.identity(&f.ca.issue_with(&opts).unwrap(), &f.ca.root_pem());
+    assert_rejected(&f, BASE, 11, "outside trust domain \"cluster.local\"");
+}
+
+#[test]
+fn expired_leaf() {
+    let f = Fixture::new();
+    let mut opts = IssueOptions::workload(TD, "meshgate", "meshgate");
+    opts.not_before = SystemTime::now() - Duration::from_secs(48 * 3600);
+    opts.not_after = SystemTime::now() - Duration::from_secs(3600);
+    f.identity(&f.ca.issue_with(&opts).unwrap(), &f.ca.root_pem());
+    assert_rejected(&f, BASE, 11, "expired at");
+}
+
+#[test]
+fn all_errors_are_reported_at_once() {
+    let f = Fixture::new();
+    let text = replace("10.20.0.0/16", "10.0.0.0/8").replace("allow: [reviews]", "allow: [nope]");
+    let text = text.replace(
+        "tenants:\n",
+        "tenants:\n  other:\n    sources: [10.0.0.0/8]\n    allow: [reviews]\n",
+    );
+    let (code, _, err) = check(&f.config(&text));
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown service \"nope\""), "{err}");
+    assert!(err.contains("also claimed by tenant"), "{err}");
+}
+
+#[test]
+fn run_refuses_a_bad_config_with_the_same_errors() {
+    let f = Fixture::new();
+    let path = f.config(&replace("allow: [reviews]", "allow: [ratings]"));
+    let (code, _, err) = meshgate(&["run", "-c", path.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}:22: tenant \"billing-vms\" allows unknown service \"ratings\"",
+            path.display()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_config_file() {
+    let (code, _, err) = meshgate(&["check", "-c", "/nonexistent/meshgate.yaml"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("/nonexistent/meshgate.yaml: cannot read config file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn hash_key_generates_a_key_and_its_config_form() {
+    let (code, out, _) = meshgate(&["hash-key"]);
+    assert_eq!(code, 0);
+    let key = out
+        .lines()
+        .find_map(|l| l.strip_prefix("key:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let hashed = out
+        .lines()
+        .find_map(|l| l.strip_prefix("config:"))
+        .unwrap()
+        .trim()
+        .trim_matches('"')
+        .to_string();
+    use sha2::Digest;
+    assert_eq!(
+        hashed,
+        format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(key.as_bytes()))
+        )
+    );
+    let (_, out2, _) = meshgate(&["hash-key"]);
+    assert_ne!(out, out2, "keys must be random");
+}

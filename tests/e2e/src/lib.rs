@@ -1,0 +1,277 @@
+//! Test harness: a meshsim mesh and an in-process meshgate wired to it, plus an HTTP client that
+//! connects from a chosen loopback source address (distinct 127.x.y.z addresses stand in for
+//! VM subnets). Everything binds port 0 on loopback; nothing waits on sleeps.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use meshsim::{Mesh, MeshSpec};
+use tokio::net::TcpSocket;
+
+pub use meshsim;
+
+pub const TD: &str = "cluster.local";
+/// The API key of tenant `laptops` in [`default_services_and_tenants`].
+pub const LAPTOP_KEY: &str = "laptop-key-1";
+/// Clients of tenant `billing-vms`.
+pub const BILLING_IP: &str = "127.20.0.5";
+/// A client in no tenant's subnet.
+pub const STRANGER_IP: &str = "127.30.0.5";
+/// Test timeout for a single client request: generous, it only stops a hung test.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn host(name: &str) -> String {
+    format!("{name}.bookinfo.svc.{}", meshsim::CLUSTER_DOMAIN)
+}
+
+pub fn key_hash(key: &str) -> String {
+    use sha2::Digest;
+    format!(
+        "sha256:{}",
+        hex::encode(sha2::Sha256::digest(key.as_bytes()))
+    )
+}
+
+/// Services and tenants matching `meshsim::demo_spec()`.
+pub fn default_services_and_tenants() -> String {
+    format!(
+        r#"services:
+  reviews:
+    host: {reviews}
+    port: 9080
+    protocol: http2
+    identity: spiffe://{TD}/ns/bookinfo/sa/bookinfo-reviews
+  reviews-v2:
+    host: {reviews}
+    port: 9080
+    protocol: http2
+    subset: v2
+    aliases: [reviews-v2.bookinfo.test]
+  ratings:
+    host: {ratings}
+    port: 9080
+    protocol: http1
+  details:
+    host: {details}
+    port: 9080
+    protocol: http2
+tenants:
+  billing-vms:
+    sources: [127.20.0.0/16]
+    allow: [reviews, reviews-v2, ratings]
+  laptops:
+    api_keys: ["{key}"]
+    allow: ["*"]
+"#,
+        reviews = host("reviews"),
+        ratings = host("ratings"),
+        details = host("details"),
+        key = key_hash(LAPTOP_KEY),
+    )
+}
+
+/// A running mesh and a meshgate in front of it.
+pub struct Env {
+    pub mesh: Mesh,
+    pub gate: meshgate::app::Bound,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+}
+
+/// Makes meshgate's (cert chain, key, trust bundle) PEMs, given the running mesh's CA.
+pub type IdentityFn = Box<dyn FnOnce(&meshsim::MeshCa) -> (String, String, String)>;
+
+pub struct EnvBuilder {
+    spec: MeshSpec,
+    body: String,
+    upstream: String,
+    /// Identity for meshgate: None = issued by the mesh CA as ns meshgate / sa meshgate.
+    identity: Option<IdentityFn>,
+}
+
+impl Default for EnvBuilder {
+    fn default() -> Self {
+        EnvBuilder {
+            spec: meshsim::demo_spec(),
+            body: default_services_and_tenants(),
+            upstream: "upstream:\n  connect_timeout: 2s\n  handshake_timeout: 5s\n  request_timeout: 20s\n".into(),
+            identity: None,
+        }
+    }
+}
+
+impl EnvBuilder {
+    pub fn mesh(mut self, spec: MeshSpec) -> Self {
+        self.spec = spec;
+        self
+    }
+    /// Replaces the `services:` and `tenants:` sections.
+    pub fn services_and_tenants(mut self, yaml: &str) -> Self {
+        self.body = yaml.to_string();
+        self
+    }
+    /// Replaces the `upstream:` section.
+    pub fn upstream(mut self, yaml: &str) -> Self {
+        self.upstream = yaml.to_string();
+        self
+    }
+    /// Replaces meshgate's mesh-issued identity.
+    pub fn identity(
+        mut self,
+        f: impl FnOnce(&meshsim::MeshCa) -> (String, String, String) + 'static,
+    ) -> Self {
+        self.identity = Some(Box::new(f));
+        self
+    }
+
+    pub async fn start(self) -> anyhow::Result<Env> {
+        let mesh = Mesh::start(self.spec).await.context("start meshsim")?;
+        let dir = tempfile::tempdir()?;
+        let (chain, key, root) = match self.identity {
+            Some(f) => f(mesh.ca()),
+            None => {
+                let c = mesh.ca().issue("meshgate", "meshgate")?;
+                (c.chain_pem, c.key_pem, mesh.ca().root_pem())
+            }
+        };
+        std::fs::write(dir.path().join("cert-chain.pem"), chain)?;
+        std::fs::write(dir.path().join("key.pem"), key)?;
+        std::fs::write(dir.path().join("root-cert.pem"), root)?;
+        let config = format!(
+            "listeners:\n  - name: vm\n    bind: 127.0.0.1:0\n    protocol: http\nmesh:\n  trust_domain: {TD}\n  gateway: {gw}\n  identity:\n    cert_chain: cert-chain.pem\n    key: key.pem\n    root_cert: root-cert.pem\n{body}{up}",
+            gw = mesh.gateway_addr(),
+            body = self.body,
+            up = self.upstream,
+        );
+        let config_path = dir.path().join("meshgate.yaml");
+        std::fs::write(&config_path, &config)?;
+        let snapshot = meshgate::config::load(&config_path)
+            .map_err(|e| anyhow::anyhow!("{e}\n---\n{config}"))?;
+        let gate = meshgate::app::start(snapshot).await?;
+        Ok(Env {
+            mesh,
+            gate,
+            dir,
+            config_path,
+        })
+    }
+}
+
+impl Env {
+    pub async fn start() -> anyhow::Result<Env> {
+        EnvBuilder::default().start().await
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.gate.first_addr()
+    }
+
+    /// An HTTP/1.1 client connected from `src`.
+    pub async fn h1(&self, src: &str) -> anyhow::Result<Client> {
+        Client::connect(self.addr(), src.parse()?, false).await
+    }
+
+    /// An h2c (prior knowledge) client connected from `src`.
+    pub async fn h2c(&self, src: &str) -> anyhow::Result<Client> {
+        Client::connect(self.addr(), src.parse()?, true).await
+    }
+
+    /// One GET over a fresh HTTP/1.1 connection from `src` with `Host: host` and extra headers.
+    pub async fn get(
+        &self,
+        src: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Resp> {
+        let mut c = self.h1(src).await?;
+        let mut b = Request::get(path).header("host", host);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        c.send(b.body(Full::new(Bytes::new()))?).await
+    }
+}
+
+/// A collected response.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Resp {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "response is not JSON ({e}): {} {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+/// A client connection to meshgate from a chosen source address.
+pub struct Client {
+    sender: Sender,
+}
+
+pub async fn connect_from(dst: SocketAddr, src: IpAddr) -> anyhow::Result<tokio::net::TcpStream> {
+    let sock = TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(src, 0))?;
+    Ok(sock.connect(dst).await?)
+}
+
+impl Client {
+    pub async fn connect(dst: SocketAddr, src: IpAddr, h2: bool) -> anyhow::Result<Client> {
+        let io = TokioIo::new(connect_from(dst, src).await?);
+        let sender = if h2 {
+            let (s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+            tokio::spawn(conn);
+            Sender::H2(s)
+        } else {
+            let (s, conn) = hyper::client::conn::http1::handshake(io).await?;
+            tokio::spawn(conn);
+            Sender::H1(s)
+        };
+        Ok(Client { sender })
+    }
+
+    pub async fn send(&mut self, req: Request<Full<Bytes>>) -> anyhow::Result<Resp> {
+        let fut = async {
+            let resp = match &mut self.sender {
+                Sender::H1(s) => {
+                    s.ready().await?;
+                    s.send_request(req).await?
+                }
+                Sender::H2(s) => s.send_request(req).await?,
+            };
+            let (parts, body) = resp.into_parts();
+            let body = body.collect().await?.to_bytes();
+            anyhow::Ok(Resp {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        };
+        tokio::time::timeout(CLIENT_TIMEOUT, fut)
+            .await
+            .context("client request timed out")?
+    }
+}
