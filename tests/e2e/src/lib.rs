@@ -93,6 +93,8 @@ pub struct EnvBuilder {
     upstream: String,
     /// Identity for meshgate: None = issued by the mesh CA as ns meshgate / sa meshgate.
     identity: Option<IdentityFn>,
+    /// Overrides the gateway address meshgate is given (default: the mesh's gateway).
+    gateway: Option<String>,
 }
 
 impl Default for EnvBuilder {
@@ -102,6 +104,7 @@ impl Default for EnvBuilder {
             body: default_services_and_tenants(),
             upstream: "upstream:\n  connect_timeout: 2s\n  handshake_timeout: 5s\n  request_timeout: 20s\n".into(),
             identity: None,
+            gateway: None,
         }
     }
 }
@@ -119,6 +122,11 @@ impl EnvBuilder {
     /// Replaces the `upstream:` section.
     pub fn upstream(mut self, yaml: &str) -> Self {
         self.upstream = yaml.to_string();
+        self
+    }
+    /// Points meshgate at another gateway address (`host:port`).
+    pub fn gateway(mut self, addr: &str) -> Self {
+        self.gateway = Some(addr.to_string());
         self
     }
     /// Replaces meshgate's mesh-issued identity.
@@ -145,7 +153,7 @@ impl EnvBuilder {
         std::fs::write(dir.path().join("root-cert.pem"), root)?;
         let config = format!(
             "listeners:\n  - name: vm\n    bind: 127.0.0.1:0\n    protocol: http\nmesh:\n  trust_domain: {TD}\n  gateway: {gw}\n  identity:\n    cert_chain: cert-chain.pem\n    key: key.pem\n    root_cert: root-cert.pem\n{body}{up}",
-            gw = mesh.gateway_addr(),
+            gw = self.gateway.unwrap_or_else(|| mesh.gateway_addr().to_string()),
             body = self.body,
             up = self.upstream,
         );

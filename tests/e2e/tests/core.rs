@@ -388,6 +388,40 @@ async fn gateway_down_gives_503() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
+#[tokio::test]
+async fn gateway_that_never_answers_gives_503_after_the_connect_timeout() {
+    // A listener that never accepts, with its accept queue filled: further SYNs are dropped, so
+    // connects hang the way they do to a black-holed address.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let hole = sock.listen(0).unwrap();
+    let hole_addr = hole.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        fillers.push(tokio::spawn(tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            tokio::net::TcpStream::connect(hole_addr),
+        )));
+    }
+    let env = EnvBuilder::default()
+        .gateway(&hole_addr.to_string())
+        .upstream("upstream:\n  connect_timeout: 1s\n  request_timeout: 20s\n")
+        .start()
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let r = env
+        .get(BILLING_IP, &host("reviews"), "/", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("timed out"), "{}", r.text());
+    eprintln!("503 after {:?} (connect_timeout 1s)", started.elapsed());
+    for f in fillers {
+        f.abort();
+    }
+}
+
 fn reviews_mesh(identity: PodIdentity) -> MeshSpec {
     MeshSpec::new().service(
         ServiceSpec::new("reviews", "bookinfo", 9080, "bookinfo-reviews")

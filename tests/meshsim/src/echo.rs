@@ -1,0 +1,400 @@
+//! The echo app behind each sidecar: reports what it received (as JSON), or streams a
+//! deterministic body on request. It sees requests only after the sidecar's RBAC and header
+//! handling, exactly like an app container behind Envoy.
+//!
+//! Query knobs: `bytes=N` (stream N pattern bytes), `status=N`, `delay_ms=N` (≤ 30 s), and two
+//! faults: `reset=1` (no response: HTTP/2 stream reset, HTTP/1.1 connection closed) and, with
+//! `bytes`, `reset_after=K` (headers and K body bytes, then the same reset: a truncated response).
+//! Request bodies are hashed while streaming and never held in memory.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::LazyLock;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, HOST};
+use http::{Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt as _, Either, Full};
+use hyper::body::Incoming;
+use sha2::{Digest as _, Sha256};
+
+use crate::sidecar::{ConnInfo, PodInfo};
+
+/// Chunk size of streamed pattern bodies.
+pub const PATTERN_CHUNK: usize = 64 * 1024;
+/// The pattern's period: byte `i` is `(i % 251) as u8`.
+const PERIOD: usize = 251;
+/// Longest `delay_ms` honoured.
+const MAX_DELAY: Duration = Duration::from_secs(30);
+/// Largest `bytes=N` served (a bound on work per request, not on memory: bodies stream).
+const MAX_PATTERN_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+/// A request body that stalls this long is abandoned.
+const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The response body type of the echo app (and of the sidecar's own replies).
+pub type EchoBody = Either<Full<Bytes>, PatternBody>;
+
+/// The fault the `reset` knobs inject. hyper answers a service or body error with RST_STREAM
+/// (INTERNAL_ERROR) on HTTP/2 and by closing the connection on HTTP/1.1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("meshsim echo: reset requested")]
+pub struct EchoReset;
+
+/// Byte `i` of the deterministic body served for `bytes=N`.
+pub fn pattern_byte(i: u64) -> u8 {
+    (i % PERIOD as u64) as u8
+}
+
+/// SHA-256 (hex) of the first `n` pattern bytes.
+pub fn pattern_sha256(n: u64) -> String {
+    let mut h = Sha256::new();
+    let mut off = 0u64;
+    while off < n {
+        let len = (n - off).min(PATTERN_CHUNK as u64) as usize;
+        h.update(pattern_slice(off, len));
+        off += len as u64;
+    }
+    hex::encode(h.finalize())
+}
+
+// One chunk plus one period of the pattern, so any chunk at any offset is a plain slice of it.
+static PATTERN: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    (0..(PATTERN_CHUNK + PERIOD) as u64)
+        .map(pattern_byte)
+        .collect()
+});
+
+fn pattern_slice(offset: u64, len: usize) -> &'static [u8] {
+    let start = (offset % PERIOD as u64) as usize;
+    &PATTERN[start..start + len]
+}
+
+/// Streams `n` pattern bytes in [`PATTERN_CHUNK`] frames, with an exact size hint so HTTP/1.1
+/// responses carry `content-length`. With a reset point, it fails there instead of finishing.
+#[derive(Debug)]
+pub struct PatternBody {
+    offset: u64,
+    len: u64,
+    reset_at: Option<u64>,
+}
+
+impl PatternBody {
+    pub fn new(len: u64) -> Self {
+        PatternBody {
+            offset: 0,
+            len,
+            reset_at: None,
+        }
+    }
+
+    /// Fails with [`EchoReset`] once `at` bytes have been produced (if `at < len`).
+    pub fn reset_at(mut self, at: u64) -> Self {
+        self.reset_at = (at < self.len).then_some(at);
+        self
+    }
+}
+
+impl Body for PatternBody {
+    type Data = Bytes;
+    type Error = EchoReset;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, EchoReset>>> {
+        let end = self.reset_at.unwrap_or(self.len);
+        if self.offset == end && self.reset_at.is_some() {
+            return Poll::Ready(Some(Err(EchoReset)));
+        }
+        let left = end - self.offset;
+        if left == 0 {
+            return Poll::Ready(None);
+        }
+        let n = left.min(PATTERN_CHUNK as u64) as usize;
+        let chunk = Bytes::from_static(pattern_slice(self.offset, n));
+        self.offset += n as u64;
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.offset == self.len
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.len - self.offset)
+    }
+}
+
+/// A small fixed body.
+pub fn full(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<EchoBody> {
+    let mut resp = Response::new(Either::Left(Full::new(body.into())));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// What the sidecar learned about the request that the app cannot see on its own.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SidecarView {
+    /// `x-envoy-peer-metadata-id` the sidecar consumed (and removed) from the request.
+    pub peer_metadata_id: Option<String>,
+    /// `x-envoy-peer-metadata` the sidecar consumed (and removed) from the request.
+    pub peer_metadata: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Knobs {
+    bytes: Option<u64>,
+    status: Option<StatusCode>,
+    delay: Option<Duration>,
+    reset: bool,
+    reset_after: Option<u64>,
+}
+
+fn parse_knobs(query: Option<&str>) -> Result<Knobs, String> {
+    let mut k = Knobs::default();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "bytes" => {
+                let n: u64 = value.parse().map_err(|_| format!("bad bytes={value}"))?;
+                if n > MAX_PATTERN_BYTES {
+                    return Err(format!("bytes={n} exceeds {MAX_PATTERN_BYTES}"));
+                }
+                k.bytes = Some(n);
+            }
+            "status" => {
+                let s = value
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|s| (200..=599).contains(s))
+                    .and_then(|s| StatusCode::from_u16(s).ok())
+                    .ok_or_else(|| format!("bad status={value} (200..=599)"))?;
+                k.status = Some(s);
+            }
+            "delay_ms" => {
+                let ms: u64 = value.parse().map_err(|_| format!("bad delay_ms={value}"))?;
+                k.delay = Some(Duration::from_millis(ms).min(MAX_DELAY));
+            }
+            "reset" => k.reset = value != "0",
+            "reset_after" => {
+                let n: u64 = value
+                    .parse()
+                    .map_err(|_| format!("bad reset_after={value}"))?;
+                k.reset_after = Some(n);
+            }
+            _ => {}
+        }
+    }
+    if k.reset_after.is_some() && k.bytes.is_none() {
+        return Err("reset_after needs bytes=N".to_string());
+    }
+    Ok(k)
+}
+
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "unknown",
+    }
+}
+
+fn lossy(v: &HeaderValue) -> String {
+    String::from_utf8_lossy(v.as_bytes()).into_owned()
+}
+
+/// Handles one request that passed the sidecar. `Err` is the `reset=1` fault.
+pub(crate) async fn serve(
+    pod: &PodInfo,
+    conn: &ConnInfo,
+    view: SidecarView,
+    req: Request<Incoming>,
+) -> Result<Response<EchoBody>, EchoReset> {
+    pod.counters.app_requests.inc();
+    let (parts, mut body) = req.into_parts();
+
+    // Read the whole request body, hashing as it streams.
+    let mut hasher = Sha256::new();
+    let mut body_bytes = 0u64;
+    loop {
+        match tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame()).await {
+            Ok(None) => break,
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    hasher.update(&data);
+                    body_bytes += data.len() as u64;
+                }
+            }
+            Ok(Some(Err(e))) => {
+                return Ok(full(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    format!("meshsim echo: reading request body: {e}\n"),
+                ));
+            }
+            Err(_) => {
+                return Ok(full(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "text/plain",
+                    "meshsim echo: request body stalled\n",
+                ));
+            }
+        }
+    }
+    let body_sha256 = hex::encode(hasher.finalize());
+
+    let knobs = match parse_knobs(parts.uri.query()) {
+        Ok(k) => k,
+        Err(e) => {
+            return Ok(full(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                format!("meshsim echo: {e}\n"),
+            ))
+        }
+    };
+    if let Some(d) = knobs.delay {
+        tokio::time::sleep(d).await;
+    }
+    if knobs.reset {
+        return Err(EchoReset);
+    }
+    let status = knobs.status.unwrap_or(StatusCode::OK);
+
+    let mut resp = if let Some(n) = knobs.bytes {
+        let mut body = PatternBody::new(n);
+        if let Some(at) = knobs.reset_after {
+            body = body.reset_at(at);
+        }
+        let mut resp = Response::new(Either::Right(body));
+        let h = resp.headers_mut();
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        h.insert("x-body-sha256", hv(&pattern_sha256(n)));
+        h.insert("x-request-body-bytes", hv(&body_bytes.to_string()));
+        h.insert("x-request-body-sha256", hv(&body_sha256));
+        resp
+    } else {
+        let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (name, value) in &parts.headers {
+            headers
+                .entry(name.as_str().to_string())
+                .or_default()
+                .push(lossy(value));
+        }
+        let host = parts
+            .headers
+            .get(HOST)
+            .map(lossy)
+            .or_else(|| parts.uri.authority().map(|a| a.to_string()));
+        let xfcc = {
+            let v: Vec<String> = parts
+                .headers
+                .get_all("x-forwarded-client-cert")
+                .iter()
+                .map(lossy)
+                .collect();
+            (!v.is_empty()).then(|| v.join(","))
+        };
+        let json = serde_json::json!({
+            "pod": pod.name,
+            "service": pod.service,
+            "namespace": pod.namespace,
+            "subset": pod.subset,
+            "method": parts.method.as_str(),
+            "path": parts.uri.path(),
+            "query": parts.uri.query(),
+            "version": version_str(parts.version),
+            "alpn": conn.alpn,
+            "tls_version": conn.tls_version,
+            "host": host,
+            "headers": headers,
+            "body_bytes": body_bytes,
+            "body_sha256": body_sha256,
+            "peer_principal": conn.peer.uris.first(),
+            "xfcc": xfcc,
+            "peer_metadata_id": view.peer_metadata_id,
+            "peer_metadata": view.peer_metadata,
+        });
+        let mut text = json.to_string();
+        text.push('\n');
+        full(StatusCode::OK, "application/json", text)
+    };
+    *resp.status_mut() = status;
+    resp.headers_mut().insert("x-echo-pod", hv(&pod.name));
+    Ok(resp)
+}
+
+// Every value passed here is ASCII built by this module (hex, digits, validated names).
+fn hv(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_body_matches_definition() {
+        let n = (PATTERN_CHUNK * 2 + 1000) as u64;
+        let mut body = PatternBody::new(n);
+        let mut all = Vec::new();
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        while let Poll::Ready(Some(Ok(frame))) = Pin::new(&mut body).poll_frame(&mut cx) {
+            let data = frame.into_data().unwrap();
+            assert!(data.len() <= PATTERN_CHUNK);
+            all.extend_from_slice(&data);
+        }
+        assert_eq!(all.len() as u64, n);
+        for (i, b) in all.iter().enumerate() {
+            assert_eq!(*b, (i % 251) as u8);
+        }
+        assert_eq!(pattern_sha256(n), hex::encode(Sha256::digest(&all)));
+    }
+
+    #[test]
+    fn knobs_parse_and_bound() {
+        let k = parse_knobs(Some("bytes=10&status=418&delay_ms=99999999&x=1")).unwrap();
+        assert_eq!(k.bytes, Some(10));
+        assert_eq!(k.status, Some(StatusCode::IM_A_TEAPOT));
+        assert_eq!(k.delay, Some(MAX_DELAY));
+        assert!(parse_knobs(Some("status=99")).is_err());
+        assert!(parse_knobs(Some("bytes=-1")).is_err());
+        assert!(parse_knobs(None).unwrap().bytes.is_none());
+        assert!(parse_knobs(Some("reset=1")).unwrap().reset);
+        assert!(parse_knobs(Some("reset_after=5")).is_err());
+    }
+
+    #[test]
+    fn pattern_body_reset_point() {
+        let mut body = PatternBody::new(100_000).reset_at(70_000);
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut n = 0;
+        loop {
+            match Pin::new(&mut body).poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(f))) => n += f.into_data().unwrap().len(),
+                Poll::Ready(Some(Err(EchoReset))) => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(n, 70_000);
+        // A reset point at or past the end is no reset.
+        assert!(PatternBody::new(10).reset_at(10).reset_at.is_none());
+    }
+}
