@@ -84,7 +84,33 @@ fn check(path: &Path) -> (i32, String, String) {
     meshgate(&["check", "-c", path.to_str().unwrap()])
 }
 
-/// Asserts `meshgate check` fails naming `file:line:` and a reason containing `needle`.
+/// `meshgate run`, killed if it is still running after `limit` (a config that should have been
+/// refused would otherwise start serving and hang the test).
+fn run_bounded(path: &Path, limit: Duration) -> (i32, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .args(["run", "-c", path.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run meshgate");
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("meshgate run did not refuse the config within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    (status.code().unwrap_or(-1), err)
+}
+
+/// Asserts `meshgate check` and `meshgate run` both fail naming `file:line:` and a reason
+/// containing `needle`.
 fn assert_rejected(f: &Fixture, text: &str, line: u64, needle: &str) {
     let path = f.config(text);
     let (code, _out, err) = check(&path);
@@ -95,6 +121,15 @@ fn assert_rejected(f: &Fixture, text: &str, line: u64, needle: &str) {
     assert!(
         hit.contains(needle),
         "error at line {line} lacks {needle:?}: {hit}"
+    );
+    let (run_code, run_err) = run_bounded(&path, Duration::from_secs(20));
+    assert_eq!(
+        run_code, 1,
+        "run accepted a config check refused: {run_err}"
+    );
+    assert!(
+        run_err.contains(hit.trim()),
+        "run reported differently:\n{run_err}\ncheck said: {hit}"
     );
 }
 
