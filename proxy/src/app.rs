@@ -1,30 +1,60 @@
-//! The one place that wires everything: from a validated snapshot to bound listeners and
-//! background tasks. Returns the bound addresses (tests use port 0) and a shutdown handle.
+//! The one place that wires everything: from a validated snapshot to bound listeners, the admin
+//! server and background tasks; and the operations on a running instance (reload, identity
+//! rotation, drain). Returns the bound addresses (tests use port 0) and a shutdown handle.
+//!
+//! The current configuration is one immutable [`Proxy`] behind an `ArcSwap`: each request loads
+//! it once and keeps it to the end, so a reload never changes the rules under a request in
+//! flight. Reloads are serialized by `state`.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use anyhow::Context;
+use arc_swap::ArcSwap;
+use sha2::Digest;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio::sync::{watch, Mutex};
+use tokio::task::{AbortHandle, JoinHandle, JoinSet};
+use tokio::time::Instant;
 
-use crate::config::Snapshot;
+use crate::config::{self, ConfigError, ConfigErrors, Snapshot};
 use crate::forward::Proxy;
+use crate::identity::{Identity, IdentityError};
+use crate::lifecycle::{Lifecycle, ListenerState};
 use crate::metrics::Metrics;
 use crate::upstream::{Gateway, Upstream};
 
-/// How long in-flight requests get to finish after shutdown is requested.
-pub const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+struct RunningListener {
+    name: String,
+    bind: SocketAddr,
+    addr: SocketAddr,
+    close: watch::Sender<ListenerState>,
+    task: JoinHandle<()>,
+}
 
+struct State {
+    listeners: Vec<RunningListener>,
+    gateway_refresh: AbortHandle,
+}
+
+pub struct App {
+    config_path: PathBuf,
+    current: ArcSwap<Proxy>,
+    pub metrics: Arc<Metrics>,
+    pub lifecycle: Lifecycle,
+    state: Mutex<State>,
+    background: std::sync::Mutex<JoinSet<()>>,
+    drained: watch::Sender<bool>,
+}
+
+/// What `start` hands back: addresses and the running app.
 pub struct Bound {
-    /// (listener name, bound address), in config order.
+    pub app: Arc<App>,
+    /// (listener name, bound address) at start, in config order.
     pub listeners: Vec<(String, SocketAddr)>,
-    pub proxy: Arc<Proxy>,
-    shutdown: watch::Sender<bool>,
-    tasks: JoinSet<()>,
-    background: JoinSet<()>,
+    pub admin: Option<SocketAddr>,
 }
 
 impl Bound {
@@ -40,68 +70,416 @@ impl Bound {
         self.listeners[0].1
     }
 
-    /// Stops accepting, lets in-flight requests finish (up to the drain deadline), stops tasks.
-    pub async fn shutdown(mut self) {
-        let _ = self.shutdown.send(true);
-        while self.tasks.join_next().await.is_some() {}
-        self.background.shutdown().await;
+    /// Drains (readiness off, wait `drain.delay`, close connections gradually) and stops.
+    pub async fn shutdown(self) {
+        self.app.drain().await;
+        self.app.stop_background();
     }
 
-    /// Resolves when every listener task has ended (e.g. after a shutdown from elsewhere).
-    pub async fn wait(&mut self) {
-        while self.tasks.join_next().await.is_some() {}
+    /// Stops at once: listeners close, in-flight requests are cut. For tests and the demo.
+    pub async fn abort(self) {
+        self.app
+            .close_listeners(Duration::ZERO, Duration::ZERO)
+            .await;
+        self.app.stop_background();
     }
 }
 
+fn bind_error(path: &std::path::Path, msg: String) -> ConfigErrors {
+    ConfigErrors(vec![ConfigError {
+        file: path.to_owned(),
+        line: None,
+        message: msg,
+    }])
+}
+
+async fn bind(l: &config::Listener) -> Result<TcpListener, String> {
+    TcpListener::bind(l.bind)
+        .await
+        .map_err(|e| format!("listener {:?}: cannot bind {}: {e}", l.name, l.bind))
+}
+
+impl App {
+    pub fn proxy(&self) -> Arc<Proxy> {
+        self.current.load_full()
+    }
+
+    pub fn config_path(&self) -> &std::path::Path {
+        &self.config_path
+    }
+
+    /// Listener name → bound address, as running now.
+    pub async fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.state
+            .lock()
+            .await
+            .listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.addr))
+            .collect()
+    }
+
+    /// Why the instance should not receive traffic, if so (`/readyz`).
+    pub fn not_ready_reason(&self) -> Option<String> {
+        let proxy = self.current.load();
+        self.lifecycle
+            .not_ready_reason(proxy.snapshot.identity.not_after, SystemTime::now())
+    }
+
+    fn spawn_listener(self: &Arc<Self>, l: &config::Listener, tcp: TcpListener) -> RunningListener {
+        let addr = tcp.local_addr().unwrap_or(l.bind);
+        tracing::info!(listener = %l.name, %addr, "listening");
+        let (close, rx) = watch::channel(ListenerState::Serving);
+        let task = tokio::spawn(crate::listener::http::serve(
+            tcp,
+            Arc::from(l.name.as_str()),
+            self.clone(),
+            rx,
+        ));
+        RunningListener {
+            name: l.name.clone(),
+            bind: l.bind,
+            addr,
+            close,
+            task,
+        }
+    }
+
+    fn set_identity_metrics(&self, snapshot: &Snapshot) {
+        self.metrics
+            .set_identity(&snapshot.identity.spiffe_id, snapshot.identity.not_after);
+    }
+
+    /// Re-reads the config file and applies it, or keeps the running config and returns why not.
+    pub async fn reload(self: &Arc<Self>) -> Result<(), ConfigErrors> {
+        let mut state = self.state.lock().await;
+        let result = self.reload_locked(&mut state).await;
+        Metrics::record_reload(&self.metrics.config_reloads, result.is_ok());
+        match &result {
+            Ok(()) => tracing::info!(config = %self.config_path.display(), "config reloaded"),
+            Err(errs) => {
+                for e in &errs.0 {
+                    tracing::error!(error = %e, "config reload rejected; keeping the running config");
+                }
+            }
+        }
+        result
+    }
+
+    async fn reload_locked(self: &Arc<Self>, state: &mut State) -> Result<(), ConfigErrors> {
+        let new = config::load(&self.config_path)?;
+        if self.lifecycle.is_draining() {
+            return Err(bind_error(
+                &self.config_path,
+                "instance is draining; reload ignored".into(),
+            ));
+        }
+        let old = self.current.load_full();
+        // Bind new and moved listeners before anything changes, so a bind failure rejects the
+        // whole reload and leaves the running config untouched.
+        let mut fresh = Vec::new();
+        for l in &new.listeners {
+            let same = state
+                .listeners
+                .iter()
+                .any(|r| r.name == l.name && r.bind == l.bind);
+            if !same {
+                let tcp = bind(l)
+                    .await
+                    .map_err(|m| bind_error(&self.config_path, m))?;
+                fresh.push((l.clone(), tcp));
+            }
+        }
+        if new.admin.as_ref().map(|a| a.bind) != old.snapshot.admin.as_ref().map(|a| a.bind) {
+            tracing::warn!("admin.bind changed: takes effect at the next restart");
+        }
+        let gateway = if new.gateway == old.snapshot.gateway {
+            old.upstream.gateway.clone()
+        } else {
+            let g = Gateway::new(new.gateway.clone());
+            if let Err(e) = g.resolve().await {
+                tracing::warn!(gateway = %new.gateway, error = %e, "cannot resolve new gateway yet; will retry");
+            }
+            state.gateway_refresh.abort();
+            state.gateway_refresh =
+                self.spawn_background(g.clone().refresh_loop(new.gateway_refresh));
+            g
+        };
+        self.install(new, gateway, Some(&old.upstream));
+
+        let snapshot = self.current.load().snapshot.clone();
+        let mut keep = Vec::new();
+        for r in state.listeners.drain(..) {
+            if snapshot
+                .listeners
+                .iter()
+                .any(|l| l.name == r.name && l.bind == r.bind)
+            {
+                keep.push(r);
+            } else {
+                tracing::info!(listener = %r.name, addr = %r.addr, "listener removed or moved: draining the old one");
+                let d = &snapshot.drain;
+                let _ = r.close.send(ListenerState::Closing {
+                    spread: d.spread,
+                    deadline: Instant::now() + d.timeout,
+                });
+            }
+        }
+        for (l, tcp) in fresh {
+            keep.push(self.spawn_listener(&l, tcp));
+        }
+        state.listeners = keep;
+        Ok(())
+    }
+
+    /// Swaps in a new snapshot, taking over unchanged pools from `previous`.
+    fn install(&self, snapshot: Snapshot, gateway: Arc<Gateway>, previous: Option<&Upstream>) {
+        let upstream = Arc::new(Upstream::new(
+            &snapshot,
+            gateway,
+            self.metrics.clone(),
+            previous,
+        ));
+        self.set_identity_metrics(&snapshot);
+        self.current.store(Arc::new(Proxy {
+            snapshot: Arc::new(snapshot),
+            upstream,
+            metrics: self.metrics.clone(),
+        }));
+    }
+
+    /// Loads the identity files again; installs them if they form a valid identity that differs
+    /// from the running one. A key that does not match its cert is taken as a rotation caught
+    /// half-way (files are written one at a time) and ignored until the pair is consistent.
+    pub async fn reload_identity(self: &Arc<Self>) -> Result<bool, IdentityError> {
+        let _state = self.state.lock().await;
+        let old = self.current.load_full();
+        let snap = &old.snapshot;
+        let identity = match Identity::load(
+            &snap.identity.paths,
+            &snap.trust_domain,
+            SystemTime::now(),
+        ) {
+            Ok(i) => i,
+            Err(e @ IdentityError::KeyMismatch { .. }) => {
+                tracing::debug!(error = %e, "identity files mid-rotation; waiting for a consistent pair");
+                return Err(e);
+            }
+            Err(e) => {
+                Metrics::record_reload(&self.metrics.identity_reloads, false);
+                tracing::error!(error = %e, "new identity files rejected; keeping the running identity");
+                return Err(e);
+            }
+        };
+        if identity.fingerprint == snap.identity.fingerprint {
+            return Ok(false);
+        }
+        let mut new = (**snap).clone();
+        tracing::info!(identity = %identity.spiffe_id, not_after = %crate::identity::rfc3339(identity.not_after), "workload identity rotated");
+        new.identity = Arc::new(identity);
+        self.install(new, old.upstream.gateway.clone(), Some(&old.upstream));
+        Metrics::record_reload(&self.metrics.identity_reloads, true);
+        Ok(true)
+    }
+
+    async fn close_listeners(&self, spread: Duration, timeout: Duration) {
+        let mut state = self.state.lock().await;
+        let deadline = Instant::now() + timeout;
+        for l in &state.listeners {
+            let _ = l.close.send(ListenerState::Closing { spread, deadline });
+        }
+        for l in state.listeners.iter_mut() {
+            // The listener cuts its own connections at the deadline; this bound is a backstop.
+            if tokio::time::timeout_at(deadline + Duration::from_secs(1), &mut l.task)
+                .await
+                .is_err()
+            {
+                l.task.abort();
+            }
+        }
+    }
+
+    /// The graceful drain. Idempotent: a second call waits for the first to finish.
+    pub async fn drain(self: &Arc<Self>) {
+        if self.lifecycle.begin_drain() {
+            let d = self.current.load().snapshot.drain.clone();
+            tracing::info!(delay = ?d.delay, spread = ?d.spread, timeout = ?d.timeout, "draining: readiness off");
+            self.metrics.draining.set(1);
+            self.metrics.ready.set(0);
+            let started = Instant::now();
+            tokio::time::sleep(d.delay).await;
+            tracing::info!("draining: closing client connections");
+            let remaining = d.timeout.saturating_sub(started.elapsed());
+            self.close_listeners(d.spread, remaining).await;
+            tracing::info!(took = ?started.elapsed(), "drained");
+            let _ = self.drained.send(true);
+        } else {
+            let mut rx = self.drained.subscribe();
+            let _ = rx.wait_for(|d| *d).await;
+        }
+    }
+
+    fn spawn_background(
+        &self,
+        f: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> AbortHandle {
+        self.background
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .spawn(f)
+    }
+
+    fn stop_background(&self) {
+        self.background
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .abort_all();
+    }
+}
+
+/// A cheap change detector for small files: their contents' hash (missing files hash as empty).
+fn files_signature(paths: &[&std::path::Path]) -> [u8; 32] {
+    let mut h = sha2::Sha256::new();
+    for p in paths {
+        let data = std::fs::read(p).unwrap_or_default();
+        h.update((data.len() as u64).to_be_bytes());
+        h.update(&data);
+    }
+    h.finalize().into()
+}
+
+/// Polls the config file and the identity files. Polling rather than inotify: Kubernetes secret
+/// mounts swap a symlink, Vault agent renames, cert-manager csi writes in place, and all of them
+/// are seen the same way by comparing contents. A config change is applied once it has been
+/// stable for one interval (editors write in several steps).
+async fn watch_files(app: Arc<App>) {
+    let mut pending: Option<[u8; 32]> = None;
+    let mut applied = files_signature(&[&app.config_path]);
+    loop {
+        let interval = app.current.load().snapshot.reload.interval;
+        tokio::time::sleep(interval).await;
+        if app.lifecycle.is_draining() {
+            continue;
+        }
+        let sig = files_signature(&[&app.config_path]);
+        if sig != applied {
+            if pending == Some(sig) {
+                applied = sig;
+                pending = None;
+                let _ = app.reload().await;
+                continue;
+            }
+            pending = Some(sig);
+        } else {
+            pending = None;
+        }
+        let _ = app.reload_identity().await;
+    }
+}
+
+/// Starts everything for `snapshot`, read from `config_path` (which reloads re-read).
 pub async fn start(snapshot: Snapshot) -> anyhow::Result<Bound> {
-    let snapshot = Arc::new(snapshot);
+    let config_path = snapshot.path.clone();
     let gateway = Gateway::new(snapshot.gateway.clone());
     if let Err(e) = gateway.resolve().await {
         // Not fatal: the gateway may come up after us. Requests get 503 until it resolves.
         tracing::warn!(gateway = %snapshot.gateway, error = %e, "cannot resolve gateway yet; will retry");
     }
-    let upstream = Arc::new(Upstream::new(&snapshot, gateway.clone()));
     let metrics = Arc::new(Metrics::new());
-    let proxy = Arc::new(Proxy {
-        snapshot: snapshot.clone(),
-        upstream: upstream.clone(),
+    let upstream = Arc::new(Upstream::new(
+        &snapshot,
+        gateway.clone(),
+        metrics.clone(),
+        None,
+    ));
+    metrics.set_identity(&snapshot.identity.spiffe_id, snapshot.identity.not_after);
+    let mut tcp = Vec::new();
+    for l in &snapshot.listeners {
+        tcp.push(bind(l).await.map_err(anyhow::Error::msg)?);
+    }
+    let admin_tcp = match &snapshot.admin {
+        Some(a) => Some(
+            TcpListener::bind(a.bind)
+                .await
+                .map_err(|e| anyhow::anyhow!("admin: cannot bind {}: {e}", a.bind))?,
+        ),
+        None => None,
+    };
+    let watch = snapshot.reload.watch;
+    let listeners_cfg = snapshot.listeners.clone();
+    let app = Arc::new(App {
+        config_path,
+        current: ArcSwap::from_pointee(Proxy {
+            snapshot: Arc::new(snapshot),
+            upstream,
+            metrics: metrics.clone(),
+        }),
         metrics,
+        lifecycle: Lifecycle::default(),
+        state: Mutex::new(State {
+            listeners: Vec::new(),
+            gateway_refresh: tokio::spawn(async {}).abort_handle(),
+        }),
+        background: std::sync::Mutex::new(JoinSet::new()),
+        drained: watch::channel(false).0,
     });
-
-    let mut background = JoinSet::new();
-    background.spawn(gateway.refresh_loop(snapshot.gateway_refresh));
-    let sweeper = upstream.clone();
-    background.spawn(async move {
+    {
+        let mut state = app.state.lock().await;
+        let refresh = app.current.load().snapshot.gateway_refresh;
+        state.gateway_refresh = app.spawn_background(gateway.refresh_loop(refresh));
+        for (l, t) in listeners_cfg.iter().zip(tcp) {
+            let r = app.spawn_listener(l, t);
+            state.listeners.push(r);
+        }
+    }
+    let sweeper = app.clone();
+    app.spawn_background(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tick.tick().await;
-            sweeper.sweep();
+            sweeper.current.load().upstream.sweep();
         }
     });
-
-    let (shutdown, rx) = watch::channel(false);
-    let mut tasks = JoinSet::new();
-    let mut listeners = Vec::new();
-    for l in &snapshot.listeners {
-        let tcp = TcpListener::bind(l.bind)
-            .await
-            .with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.bind))?;
-        let addr = tcp.local_addr()?;
-        tracing::info!(listener = %l.name, %addr, "listening");
-        listeners.push((l.name.clone(), addr));
-        tasks.spawn(crate::listener::http::serve(
-            tcp,
-            Arc::from(l.name.as_str()),
-            proxy.clone(),
-            rx.clone(),
-            DRAIN_DEADLINE,
-        ));
+    if watch {
+        app.spawn_background(watch_files(app.clone()));
     }
+    let admin = match admin_tcp {
+        Some(t) => {
+            let addr = t.local_addr()?;
+            tracing::info!(%addr, "admin listening");
+            app.spawn_background(crate::admin::serve(t, app.clone()));
+            Some(addr)
+        }
+        None => None,
+    };
+    app.metrics
+        .ready
+        .set(i64::from(app.not_ready_reason().is_none()));
+    let listeners = app.listener_addrs().await;
     Ok(Bound {
+        app,
         listeners,
-        proxy,
-        shutdown,
-        tasks,
-        background,
+        admin,
     })
+}
+
+/// Pool rows for metrics and `/pool`: (service, connections, streams in use).
+pub fn pool_rows(proxy: &Proxy) -> Vec<(String, i64, i64)> {
+    let mut by_service: HashMap<String, (i64, i64)> = HashMap::new();
+    for p in proxy.upstream.pools() {
+        let s = p.stats();
+        let e = by_service.entry(s.service.clone()).or_default();
+        e.0 += s.connections.len() as i64;
+        e.1 += s
+            .connections
+            .iter()
+            .map(|c| c.streams_in_use as i64)
+            .sum::<i64>();
+    }
+    let mut rows: Vec<_> = by_service
+        .into_iter()
+        .map(|(k, (a, b))| (k, a, b))
+        .collect();
+    rows.sort();
+    rows
 }

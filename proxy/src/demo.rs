@@ -203,7 +203,7 @@ tenants:
     }
 
     pub async fn shutdown(self) {
-        self.bound.shutdown().await;
+        self.bound.abort().await;
         drop(self.mesh);
         let _ = std::fs::remove_dir_all(&self.dir);
     }

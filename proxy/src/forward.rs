@@ -26,7 +26,7 @@ use crate::policy::keys::presented_key;
 use crate::policy::Deny;
 use crate::upstream::{BoxError, Lease, RequestBody, Upstream, UpstreamError};
 
-/// What one listener's requests share. A reload (later) swaps the whole value.
+/// One config generation: what requests share. A reload swaps the whole value.
 pub struct Proxy {
     pub snapshot: Arc<Snapshot>,
     pub upstream: Arc<Upstream>,
@@ -353,6 +353,9 @@ pub async fn handle(
     let mut resp = match result {
         Ok((resp, lease)) => {
             log.reused = Some(lease.reused);
+            if let Some(service) = &log.service {
+                proxy.metrics.record_upstream_request(service, lease.reused);
+            }
             log.status = resp.status().as_u16();
             let (parts, body) = resp.into_parts();
             Response::from_parts(

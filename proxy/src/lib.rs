@@ -4,6 +4,7 @@
 //! The modules follow the request path: `listener` → `forward` (using `policy` and `route`) →
 //! `upstream`. `config` and `identity` feed them; `app` wires them together.
 
+pub mod admin;
 pub mod app;
 pub mod config;
 #[cfg(feature = "demo")]
@@ -11,6 +12,7 @@ pub mod demo;
 pub mod error;
 pub mod forward;
 pub mod identity;
+pub mod lifecycle;
 pub mod listener;
 pub mod metrics;
 pub mod policy;

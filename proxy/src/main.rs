@@ -18,15 +18,15 @@ use meshgate::identity::rfc3339;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
-    /// Log format; `auto` is pretty on a terminal and JSON otherwise.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
-    log_format: LogFormat,
-    /// Log filter (e.g. `info`, `meshgate=debug`); the RUST_LOG variable overrides it.
-    #[arg(long, global = true, default_value = "info")]
-    log_level: String,
+    /// Log format; `auto` is pretty on a terminal and JSON otherwise. Overrides `log.format`.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log filter (e.g. `info`, `meshgate=debug`). Overrides `log.level`; RUST_LOG overrides both.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum LogFormat {
     Auto,
     Json,
@@ -112,8 +112,16 @@ fn print_summary(s: &Snapshot) {
             l.protocol
         );
     }
-    match s.admin {
-        Some(a) => println!("admin: {a}"),
+    match &s.admin {
+        Some(a) => println!(
+            "admin: {}{}",
+            a.bind,
+            if a.token.is_some() {
+                " (token required for /reload and /drain)"
+            } else {
+                ""
+            }
+        ),
         None => println!("admin: (none)"),
     }
     println!(
@@ -169,17 +177,61 @@ fn print_summary(s: &Snapshot) {
     }
 }
 
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+#[cfg(unix)]
+async fn run(snapshot: Snapshot) -> ExitCode {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Handlers first: a signal that arrives while starting must not kill the process outright.
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        eprintln!("error: cannot install signal handlers");
+        return ExitCode::FAILURE;
+    };
+    let bound = match meshgate::app::start(snapshot).await {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let app = bound.app.clone();
+    loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading config");
+                let _ = app.reload().await;
+            }
         }
     }
-    #[cfg(not(unix))]
+    tracing::info!("shutting down: draining (send the signal again to exit at once)");
+    let drain = bound.shutdown();
+    tokio::pin!(drain);
+    tokio::select! {
+        _ = &mut drain => ExitCode::SUCCESS,
+        _ = term.recv() => { tracing::warn!("second signal: exiting without finishing the drain"); ExitCode::FAILURE }
+        _ = int.recv() => { tracing::warn!("second signal: exiting without finishing the drain"); ExitCode::FAILURE }
+    }
+}
+
+#[cfg(not(unix))]
+async fn run(snapshot: Snapshot) -> ExitCode {
+    let bound = match meshgate::app::start(snapshot).await {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _ = tokio::signal::ctrl_c().await;
+    bound.shutdown().await;
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_ctrl_c() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
@@ -210,33 +262,27 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Cmd::Run { config } => {
-            init_logging(cli.log_format, &cli.log_level);
             let Some(snapshot) = load_or_report(&config) else {
                 return ExitCode::FAILURE;
             };
-            runtime().block_on(async move {
-                let bound = match meshgate::app::start(snapshot).await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        eprintln!("error: {e:#}");
-                        return ExitCode::FAILURE;
-                    }
-                };
-                wait_for_signal().await;
-                tracing::info!("shutting down: draining in-flight requests");
-                bound.shutdown().await;
-                ExitCode::SUCCESS
-            })
+            let format = cli.log_format.unwrap_or(match snapshot.log.format {
+                Some(config::LogFormat::Json) => LogFormat::Json,
+                Some(config::LogFormat::Pretty) => LogFormat::Pretty,
+                Some(config::LogFormat::Auto) | None => LogFormat::Auto,
+            });
+            let level = cli
+                .log_level
+                .clone()
+                .or_else(|| snapshot.log.level.clone())
+                .unwrap_or_else(|| "info".into());
+            init_logging(format, &level);
+            runtime().block_on(run(snapshot))
         }
         #[cfg(feature = "demo")]
         Cmd::Demo { listen } => {
             init_logging(
-                cli.log_format,
-                if cli.log_level == "info" {
-                    "warn"
-                } else {
-                    &cli.log_level
-                },
+                cli.log_format.unwrap_or(LogFormat::Auto),
+                cli.log_level.as_deref().unwrap_or("warn"),
             );
             runtime().block_on(async move {
                 let demo = match meshgate::demo::Demo::start(listen).await {
@@ -247,7 +293,7 @@ fn main() -> ExitCode {
                     }
                 };
                 println!("{}", demo.instructions());
-                wait_for_signal().await;
+                wait_for_ctrl_c().await;
                 demo.shutdown().await;
                 ExitCode::SUCCESS
             })

@@ -1,8 +1,9 @@
 //! Every metric meshgate exports, in one place. The names are a contract with `dashboards/` and
-//! the autoscaler. Label values come only from config names (listener, tenant, service) and
-//! fixed sets (reason, code, direction), never from request data, so cardinality is bounded by
-//! the config.
+//! the autoscaler (a test checks that every name they use is exported). Label values come only
+//! from config names (listener, tenant, service) and fixed sets (reason, code, result, direction,
+//! connection), never from request data, so cardinality is bounded by the config.
 
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -21,9 +22,14 @@ pub struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DeniedLabels {
+pub struct ListenerReasonLabels {
     pub listener: String,
     pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -38,23 +44,71 @@ pub struct ServiceReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceResultLabels {
+    pub service: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceConnectionLabels {
+    pub service: String,
+    pub connection: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BytesLabels {
     pub service: String,
     pub direction: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabels {
+    pub identity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub version: String,
+}
+
 pub struct Metrics {
-    pub registry: Registry,
+    registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
-    pub denied: Family<DeniedLabels, Counter>,
+    pub denied: Family<ListenerReasonLabels, Counter>,
     pub upstream_errors: Family<ServiceReasonLabels, Counter>,
     pub request_duration: Family<ServiceLabels, Histogram>,
     pub requests_in_flight: Gauge,
     pub bytes: Family<BytesLabels, Counter>,
+    pub downstream_connections: Family<ListenerLabels, Gauge>,
+    pub upstream_connections: Family<ServiceLabels, Gauge>,
+    pub upstream_streams_in_use: Family<ServiceLabels, Gauge>,
+    pub upstream_connects: Family<ServiceResultLabels, Counter>,
+    pub upstream_handshake_duration: Family<ServiceLabels, Histogram>,
+    pub upstream_requests: Family<ServiceConnectionLabels, Counter>,
+    pub config_reloads: Family<ResultLabels, Counter>,
+    pub identity_reloads: Family<ResultLabels, Counter>,
+    pub identity_expiry: Family<IdentityLabels, Gauge<f64, AtomicU64>>,
+    pub draining: Gauge,
+    pub ready: Gauge,
+    process: ProcessMetrics,
+}
+
+struct ProcessMetrics {
+    cpu_seconds: Counter<f64, AtomicU64>,
+    resident_memory: Gauge,
+    virtual_memory: Gauge,
+    open_fds: Gauge,
+    max_fds: Gauge,
+    start_time: Gauge<f64, AtomicU64>,
 }
 
 /// Reasons that are the client's or policy's doing, as opposed to upstream failures.
-fn is_denial(reason: &str) -> bool {
+pub fn is_denial(reason: &str) -> bool {
     matches!(
         reason,
         "unknown_client"
@@ -72,56 +126,166 @@ impl Default for Metrics {
     }
 }
 
+fn latency_histogram() -> Histogram {
+    // 0.5 ms .. ~16 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::default();
-        let requests = Family::<RequestLabels, Counter>::default();
-        let denied = Family::<DeniedLabels, Counter>::default();
-        let upstream_errors = Family::<ServiceReasonLabels, Counter>::default();
-        let request_duration = Family::<ServiceLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
-        });
-        let requests_in_flight = Gauge::default();
-        let bytes = Family::<BytesLabels, Counter>::default();
-        // prometheus-client appends `_total` to counters itself.
-        registry.register(
+        let mut r = Registry::default();
+        // prometheus-client appends `_total` to counter names itself.
+        macro_rules! reg {
+            ($name:literal, $help:literal, $m:expr) => {{
+                let m = $m;
+                r.register($name, $help, m.clone());
+                m
+            }};
+        }
+        let requests = reg!(
             "meshgate_requests",
             "Requests handled, by listener, tenant, service and status code",
-            requests.clone(),
+            Family::<RequestLabels, Counter>::default()
         );
-        registry.register(
+        let denied = reg!(
             "meshgate_denied",
             "Requests refused by meshgate before reaching the mesh, by reason",
-            denied.clone(),
+            Family::<ListenerReasonLabels, Counter>::default()
         );
-        registry.register(
+        let upstream_errors = reg!(
             "meshgate_upstream_errors",
             "Requests that failed on the way into the mesh, by service and reason",
-            upstream_errors.clone(),
+            Family::<ServiceReasonLabels, Counter>::default()
         );
-        registry.register(
+        let request_duration = reg!(
             "meshgate_request_duration_seconds",
             "Time from request received to response body finished",
-            request_duration.clone(),
+            Family::<ServiceLabels, Histogram>::new_with_constructor(latency_histogram)
         );
-        registry.register(
+        let requests_in_flight = reg!(
             "meshgate_requests_in_flight",
             "Requests currently being handled",
-            requests_in_flight.clone(),
+            Gauge::default()
         );
-        registry.register(
+        let bytes = reg!(
             "meshgate_bytes",
             "Body bytes carried, by service and direction (upstream = VM to mesh)",
-            bytes.clone(),
+            Family::<BytesLabels, Counter>::default()
         );
+        let downstream_connections = reg!(
+            "meshgate_downstream_connections",
+            "Open client connections, by listener",
+            Family::<ListenerLabels, Gauge>::default()
+        );
+        let upstream_connections = reg!(
+            "meshgate_upstream_connections",
+            "Open pooled connections to the east-west gateway, by service",
+            Family::<ServiceLabels, Gauge>::default()
+        );
+        let upstream_streams_in_use = reg!(
+            "meshgate_upstream_streams_in_use",
+            "Requests in flight on pooled upstream connections, by service",
+            Family::<ServiceLabels, Gauge>::default()
+        );
+        let upstream_connects = reg!(
+            "meshgate_upstream_connects",
+            "Upstream connection attempts (TCP + TLS through the gateway), by result",
+            Family::<ServiceResultLabels, Counter>::default()
+        );
+        let upstream_handshake_duration = reg!(
+            "meshgate_upstream_handshake_duration_seconds",
+            "TCP connect plus TLS handshake time of new upstream connections",
+            Family::<ServiceLabels, Histogram>::new_with_constructor(latency_histogram)
+        );
+        let upstream_requests = reg!(
+            "meshgate_upstream_requests",
+            "Requests sent into the mesh, by whether their connection was new or reused",
+            Family::<ServiceConnectionLabels, Counter>::default()
+        );
+        let config_reloads = reg!(
+            "meshgate_config_reloads",
+            "Config reload attempts, by result",
+            Family::<ResultLabels, Counter>::default()
+        );
+        let identity_reloads = reg!(
+            "meshgate_identity_reloads",
+            "Workload identity reloads from disk (rotation), by result",
+            Family::<ResultLabels, Counter>::default()
+        );
+        let identity_expiry = reg!(
+            "meshgate_identity_expiry_timestamp_seconds",
+            "Unix time at which the workload certificate expires",
+            Family::<IdentityLabels, Gauge<f64, AtomicU64>>::default()
+        );
+        let draining = reg!(
+            "meshgate_draining",
+            "1 while the instance drains (readiness off, connections being closed)",
+            Gauge::default()
+        );
+        let ready = reg!(
+            "meshgate_ready",
+            "1 when /readyz answers 200",
+            Gauge::default()
+        );
+        let build_info = Family::<VersionLabels, Gauge>::default();
+        build_info
+            .get_or_create(&VersionLabels {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            })
+            .set(1);
+        r.register("meshgate_build_info", "meshgate version", build_info);
+        let process = ProcessMetrics {
+            cpu_seconds: reg!(
+                "process_cpu_seconds",
+                "User and system CPU time spent, in seconds",
+                Counter::<f64, AtomicU64>::default()
+            ),
+            resident_memory: reg!(
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                Gauge::default()
+            ),
+            virtual_memory: reg!(
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                Gauge::default()
+            ),
+            open_fds: reg!(
+                "process_open_fds",
+                "Open file descriptors",
+                Gauge::default()
+            ),
+            max_fds: reg!(
+                "process_max_fds",
+                "Maximum open file descriptors",
+                Gauge::default()
+            ),
+            start_time: reg!(
+                "process_start_time_seconds",
+                "Start time of the process since the unix epoch, in seconds",
+                Gauge::<f64, AtomicU64>::default()
+            ),
+        };
         Metrics {
-            registry,
+            registry: r,
             requests,
             denied,
             upstream_errors,
             request_duration,
             requests_in_flight,
             bytes,
+            downstream_connections,
+            upstream_connections,
+            upstream_streams_in_use,
+            upstream_connects,
+            upstream_handshake_duration,
+            upstream_requests,
+            config_reloads,
+            identity_reloads,
+            identity_expiry,
+            draining,
+            ready,
+            process,
         }
     }
 
@@ -149,7 +313,7 @@ impl Metrics {
         if !reason.is_empty() {
             if is_denial(reason) {
                 self.denied
-                    .get_or_create(&DeniedLabels {
+                    .get_or_create(&ListenerReasonLabels {
                         listener: listener.to_string(),
                         reason: reason.to_string(),
                     })
@@ -180,8 +344,119 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition of every metric.
+    pub fn record_upstream_request(&self, service: &str, reused: bool) {
+        self.upstream_requests
+            .get_or_create(&ServiceConnectionLabels {
+                service: service.to_string(),
+                connection: if reused { "reused" } else { "new" }.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn record_connect(&self, service: &str, ok: bool, took: Duration) {
+        let labels = ServiceLabels {
+            service: service.to_string(),
+        };
+        self.upstream_connects
+            .get_or_create(&ServiceResultLabels {
+                service: service.to_string(),
+                result: if ok { "ok" } else { "error" }.to_string(),
+            })
+            .inc();
+        if ok {
+            self.upstream_handshake_duration
+                .get_or_create(&labels)
+                .observe(took.as_secs_f64());
+        }
+    }
+
+    pub fn record_reload(family: &Family<ResultLabels, Counter>, ok: bool) {
+        family
+            .get_or_create(&ResultLabels {
+                result: if ok { "ok" } else { "error" }.to_string(),
+            })
+            .inc();
+    }
+
+    /// Sets the identity expiry gauge to the current identity only.
+    pub fn set_identity(&self, spiffe_id: &str, not_after: std::time::SystemTime) {
+        self.identity_expiry.clear();
+        let secs = not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.identity_expiry
+            .get_or_create(&IdentityLabels {
+                identity: spiffe_id.to_string(),
+            })
+            .set(secs);
+    }
+
+    /// Replaces the per-service pool gauges with `(service, connections, streams)` rows.
+    pub fn set_pools(&self, rows: &[(String, i64, i64)]) {
+        self.upstream_connections.clear();
+        self.upstream_streams_in_use.clear();
+        for (service, conns, streams) in rows {
+            let l = ServiceLabels {
+                service: service.clone(),
+            };
+            self.upstream_connections.get_or_create(&l).inc_by(*conns);
+            self.upstream_streams_in_use
+                .get_or_create(&l)
+                .inc_by(*streams);
+        }
+    }
+
+    fn refresh_process(&self) {
+        let p = &self.process;
+        // Linux /proc; elsewhere these stay 0.
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+            // Fields after the parenthesised command name; the name may contain spaces.
+            if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let ticks = 100.0; // USER_HZ is 100 on every Linux we ship to
+                let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+                // utime, stime are fields 14, 15 (1-based) → 11, 12 after the ')' split.
+                let cpu = (num(11) + num(12)) / ticks;
+                let prev = p.cpu_seconds.get();
+                if cpu > prev {
+                    p.cpu_seconds.inc_by(cpu - prev);
+                }
+                p.virtual_memory.set(num(20) as i64);
+                let page = 4096.0;
+                p.resident_memory.set((num(21) * page) as i64);
+                if p.start_time.get() == 0.0 {
+                    let boot = std::fs::read_to_string("/proc/stat")
+                        .ok()
+                        .and_then(|s| {
+                            s.lines().find_map(|l| {
+                                l.strip_prefix("btime ")
+                                    .and_then(|v| v.trim().parse::<f64>().ok())
+                            })
+                        })
+                        .unwrap_or(0.0);
+                    p.start_time.set(boot + num(19) / ticks);
+                }
+            }
+        }
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            p.open_fds.set(dir.count() as i64);
+        }
+        if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
+            if let Some(v) = limits
+                .lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse::<i64>().ok())
+            {
+                p.max_fds.set(v);
+            }
+        }
+    }
+
+    /// The Prometheus (OpenMetrics) text exposition of every metric.
     pub fn encode(&self) -> String {
+        self.refresh_process();
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
@@ -240,5 +515,46 @@ mod tests {
         assert!(
             text.contains(r#"meshgate_bytes_total{service="reviews",direction="downstream"} 20"#)
         );
+    }
+
+    #[test]
+    fn process_metrics_are_read_from_proc() {
+        let m = Metrics::new();
+        let text = m.encode();
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+                .unwrap_or_else(|| panic!("{name} missing"))
+                .parse()
+                .unwrap()
+        };
+        assert!(value("process_resident_memory_bytes") > 1e6);
+        assert!(value("process_open_fds") >= 3.0);
+        assert!(value("process_max_fds") >= 64.0);
+        let start = value("process_start_time_seconds");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(
+            start > now - 3600.0 && start <= now + 1.0,
+            "start {start} now {now}"
+        );
+    }
+
+    #[test]
+    fn identity_gauge_tracks_only_the_current_identity() {
+        let m = Metrics::new();
+        m.set_identity(
+            "spiffe://a/ns/x/sa/old",
+            std::time::UNIX_EPOCH + Duration::from_secs(100),
+        );
+        m.set_identity(
+            "spiffe://a/ns/x/sa/new",
+            std::time::UNIX_EPOCH + Duration::from_secs(200),
+        );
+        let text = m.encode();
+        assert!(!text.contains("sa/old"));
+        assert!(text.contains(r#"meshgate_identity_expiry_timestamp_seconds{identity="spiffe://a/ns/x/sa/new"} 200"#), "{text}");
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use http::HeaderName;
 
-pub use schema::{HostPort, ListenerProtocol, UpstreamProtocol};
+pub use schema::{HostPort, ListenerProtocol, LogFormat, UpstreamProtocol};
 
 use crate::identity::{ExpectedServer, Identity};
 use crate::policy::Tenants;
@@ -79,7 +79,7 @@ pub struct Service {
     pub sni: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamSettings {
     pub connect_timeout: Duration,
     pub handshake_timeout: Duration,
@@ -94,12 +94,41 @@ pub struct UpstreamSettings {
     pub http1_max_connections: usize,
 }
 
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub bind: SocketAddr,
+    /// The bearer token for mutating endpoints, read from `token_file` at load.
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainSettings {
+    pub delay: Duration,
+    pub spread: Duration,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    pub level: Option<String>,
+    pub format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadSettings {
+    pub watch: bool,
+    pub interval: Duration,
+}
+
 /// A validated config. Immutable: a reload builds a new one and swaps it in whole.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Snapshot {
     pub path: PathBuf,
     pub listeners: Vec<Listener>,
-    pub admin: Option<SocketAddr>,
+    pub admin: Option<Admin>,
+    pub drain: DrainSettings,
+    pub log: LogSettings,
+    pub reload: ReloadSettings,
     pub trust_domain: String,
     pub gateway: HostPort,
     pub gateway_refresh: Duration,

@@ -28,6 +28,81 @@ pub struct RawConfig {
     pub api_key_header: Spanned<String>,
     #[serde(default)]
     pub upstream: Option<Spanned<RawUpstream>>,
+    #[serde(default)]
+    pub drain: Option<Spanned<RawDrain>>,
+    #[serde(default)]
+    pub log: Option<RawLog>,
+    #[serde(default)]
+    pub reload: Option<RawReload>,
+}
+
+/// Graceful drain on SIGTERM / `POST /drain`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDrain {
+    /// Readiness is off but listeners keep serving, so the load balancer notices first.
+    #[serde(default = "d_drain_delay")]
+    pub delay: Dur,
+    /// Client connections are asked to close spread over this window, not all at once.
+    #[serde(default = "d_drain_spread")]
+    pub spread: Dur,
+    /// From the start of the drain until whatever remains is cut.
+    #[serde(default = "d_drain_timeout")]
+    pub timeout: Dur,
+}
+
+pub fn d_drain_delay() -> Dur {
+    Dur(Duration::from_secs(15))
+}
+pub fn d_drain_spread() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+pub fn d_drain_timeout() -> Dur {
+    Dur(Duration::from_secs(60))
+}
+
+impl Default for RawDrain {
+    fn default() -> Self {
+        RawDrain {
+            delay: d_drain_delay(),
+            spread: d_drain_spread(),
+            timeout: d_drain_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Auto,
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    #[serde(default)]
+    pub level: Option<String>,
+    #[serde(default)]
+    pub format: Option<LogFormat>,
+}
+
+/// Watching the config and identity files for changes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReload {
+    #[serde(default = "d_true")]
+    pub watch: bool,
+    #[serde(default = "d_watch_interval")]
+    pub interval: Dur,
+}
+
+pub fn d_true() -> bool {
+    true
+}
+pub fn d_watch_interval() -> Dur {
+    Dur(Duration::from_secs(2))
 }
 
 pub fn default_api_key_header() -> Spanned<String> {
@@ -57,6 +132,9 @@ pub enum ListenerProtocol {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub bind: Spanned<Addr>,
+    /// File holding a bearer token required by the mutating endpoints (`/reload`, `/drain`).
+    #[serde(default)]
+    pub token_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

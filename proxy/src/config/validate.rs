@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use http::HeaderName;
 use serde_saphyr::Spanned;
 
-use super::schema::{RawConfig, RawUpstream};
+use super::schema::{RawConfig, RawDrain, RawUpstream};
 use super::{sni_for, ConfigError, ConfigErrors, Listener, Service, Snapshot, UpstreamSettings};
 use crate::identity::{ExpectedServer, Identity, IdentityFile, IdentityPaths};
 use crate::policy::keys::parse_key_hash;
@@ -80,6 +80,16 @@ fn yaml_error(file: &Path, e: &serde_saphyr::Error) -> ConfigError {
         file: file.to_owned(),
         line,
         message,
+    }
+}
+
+/// Paths in the config are relative to the config file's directory.
+fn resolve_path(config: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        config.parent().unwrap_or(Path::new(".")).join(p)
     }
 }
 
@@ -161,8 +171,55 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Opt
                 ),
             );
         }
-        a.bind.value.0
+        let token = a.token_file.as_ref().and_then(|tf| {
+            let p = resolve_path(path, &tf.value);
+            match std::fs::read_to_string(&p) {
+                Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+                Ok(_) => {
+                    errs.at(
+                        line(tf),
+                        format!("admin token file {} is empty", p.display()),
+                    );
+                    None
+                }
+                Err(e) => {
+                    errs.at(
+                        line(tf),
+                        format!("cannot read admin token file {}: {e}", p.display()),
+                    );
+                    None
+                }
+            }
+        });
+        super::Admin {
+            bind: a.bind.value.0,
+            token,
+        }
     });
+
+    let (drain_raw, drain_line) = match &raw.drain {
+        Some(d) => (&d.value, line(d)),
+        None => (&RawDrain::default(), None),
+    };
+    let drain = super::DrainSettings {
+        delay: drain_raw.delay.0,
+        spread: drain_raw.spread.0,
+        timeout: drain_raw.timeout.0,
+    };
+    if drain.delay + drain.spread > drain.timeout {
+        errs.at(drain_line, "drain: delay + spread must not exceed timeout, or connections are cut before they are asked to close");
+    }
+    let log = super::LogSettings {
+        level: raw.log.as_ref().and_then(|l| l.level.clone()),
+        format: raw.log.as_ref().and_then(|l| l.format),
+    };
+    let reload = super::ReloadSettings {
+        watch: raw.reload.as_ref().is_none_or(|r| r.watch),
+        interval: raw
+            .reload
+            .as_ref()
+            .map_or(super::schema::d_watch_interval().0, |r| r.interval.0),
+    };
 
     // Mesh.
     let td = raw.mesh.trust_domain.value.clone();
@@ -433,20 +490,11 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Opt
     }
 
     // Identity, last: it touches files, and its errors are clearer once the rest is right.
-    let base = path.parent().unwrap_or(Path::new("."));
-    let resolve = |p: &str| -> PathBuf {
-        let p = Path::new(p);
-        if p.is_absolute() {
-            p.to_owned()
-        } else {
-            base.join(p)
-        }
-    };
     let idr = &raw.mesh.identity;
     let paths = IdentityPaths {
-        cert_chain: resolve(&idr.cert_chain.value),
-        key: resolve(&idr.key.value),
-        root_cert: resolve(&idr.root_cert.value),
+        cert_chain: resolve_path(path, &idr.cert_chain.value),
+        key: resolve_path(path, &idr.key.value),
+        root_cert: resolve_path(path, &idr.root_cert.value),
     };
     let identity = if td_ok {
         match Identity::load(&paths, &td, now) {
@@ -469,6 +517,9 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Opt
         path: path.to_owned(),
         listeners,
         admin,
+        drain,
+        log,
+        reload,
         trust_domain: td,
         gateway: raw.mesh.gateway.value.clone(),
         gateway_refresh: raw.mesh.gateway_refresh.0,

@@ -15,6 +15,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::sign::CertifiedKey;
 use rustls::RootCertStore;
+use sha2::Digest;
 
 pub use verifier::{ExpectedServer, SpiffeServerVerifier};
 
@@ -98,6 +99,9 @@ pub struct Identity {
     pub not_before: SystemTime,
     pub not_after: SystemTime,
     pub paths: IdentityPaths,
+    /// SHA-256 over the chain and the trust bundle: equal fingerprints mean the same identity,
+    /// so a reload that re-reads unchanged files keeps its pooled connections.
+    pub fingerprint: [u8; 32],
 }
 
 fn read(file: IdentityFile, path: &Path) -> Result<Vec<u8>, IdentityError> {
@@ -300,7 +304,13 @@ impl Identity {
             reason: verifier::describe_webpki_error(&e),
         })?;
 
+        let mut h = sha2::Sha256::new();
+        for c in chain.iter().chain(roots_der.iter()) {
+            h.update((c.len() as u64).to_be_bytes());
+            h.update(c.as_ref());
+        }
         Ok(Identity {
+            fingerprint: h.finalize().into(),
             spiffe_id,
             certified_key: Arc::new(certified_key),
             roots: Arc::new(roots),

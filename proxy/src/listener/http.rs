@@ -1,7 +1,10 @@
 //! The HTTP listener: HTTP/1.1 (keep-alive, chunked, `Expect: 100-continue`) and h2c with prior
 //! knowledge on the same port, via hyper-util's protocol sniffing. Each request goes to
-//! `forward::handle`. On shutdown the listener stops accepting, asks every connection to finish
-//! (GOAWAY / `Connection: close`) and waits up to a deadline before cutting what remains.
+//! `forward::handle` with the config snapshot current when it arrived.
+//!
+//! Closing (drain, or the listener removed by a reload): stop accepting; ask each connection to
+//! finish (GOAWAY / `Connection: close`) at a random moment within the spread; cut whatever is
+//! left at the deadline.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,12 +12,14 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use rand::Rng;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::forward::{self, ConnInfo, Proxy};
+use crate::app::App;
+use crate::forward::{self, ConnInfo};
+use crate::lifecycle::{CloseSignal, ListenerState};
+use crate::metrics::ListenerLabels;
 
 fn builder() -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
@@ -31,18 +36,41 @@ fn builder() -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Serves `listener` until `shutdown` turns true, then drains for at most `drain_deadline`.
-pub async fn serve(
-    listener: TcpListener,
-    name: Arc<str>,
-    proxy: Arc<Proxy>,
-    mut shutdown: watch::Receiver<bool>,
-    drain_deadline: Duration,
-) {
+async fn closing(rx: &mut CloseSignal) -> (Duration, tokio::time::Instant) {
+    match rx
+        .wait_for(|s| matches!(s, ListenerState::Closing { .. }))
+        .await
+    {
+        Ok(s) => match *s {
+            ListenerState::Closing { spread, deadline } => (spread, deadline),
+            ListenerState::Serving => unreachable!("waited for Closing"),
+        },
+        // The app is gone: close now.
+        Err(_) => (Duration::ZERO, tokio::time::Instant::now()),
+    }
+}
+
+/// Decrements the connection gauge however the connection task ends.
+struct ConnGauge(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for ConnGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Serves `listener` until told to close.
+pub async fn serve(listener: TcpListener, name: Arc<str>, app: Arc<App>, mut close: CloseSignal) {
     let builder = builder();
-    let graceful = GracefulShutdown::new();
     let mut conns = JoinSet::new();
-    loop {
+    let gauge = app
+        .metrics
+        .downstream_connections
+        .get_or_create(&ListenerLabels {
+            listener: name.to_string(),
+        })
+        .clone();
+    let deadline = loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -55,27 +83,48 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                gauge.inc();
+                let guard = ConnGauge(gauge.clone());
                 let info = Arc::new(ConnInfo { listener: name.clone(), client: peer });
-                let proxy = proxy.clone();
-                let svc = service_fn(move |req| forward::handle(proxy.clone(), info.clone(), req));
+                let app2 = app.clone();
+                let svc = service_fn(move |req| forward::handle(app2.proxy(), info.clone(), req));
                 let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-                let conn = graceful.watch(conn);
+                let mut close = close.clone();
                 conns.spawn(async move {
+                    let _guard = guard;
+                    tokio::pin!(conn);
+                    let asked = async {
+                        let (spread, _) = closing(&mut close).await;
+                        let wait = if spread.is_zero() {
+                            Duration::ZERO
+                        } else {
+                            spread.mul_f64(rand::rng().random_range(0.0..1.0))
+                        };
+                        tokio::time::sleep(wait).await;
+                    };
+                    tokio::select! {
+                        res = conn.as_mut() => {
+                            if let Err(e) = res {
+                                tracing::debug!(client = %peer, error = %e, "client connection ended with error");
+                            }
+                            return;
+                        }
+                        _ = asked => conn.as_mut().graceful_shutdown(),
+                    }
                     if let Err(e) = conn.await {
-                        tracing::debug!(client = %peer, error = %e, "client connection ended with error");
+                        tracing::debug!(client = %peer, error = %e, "client connection ended with error while closing");
                     }
                 });
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+            (_, deadline) = closing(&mut close) => break deadline,
         }
-    }
+    };
     drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(drain_deadline) => {
-            tracing::warn!(listener = %name, remaining = conns.len(), "drain deadline passed; closing remaining connections");
-        }
+    let all_done = async { while conns.join_next().await.is_some() {} };
+    if tokio::time::timeout_at(deadline, all_done).await.is_err() {
+        tracing::warn!(listener = %name, remaining = conns.len(), "drain deadline passed; closing remaining connections");
     }
     conns.shutdown().await;
+    tracing::info!(listener = %name, "listener closed");
 }

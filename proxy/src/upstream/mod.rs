@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 
 use crate::config::{Service, Snapshot};
+use crate::metrics::Metrics;
 pub use gateway::Gateway;
 pub use pool::{Lease, Pool, PoolStats};
 
@@ -45,6 +46,33 @@ pub enum UpstreamError {
     PoolTimeout(std::time::Duration),
 }
 
+/// Everything that decides what a pooled connection is: two services with equal keys could share
+/// connections, and a reload keeps a pool whose key did not change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolKey {
+    pub service: String,
+    pub sni: String,
+    pub protocol: crate::config::UpstreamProtocol,
+    pub expected_server: crate::identity::ExpectedServer,
+    pub identity: [u8; 32],
+    pub gateway: crate::config::HostPort,
+    pub settings: crate::config::UpstreamSettings,
+}
+
+impl PoolKey {
+    pub fn new(snapshot: &Snapshot, service: &Service) -> PoolKey {
+        PoolKey {
+            service: service.name.clone(),
+            sni: service.sni.clone(),
+            protocol: service.protocol,
+            expected_server: service.expected_server.clone(),
+            identity: snapshot.identity.fingerprint,
+            gateway: snapshot.gateway.clone(),
+            settings: snapshot.upstream.clone(),
+        }
+    }
+}
+
 /// The upstream side of one config snapshot: a gateway resolver and a pool per service.
 pub struct Upstream {
     pub gateway: Arc<Gateway>,
@@ -52,17 +80,32 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(snapshot: &Snapshot, gateway: Arc<Gateway>) -> Upstream {
+    /// Builds the pools for `snapshot`, taking over those of `previous` whose key is unchanged
+    /// (their connections stay warm across a reload). Pools not taken over are dropped: their
+    /// connections close once their in-flight requests finish.
+    pub fn new(
+        snapshot: &Snapshot,
+        gateway: Arc<Gateway>,
+        metrics: Arc<Metrics>,
+        previous: Option<&Upstream>,
+    ) -> Upstream {
         let pools = snapshot
             .services
             .iter()
             .map(|s| {
-                Pool::new(
-                    s.clone(),
-                    &snapshot.identity,
-                    snapshot.upstream.clone(),
-                    gateway.clone(),
-                )
+                let key = PoolKey::new(snapshot, s);
+                previous
+                    .and_then(|p| p.pools.iter().find(|pool| *pool.key() == key))
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        Pool::new(
+                            key,
+                            s.clone(),
+                            &snapshot.identity,
+                            gateway.clone(),
+                            metrics.clone(),
+                        )
+                    })
             })
             .collect();
         Upstream { gateway, pools }

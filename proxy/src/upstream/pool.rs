@@ -43,6 +43,7 @@ use super::connect::{connect, TlsParams};
 use super::{Gateway, RequestBody, UpstreamError};
 use crate::config::{Service, UpstreamProtocol, UpstreamSettings};
 use crate::identity::Identity;
+use crate::metrics::Metrics;
 
 struct H2Conn {
     id: u64,
@@ -104,7 +105,11 @@ pub struct ConnStats {
 }
 
 pub struct Pool {
+    key: super::PoolKey,
+    /// The service as configured in the snapshot that last took this pool over. Only names and
+    /// protocol are read from it, and those are part of the key.
     service: Arc<Service>,
+    metrics: Arc<Metrics>,
     tls: TlsParams,
     gateway: Arc<Gateway>,
     settings: UpstreamSettings,
@@ -137,21 +142,28 @@ impl Drop for WaiterGuard<'_> {
 
 impl Pool {
     pub fn new(
+        key: super::PoolKey,
         service: Arc<Service>,
         identity: &Identity,
-        settings: UpstreamSettings,
         gateway: Arc<Gateway>,
+        metrics: Arc<Metrics>,
     ) -> Arc<Pool> {
         let tls = TlsParams::new(identity, &service);
         Arc::new(Pool {
+            settings: key.settings.clone(),
+            key,
             service,
+            metrics,
             tls,
             gateway,
-            settings,
             state: Mutex::new(State::default()),
             waiters: AtomicUsize::new(0),
             changed: Notify::new(),
         })
+    }
+
+    pub fn key(&self) -> &super::PoolKey {
+        &self.key
     }
 
     pub fn service(&self) -> &Arc<Service> {
@@ -345,7 +357,10 @@ impl Pool {
     }
 
     async fn dial_task(self: Arc<Self>) {
+        let started = Instant::now();
         let result = self.dial().await;
+        self.metrics
+            .record_connect(&self.service.name, result.is_ok(), started.elapsed());
         {
             let mut st = self.lock();
             st.dialing -= 1;

@@ -95,6 +95,8 @@ pub struct EnvBuilder {
     identity: Option<IdentityFn>,
     /// Overrides the gateway address meshgate is given (default: the mesh's gateway).
     gateway: Option<String>,
+    /// Extra top-level YAML (admin, drain, reload, ...).
+    extra: String,
 }
 
 impl Default for EnvBuilder {
@@ -105,6 +107,7 @@ impl Default for EnvBuilder {
             upstream: "upstream:\n  connect_timeout: 2s\n  handshake_timeout: 5s\n  request_timeout: 20s\n".into(),
             identity: None,
             gateway: None,
+            extra: String::new(),
         }
     }
 }
@@ -122,6 +125,15 @@ impl EnvBuilder {
     /// Replaces the `upstream:` section.
     pub fn upstream(mut self, yaml: &str) -> Self {
         self.upstream = yaml.to_string();
+        self
+    }
+    /// Serves the admin API on a loopback port (see [`Env::admin_addr`]).
+    pub fn admin(self) -> Self {
+        self.extra("admin:\n  bind: 127.0.0.1:0\n")
+    }
+    /// Appends top-level YAML sections to the config.
+    pub fn extra(mut self, yaml: &str) -> Self {
+        self.extra.push_str(yaml);
         self
     }
     /// Points meshgate at another gateway address (`host:port`).
@@ -152,10 +164,11 @@ impl EnvBuilder {
         std::fs::write(dir.path().join("key.pem"), key)?;
         std::fs::write(dir.path().join("root-cert.pem"), root)?;
         let config = format!(
-            "listeners:\n  - name: vm\n    bind: 127.0.0.1:0\n    protocol: http\nmesh:\n  trust_domain: {TD}\n  gateway: {gw}\n  identity:\n    cert_chain: cert-chain.pem\n    key: key.pem\n    root_cert: root-cert.pem\n{body}{up}",
+            "listeners:\n  - name: vm\n    bind: 127.0.0.1:0\n    protocol: http\nmesh:\n  trust_domain: {TD}\n  gateway: {gw}\n  identity:\n    cert_chain: cert-chain.pem\n    key: key.pem\n    root_cert: root-cert.pem\n{body}{up}{extra}",
             gw = self.gateway.unwrap_or_else(|| mesh.gateway_addr().to_string()),
             body = self.body,
             up = self.upstream,
+            extra = self.extra,
         );
         let config_path = dir.path().join("meshgate.yaml");
         std::fs::write(&config_path, &config)?;
@@ -178,6 +191,16 @@ impl Env {
 
     pub fn addr(&self) -> SocketAddr {
         self.gate.first_addr()
+    }
+
+    /// The admin API address; panics unless built with [`EnvBuilder::admin`].
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.gate.admin.expect("EnvBuilder::admin() was not called")
+    }
+
+    /// A plain GET on the admin API: (status, body).
+    pub async fn admin_get(&self, path: &str) -> anyhow::Result<(StatusCode, String)> {
+        admin_request(self.admin_addr(), http::Method::GET, path).await
     }
 
     /// An HTTP/1.1 client connected from `src`.
@@ -238,6 +261,22 @@ enum Sender {
 /// A client connection to meshgate from a chosen source address.
 pub struct Client {
     sender: Sender,
+}
+
+/// One request to an admin API at `addr`: (status, body).
+pub async fn admin_request(
+    addr: SocketAddr,
+    method: http::Method,
+    path: &str,
+) -> anyhow::Result<(StatusCode, String)> {
+    let mut c = Client::connect(addr, "127.0.0.1".parse()?, false).await?;
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string())
+        .body(Full::new(Bytes::new()))?;
+    let r = c.send(req).await?;
+    Ok((r.status, r.text()))
 }
 
 pub async fn connect_from(dst: SocketAddr, src: IpAddr) -> anyhow::Result<tokio::net::TcpStream> {

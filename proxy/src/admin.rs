@@ -1,0 +1,238 @@
+//! The admin server (axum), on its own bind, never on a VM-facing listener:
+//! `GET /healthz`, `GET /readyz`, `GET /metrics`, `GET /config`, `GET /pool`,
+//! `POST /reload`, `POST /drain`. The two POSTs require `Authorization: Bearer <token>` when
+//! `admin.token_file` is set.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+use sha2::Digest;
+use tokio::net::TcpListener;
+
+use crate::app::{pool_rows, App};
+use crate::config::Snapshot;
+use crate::identity::rfc3339;
+use crate::policy::Allow;
+
+pub async fn serve(listener: TcpListener, app: Arc<App>) {
+    let router = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/config", get(config))
+        .route("/pool", get(pool))
+        .route("/reload", post(reload))
+        .route("/drain", post(drain))
+        .with_state(app);
+    if let Err(e) = axum::serve(listener, router).await {
+        tracing::error!(error = %e, "admin server stopped");
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+/// Compares digests so the comparison time does not depend on how much of the token matched.
+fn authorized(app: &App, headers: &HeaderMap) -> bool {
+    let proxy = app.proxy();
+    let Some(token) = proxy.snapshot.admin.as_ref().and_then(|a| a.token.as_ref()) else {
+        return true;
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    sha2::Sha256::digest(presented.trim().as_bytes()) == sha2::Sha256::digest(token.as_bytes())
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    match app.not_ready_reason() {
+        None => {
+            app.metrics.ready.set(1);
+            text(StatusCode::OK, "ready\n".into())
+        }
+        Some(r) => {
+            app.metrics.ready.set(0);
+            text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {r}\n"))
+        }
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let proxy = app.proxy();
+    app.metrics.set_pools(&pool_rows(&proxy));
+    app.metrics
+        .ready
+        .set(i64::from(app.not_ready_reason().is_none()));
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn reload(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if !authorized(&app, &headers) {
+        return text(StatusCode::UNAUTHORIZED, "admin token required\n".into());
+    }
+    match app.reload().await {
+        Ok(()) => text(StatusCode::OK, "reloaded\n".into()),
+        Err(errs) => text(StatusCode::BAD_REQUEST, format!("{errs}\n")),
+    }
+}
+
+async fn drain(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if !authorized(&app, &headers) {
+        return text(StatusCode::UNAUTHORIZED, "admin token required\n".into());
+    }
+    let started = !app.lifecycle.is_draining();
+    let a = app.clone();
+    // The drain outlives this request; the instance stays up (admin included) once drained, so
+    // a supervisor restart does not bring it back into rotation while it is being removed.
+    tokio::spawn(async move { a.drain().await });
+    text(
+        StatusCode::ACCEPTED,
+        if started {
+            "draining\n"
+        } else {
+            "already draining\n"
+        }
+        .into(),
+    )
+}
+
+async fn pool(State(app): State<Arc<App>>) -> Response {
+    let proxy = app.proxy();
+    let pools: Vec<Value> = proxy
+        .upstream
+        .pools()
+        .iter()
+        .map(|p| {
+            let s = p.stats();
+            json!({
+                "service": s.service,
+                "gateway": proxy.upstream.gateway.target().to_string(),
+                "dialing": s.dialing,
+                "connects_ok": s.connects_ok,
+                "connects_failed": s.connects_failed,
+                "connections": s.connections.iter().map(|c| json!({
+                    "id": c.id,
+                    "gateway_address": c.gateway.to_string(),
+                    "age_seconds": c.age.as_secs_f64(),
+                    "streams_in_use": c.streams_in_use,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    axum::Json(json!({ "pools": pools })).into_response()
+}
+
+async fn config(State(app): State<Arc<App>>) -> Response {
+    axum::Json(effective_config(&app.proxy().snapshot)).into_response()
+}
+
+/// The running config as JSON, with secrets (key hashes, key and token paths) redacted.
+pub fn effective_config(s: &Snapshot) -> Value {
+    let services: serde_json::Map<String, Value> = s
+        .services
+        .iter()
+        .map(|svc| {
+            (
+                svc.name.clone(),
+                json!({
+                    "host": svc.host,
+                    "port": svc.port,
+                    "protocol": format!("{:?}", svc.protocol).to_lowercase(),
+                    "subset": svc.subset,
+                    "identity": svc.expected_server.to_string(),
+                    "aliases": svc.aliases,
+                    "sni": svc.sni,
+                }),
+            )
+        })
+        .collect();
+    let tenants: serde_json::Map<String, Value> = s
+        .tenants
+        .iter()
+        .map(|t| {
+            let allow = match &t.allow {
+                Allow::All => vec!["*".to_string()],
+                Allow::Services(v) => s
+                    .services
+                    .iter()
+                    .filter(|svc| v[svc.id])
+                    .map(|svc| svc.name.clone())
+                    .collect(),
+            };
+            (
+                t.name.clone(),
+                json!({
+                    "sources": t.sources.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+                    "api_keys": t.key_hashes.iter().map(|_| "<redacted>").collect::<Vec<_>>(),
+                    "allow": allow,
+                }),
+            )
+        })
+        .collect();
+    let u = &s.upstream;
+    json!({
+        "path": s.path.display().to_string(),
+        "listeners": s.listeners.iter().map(|l| json!({
+            "name": l.name, "bind": l.bind.to_string(), "protocol": format!("{:?}", l.protocol).to_lowercase(),
+        })).collect::<Vec<_>>(),
+        "admin": s.admin.as_ref().map(|a| json!({
+            "bind": a.bind.to_string(),
+            "token": a.token.as_ref().map(|_| "<redacted>"),
+        })),
+        "mesh": {
+            "trust_domain": s.trust_domain,
+            "gateway": s.gateway.to_string(),
+            "gateway_refresh_seconds": s.gateway_refresh.as_secs_f64(),
+            "identity": {
+                "spiffe_id": s.identity.spiffe_id,
+                "not_after": rfc3339(s.identity.not_after),
+                "cert_chain": s.identity.paths.cert_chain.display().to_string(),
+                "key": "<redacted>",
+                "root_cert": s.identity.paths.root_cert.display().to_string(),
+            },
+        },
+        "services": services,
+        "tenants": tenants,
+        "api_key_header": s.api_key_header.as_str(),
+        "upstream": {
+            "connect_timeout_seconds": u.connect_timeout.as_secs_f64(),
+            "handshake_timeout_seconds": u.handshake_timeout.as_secs_f64(),
+            "request_timeout_seconds": u.request_timeout.as_secs_f64(),
+            "idle_timeout_seconds": u.idle_timeout.as_secs_f64(),
+            "max_connection_age_seconds": u.max_connection_age.as_secs_f64(),
+            "max_connection_age_jitter": u.max_connection_age_jitter,
+            "min_connections": u.min_connections,
+            "max_connections": u.max_connections,
+            "target_streams_per_connection": u.target_streams_per_connection,
+            "max_streams_per_connection": u.max_streams_per_connection,
+            "http1_max_connections": u.http1_max_connections,
+        },
+        "drain": {
+            "delay_seconds": s.drain.delay.as_secs_f64(),
+            "spread_seconds": s.drain.spread.as_secs_f64(),
+            "timeout_seconds": s.drain.timeout.as_secs_f64(),
+        },
+        "reload": { "watch": s.reload.watch, "interval_seconds": s.reload.interval.as_secs_f64() },
+    })
+}

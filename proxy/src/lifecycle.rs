@@ -1,0 +1,89 @@
+//! Readiness and drain state, and the close signal listeners obey.
+//!
+//! Drain is proactive and gradual (DESIGN.md §6): readiness goes off first so the load balancer
+//! stops sending new clients; listeners keep serving for `drain.delay`; then each client
+//! connection is asked to go (HTTP/2 GOAWAY, `Connection: close` on HTTP/1.1) at a random moment
+//! within `drain.spread`, so clients do not reconnect in one wave; whatever is still open at
+//! `drain.timeout` is cut.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// What a listener is asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerState {
+    Serving,
+    /// Stop accepting; ask each connection to close at a random moment within `spread`;
+    /// cut what remains at `deadline`.
+    Closing {
+        spread: Duration,
+        deadline: Instant,
+    },
+}
+
+pub type CloseSignal = watch::Receiver<ListenerState>;
+
+#[derive(Debug, Default)]
+pub struct Lifecycle {
+    draining: AtomicBool,
+}
+
+impl Lifecycle {
+    /// Marks the instance as draining; true only for the call that started it.
+    pub fn begin_drain(&self) -> bool {
+        !self.draining.swap(true, Ordering::SeqCst)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Why the instance is not ready, if it is not.
+    pub fn not_ready_reason(
+        &self,
+        identity_not_after: SystemTime,
+        now: SystemTime,
+    ) -> Option<String> {
+        if self.is_draining() {
+            return Some("draining".into());
+        }
+        if now >= identity_not_after {
+            return Some(format!(
+                "workload identity expired at {}",
+                crate::identity::rfc3339(identity_not_after)
+            ));
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drain_starts_once_and_turns_readiness_off() {
+        let l = Lifecycle::default();
+        let later = SystemTime::now() + Duration::from_secs(3600);
+        assert_eq!(l.not_ready_reason(later, SystemTime::now()), None);
+        assert!(l.begin_drain());
+        assert!(!l.begin_drain());
+        assert_eq!(
+            l.not_ready_reason(later, SystemTime::now()).as_deref(),
+            Some("draining")
+        );
+    }
+
+    #[test]
+    fn expired_identity_is_not_ready() {
+        let l = Lifecycle::default();
+        let past = SystemTime::now() - Duration::from_secs(1);
+        assert!(l
+            .not_ready_reason(past, SystemTime::now())
+            .unwrap()
+            .contains("expired"));
+    }
+}
