@@ -34,10 +34,28 @@ pub struct Proxy {
 }
 
 /// Facts about the client connection a request arrived on.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ConnInfo {
     pub listener: Arc<str>,
     pub client: SocketAddr,
+    /// Set when the listener drains: HTTP/1.1 responses then carry `Connection: close`, so the
+    /// client closes after a complete response instead of racing a close of an idle connection.
+    pub closing: std::sync::atomic::AtomicBool,
+    /// Requests seen, and whether they came as HTTP/2 (which drains with GOAWAY instead).
+    pub requests: AtomicU64,
+    pub is_h2: std::sync::atomic::AtomicBool,
+}
+
+impl ConnInfo {
+    pub fn new(listener: Arc<str>, client: SocketAddr) -> ConnInfo {
+        ConnInfo {
+            listener,
+            client,
+            closing: Default::default(),
+            requests: AtomicU64::new(0),
+            is_h2: Default::default(),
+        }
+    }
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -326,6 +344,11 @@ pub async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let started = Instant::now();
     proxy.metrics.requests_in_flight.inc();
+    conn.requests.fetch_add(1, Ordering::Relaxed);
+    let h1 = req.version() < Version::HTTP_2;
+    if !h1 {
+        conn.is_h2.store(true, Ordering::Relaxed);
+    }
     let request_id = req
         .headers()
         .get(&X_REQUEST_ID)
@@ -377,6 +400,10 @@ pub async fn handle(
         }
     };
     resp.body_mut().log = Some(log);
+    if h1 && conn.closing.load(Ordering::SeqCst) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     Ok(resp)
 }
 

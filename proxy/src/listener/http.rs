@@ -85,32 +85,53 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, app: Arc<App>, mut clo
                 let _ = stream.set_nodelay(true);
                 gauge.inc();
                 let guard = ConnGauge(gauge.clone());
-                let info = Arc::new(ConnInfo { listener: name.clone(), client: peer });
+                let info = Arc::new(ConnInfo::new(name.clone(), peer));
                 let app2 = app.clone();
-                let svc = service_fn(move |req| forward::handle(app2.proxy(), info.clone(), req));
+                let conn_info = info.clone();
+                let svc = service_fn(move |req| forward::handle(app2.proxy(), conn_info.clone(), req));
                 let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
                 let mut close = close.clone();
                 conns.spawn(async move {
                     let _guard = guard;
                     tokio::pin!(conn);
                     let asked = async {
-                        let (spread, _) = closing(&mut close).await;
+                        let (spread, deadline) = closing(&mut close).await;
                         let wait = if spread.is_zero() {
                             Duration::ZERO
                         } else {
                             spread.mul_f64(rand::rng().random_range(0.0..1.0))
                         };
                         tokio::time::sleep(wait).await;
+                        deadline
                     };
-                    tokio::select! {
+                    let deadline = tokio::select! {
                         res = conn.as_mut() => {
                             if let Err(e) = res {
                                 tracing::debug!(client = %peer, error = %e, "client connection ended with error");
                             }
                             return;
                         }
-                        _ = asked => conn.as_mut().graceful_shutdown(),
+                        deadline = asked => deadline,
+                    };
+                    info.closing.store(true, std::sync::atomic::Ordering::SeqCst);
+                    let h1_in_use = !info.is_h2.load(std::sync::atomic::Ordering::Relaxed)
+                        && info.requests.load(std::sync::atomic::Ordering::Relaxed) > 0;
+                    if h1_in_use {
+                        // Closing an idle keep-alive connection races the client's next request;
+                        // instead its next response says `Connection: close`. Only a connection
+                        // still idle at the deadline is closed under it.
+                        tokio::select! {
+                            res = conn.as_mut() => {
+                                if let Err(e) = res {
+                                    tracing::debug!(client = %peer, error = %e, "client connection ended with error while closing");
+                                }
+                                return;
+                            }
+                            _ = tokio::time::sleep_until(deadline) => {}
+                        }
                     }
+                    // HTTP/2: GOAWAY, streams in flight finish. HTTP/1.1: closes once idle.
+                    conn.as_mut().graceful_shutdown();
                     if let Err(e) = conn.await {
                         tracing::debug!(client = %peer, error = %e, "client connection ended with error while closing");
                     }

@@ -258,6 +258,18 @@ enum Sender {
     H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
 }
 
+/// The request never left: the HTTP/2 connection was going away (GOAWAY) or closed.
+#[derive(Debug)]
+pub struct NotSent;
+
+impl std::fmt::Display for NotSent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("request not sent: connection going away")
+    }
+}
+
+impl std::error::Error for NotSent {}
+
 /// A client connection to meshgate from a chosen source address.
 pub struct Client {
     sender: Sender,
@@ -307,7 +319,13 @@ impl Client {
                     s.ready().await?;
                     s.send_request(req).await?
                 }
-                Sender::H2(s) => s.send_request(req).await?,
+                Sender::H2(s) => match s.try_send_request(req).await {
+                    Ok(r) => r,
+                    // hyper hands the request back when it never left: the connection got
+                    // GOAWAY. A client honouring GOAWAY moves on; callers can tell by type.
+                    Err(e) if e.message().is_some() => return Err(NotSent.into()),
+                    Err(e) => return Err(e.into_error().into()),
+                },
             };
             let (parts, body) = resp.into_parts();
             let body = body.collect().await?.to_bytes();
@@ -320,5 +338,150 @@ impl Client {
         tokio::time::timeout(CLIENT_TIMEOUT, fut)
             .await
             .context("client request timed out")?
+    }
+}
+
+/// Steady traffic for tests of changes under load: `workers` keep-alive HTTP/1.1 clients sending
+/// GETs back to back. Every non-200 or error is recorded. A worker whose connection is closed by
+/// meshgate (`Connection: close`) reconnects, unless `lb_removed` is set — the way a load
+/// balancer stops sending new connections to an instance whose readiness went off.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub lb_removed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failures: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, src: &str, host: &str, path: &str, workers: usize) -> Load {
+        Self::start_with(addr, src, host, path, workers, false)
+    }
+
+    /// Like [`Load::start`]; `h2` makes every worker an h2c client (which honours GOAWAY).
+    pub fn start_with(
+        addr: SocketAddr,
+        src: &str,
+        host: &str,
+        path: &str,
+        workers: usize,
+        h2: bool,
+    ) -> Load {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+        let stop = Arc::new(AtomicBool::new(false));
+        let lb_removed = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = tokio::task::JoinSet::new();
+        let src: IpAddr = src.parse().expect("source address");
+        for _ in 0..workers {
+            let (stop, lb_removed, ok, failures) = (
+                stop.clone(),
+                lb_removed.clone(),
+                ok.clone(),
+                failures.clone(),
+            );
+            let (host, path) = (host.to_string(), path.to_string());
+            tasks.spawn(async move {
+                let mut client: Option<Client> = None;
+                while !stop.load(Ordering::SeqCst) {
+                    if client.is_none() {
+                        if lb_removed.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        match Client::connect(addr, src, h2).await {
+                            Ok(c) => client = Some(c),
+                            Err(e) => {
+                                failures.lock().unwrap().push(format!("connect: {e}"));
+                                return;
+                            }
+                        }
+                    }
+                    let c = client.as_mut().expect("connected above");
+                    let req = if h2 {
+                        Request::get(format!("http://{host}{path}"))
+                    } else {
+                        Request::get(path.as_str()).header("host", host.as_str())
+                    };
+                    let req = req.body(Full::new(Bytes::new())).expect("valid request");
+                    match c.send(req).await {
+                        Ok(r) if r.status == StatusCode::OK => {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                            let closing = r
+                                .headers
+                                .get(http::header::CONNECTION)
+                                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+                            if closing {
+                                client = None;
+                            }
+                        }
+                        Ok(r) => {
+                            failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("{} {}", r.status, r.text()))
+                        }
+                        Err(e) if e.is::<NotSent>() => client = None,
+                        Err(e) => {
+                            failures.lock().unwrap().push(format!("request: {e:#}"));
+                            client = None;
+                        }
+                    }
+                }
+            });
+        }
+        Load {
+            stop,
+            lb_removed,
+            ok,
+            failures,
+            tasks,
+        }
+    }
+
+    pub fn ok(&self) -> u64 {
+        self.ok.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` more requests have succeeded (bounded; panics on timeout).
+    pub async fn wait_for_more(&self, n: u64) {
+        let target = self.ok() + n;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.ok() < target {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "load stalled at {} requests",
+                self.ok()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops the workers; returns (succeeded, failures).
+    pub async fn finish(mut self) -> (u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        while self.tasks.join_next().await.is_some() {}
+        let f = self.failures.lock().unwrap().clone();
+        (self.ok(), f)
+    }
+}
+
+/// Polls `f` every 20 ms until it returns true, failing after `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
