@@ -362,3 +362,45 @@ async fn expired_identity_turns_readiness_off() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn reload_moves_a_listener_new_bound_old_drained() {
+    let env = EnvBuilder::default()
+        .extra("reload:\n  watch: false\ndrain:\n  delay: 1s\n  spread: 1s\n  timeout: 5s\n")
+        .start()
+        .await
+        .unwrap();
+    let old = env.addr();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    let text = text.replace("bind: 127.0.0.1:0", &format!("bind: 127.0.0.1:{port}"));
+    std::fs::write(&env.config_path, text).unwrap();
+    env.gate.app.reload().await.unwrap();
+    let now = env.gate.app.listener_addrs().await;
+    assert_eq!(
+        now,
+        vec![(
+            "vm".to_string(),
+            format!("127.0.0.1:{port}").parse().unwrap()
+        )]
+    );
+    let mut c = Client::connect(now[0].1, BILLING_IP.parse().unwrap(), false)
+        .await
+        .unwrap();
+    let req = http::Request::get("/")
+        .header("host", host("reviews"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(c.send(req).await.unwrap().status, 200);
+    // The old listener stops accepting once drained.
+    eventually(
+        Duration::from_secs(10),
+        "the old listener to close",
+        || async { tokio::net::TcpStream::connect(old).await.is_err() },
+    )
+    .await;
+}
