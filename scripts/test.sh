@@ -16,10 +16,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+  # The package starts its own Prometheus service where an init system runs; the tests start
+  # theirs on loopback ports, so stop the one we just installed.
+  if [[ " ${need_apt[*]} " == *" prometheus "* ]]; then
+    service prometheus stop >/dev/null 2>&1 || pkill -x -u prometheus prometheus 2>/dev/null || true
+  fi
 fi
-# The Debian package starts a Prometheus service where an init system runs; the tests start
-# their own on loopback ports, so a packaged one is not wanted.
-pkill -x prometheus 2>/dev/null || true
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

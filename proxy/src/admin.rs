@@ -35,12 +35,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
 }
 
 fn text(status: StatusCode, body: String) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        body,
-    )
-        .into_response()
+    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
 }
 
 /// Compares digests so the comparison time does not depend on how much of the token matched.
@@ -72,17 +67,15 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     let proxy = app.proxy();
-    app.metrics.set_pools(&pool_rows(&proxy));
-    app.metrics
-        .ready
-        .set(i64::from(app.not_ready_reason().is_none()));
+    app.metrics.ready.set(i64::from(app.not_ready_reason().is_none()));
+    let rows = pool_rows(&proxy);
     (
         StatusCode::OK,
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        app.metrics.encode(),
+        app.metrics.encode_with_pools(Some(&rows)),
     )
         .into_response()
 }
@@ -108,12 +101,7 @@ async fn drain(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     tokio::spawn(async move { a.drain().await });
     text(
         StatusCode::ACCEPTED,
-        if started {
-            "draining\n"
-        } else {
-            "already draining\n"
-        }
-        .into(),
+        if started { "draining\n" } else { "already draining\n" }.into(),
     )
 }
 

@@ -39,8 +39,18 @@ struct State {
     gateway_refresh: AbortHandle,
 }
 
+/// Polls a key may stay mismatched with its certificate before that counts as a failure.
+pub const MISMATCH_POLLS: u32 = 5;
+
+#[derive(Default)]
+struct IdentityWatch {
+    last_sig: Option<[u8; 32]>,
+    mismatch_polls: u32,
+}
+
 pub struct App {
     config_path: PathBuf,
+    identity_watch: std::sync::Mutex<IdentityWatch>,
     current: ArcSwap<Proxy>,
     pub metrics: Arc<Metrics>,
     pub lifecycle: Lifecycle,
@@ -59,10 +69,7 @@ pub struct Bound {
 
 impl Bound {
     pub fn addr(&self, listener: &str) -> Option<SocketAddr> {
-        self.listeners
-            .iter()
-            .find(|(n, _)| n == listener)
-            .map(|(_, a)| *a)
+        self.listeners.iter().find(|(n, _)| n == listener).map(|(_, a)| *a)
     }
 
     /// The first listener's address (most configs have one).
@@ -78,9 +85,7 @@ impl Bound {
 
     /// Stops at once: listeners close, in-flight requests are cut. For tests and the demo.
     pub async fn abort(self) {
-        self.app
-            .close_listeners(Duration::ZERO, Duration::ZERO)
-            .await;
+        self.app.close_listeners(Duration::ZERO, Duration::ZERO).await;
         self.app.stop_background();
     }
 }
@@ -179,14 +184,9 @@ impl App {
         // whole reload and leaves the running config untouched.
         let mut fresh = Vec::new();
         for l in &new.listeners {
-            let same = state
-                .listeners
-                .iter()
-                .any(|r| r.name == l.name && r.bind == l.bind);
+            let same = state.listeners.iter().any(|r| r.name == l.name && r.bind == l.bind);
             if !same {
-                let tcp = bind(l)
-                    .await
-                    .map_err(|m| bind_error(&self.config_path, m))?;
+                let tcp = bind(l).await.map_err(|m| bind_error(&self.config_path, m))?;
                 fresh.push((l.clone(), tcp));
             }
         }
@@ -201,8 +201,7 @@ impl App {
                 tracing::warn!(gateway = %new.gateway, error = %e, "cannot resolve new gateway yet; will retry");
             }
             state.gateway_refresh.abort();
-            state.gateway_refresh =
-                self.spawn_background(g.clone().refresh_loop(new.gateway_refresh));
+            state.gateway_refresh = self.spawn_background(g.clone().refresh_loop(new.gateway_refresh));
             g
         };
         self.install(new, gateway, Some(&old.upstream));
@@ -210,11 +209,7 @@ impl App {
         let snapshot = self.current.load().snapshot.clone();
         let mut keep = Vec::new();
         for r in state.listeners.drain(..) {
-            if snapshot
-                .listeners
-                .iter()
-                .any(|l| l.name == r.name && l.bind == r.bind)
-            {
+            if snapshot.listeners.iter().any(|l| l.name == r.name && l.bind == r.bind) {
                 keep.push(r);
             } else {
                 tracing::info!(listener = %r.name, addr = %r.addr, "listener removed or moved: draining the old one");
@@ -234,12 +229,7 @@ impl App {
 
     /// Swaps in a new snapshot, taking over unchanged pools from `previous`.
     fn install(&self, snapshot: Snapshot, gateway: Arc<Gateway>, previous: Option<&Upstream>) {
-        let upstream = Arc::new(Upstream::new(
-            &snapshot,
-            gateway,
-            self.metrics.clone(),
-            previous,
-        ));
+        let upstream = Arc::new(Upstream::new(&snapshot, gateway, self.metrics.clone(), previous));
         self.set_identity_metrics(&snapshot);
         self.current.store(Arc::new(Proxy {
             snapshot: Arc::new(snapshot),
@@ -248,21 +238,41 @@ impl App {
         }));
     }
 
-    /// Loads the identity files again; installs them if they form a valid identity that differs
-    /// from the running one. A key that does not match its cert is taken as a rotation caught
-    /// half-way (files are written one at a time) and ignored until the pair is consistent.
+    /// Loads the identity files again if their contents changed; installs them if they form a
+    /// valid identity that differs from the running one. A key that does not match its cert is
+    /// taken as a rotation caught half-way (files are written one at a time) and ignored until
+    /// the pair is consistent; if it stays inconsistent for [`MISMATCH_POLLS`] polls it is
+    /// reported as a failed reload.
     pub async fn reload_identity(self: &Arc<Self>) -> Result<bool, IdentityError> {
         let _state = self.state.lock().await;
         let old = self.current.load_full();
         let snap = &old.snapshot;
-        let identity = match Identity::load(
-            &snap.identity.paths,
-            &snap.trust_domain,
-            SystemTime::now(),
-        ) {
+        let paths = &snap.identity.paths;
+        let sig = files_signature(&[&paths.cert_chain, &paths.key, &paths.root_cert]);
+        {
+            let mut w = self.identity_watch.lock().unwrap_or_else(|e| e.into_inner());
+            if w.last_sig == Some(sig) {
+                if w.mismatch_polls > 0 {
+                    w.mismatch_polls += 1;
+                    if w.mismatch_polls == MISMATCH_POLLS {
+                        Metrics::record_reload(&self.metrics.identity_reloads, false);
+                        tracing::error!(key = %paths.key.display(), cert = %paths.cert_chain.display(),
+                            "identity key still does not match its certificate; keeping the running identity");
+                    }
+                }
+                return Ok(false);
+            }
+            w.last_sig = Some(sig);
+            w.mismatch_polls = 0;
+        }
+        let identity = match Identity::load(paths, &snap.trust_domain, SystemTime::now()) {
             Ok(i) => i,
             Err(e @ IdentityError::KeyMismatch { .. }) => {
                 tracing::debug!(error = %e, "identity files mid-rotation; waiting for a consistent pair");
+                self.identity_watch
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .mismatch_polls = 1;
                 return Err(e);
             }
             Err(e) => {
@@ -319,21 +329,12 @@ impl App {
         }
     }
 
-    fn spawn_background(
-        &self,
-        f: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> AbortHandle {
-        self.background
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .spawn(f)
+    fn spawn_background(&self, f: impl std::future::Future<Output = ()> + Send + 'static) -> AbortHandle {
+        self.background.lock().unwrap_or_else(|e| e.into_inner()).spawn(f)
     }
 
     fn stop_background(&self) {
-        self.background
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .abort_all();
+        self.background.lock().unwrap_or_else(|e| e.into_inner()).abort_all();
     }
 }
 
@@ -386,12 +387,7 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Bound> {
         tracing::warn!(gateway = %snapshot.gateway, error = %e, "cannot resolve gateway yet; will retry");
     }
     let metrics = Arc::new(Metrics::new());
-    let upstream = Arc::new(Upstream::new(
-        &snapshot,
-        gateway.clone(),
-        metrics.clone(),
-        None,
-    ));
+    let upstream = Arc::new(Upstream::new(&snapshot, gateway.clone(), metrics.clone(), None));
     metrics.set_identity(&snapshot.identity.spiffe_id, snapshot.identity.not_after);
     let mut tcp = Vec::new();
     for l in &snapshot.listeners {
@@ -409,6 +405,7 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Bound> {
     let listeners_cfg = snapshot.listeners.clone();
     let app = Arc::new(App {
         config_path,
+        identity_watch: Default::default(),
         current: ArcSwap::from_pointee(Proxy {
             snapshot: Arc::new(snapshot),
             upstream,
@@ -452,15 +449,9 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Bound> {
         }
         None => None,
     };
-    app.metrics
-        .ready
-        .set(i64::from(app.not_ready_reason().is_none()));
+    app.metrics.ready.set(i64::from(app.not_ready_reason().is_none()));
     let listeners = app.listener_addrs().await;
-    Ok(Bound {
-        app,
-        listeners,
-        admin,
-    })
+    Ok(Bound { app, listeners, admin })
 }
 
 /// Pool rows for metrics and `/pool`: (service, connections, streams in use).
@@ -470,16 +461,9 @@ pub fn pool_rows(proxy: &Proxy) -> Vec<(String, i64, i64)> {
         let s = p.stats();
         let e = by_service.entry(s.service.clone()).or_default();
         e.0 += s.connections.len() as i64;
-        e.1 += s
-            .connections
-            .iter()
-            .map(|c| c.streams_in_use as i64)
-            .sum::<i64>();
+        e.1 += s.connections.iter().map(|c| c.streams_in_use as i64).sum::<i64>();
     }
-    let mut rows: Vec<_> = by_service
-        .into_iter()
-        .map(|(k, (a, b))| (k, a, b))
-        .collect();
+    let mut rows: Vec<_> = by_service.into_iter().map(|(k, (a, b))| (k, a, b)).collect();
     rows.sort();
     rows
 }

@@ -78,6 +78,8 @@ pub struct VersionLabels {
 
 pub struct Metrics {
     registry: Registry,
+    /// Serializes scrapes: pool gauges are rebuilt from the pools for each one.
+    scrape: std::sync::Mutex<()>,
     pub requests: Family<RequestLabels, Counter>,
     pub denied: Family<ListenerReasonLabels, Counter>,
     pub upstream_errors: Family<ServiceReasonLabels, Counter>,
@@ -212,6 +214,15 @@ impl Metrics {
             "Workload identity reloads from disk (rotation), by result",
             Family::<ResultLabels, Counter>::default()
         );
+        // Present at 0 from the start: `increase(...{result="error"}[15m])` only sees the first
+        // failure if the series existed before it.
+        for family in [&config_reloads, &identity_reloads] {
+            for result in ["ok", "error"] {
+                let _ = family.get_or_create(&ResultLabels {
+                    result: result.to_string(),
+                });
+            }
+        }
         let identity_expiry = reg!(
             "meshgate_identity_expiry_timestamp_seconds",
             "Unix time at which the workload certificate expires",
@@ -222,11 +233,7 @@ impl Metrics {
             "1 while the instance drains (readiness off, connections being closed)",
             Gauge::default()
         );
-        let ready = reg!(
-            "meshgate_ready",
-            "1 when /readyz answers 200",
-            Gauge::default()
-        );
+        let ready = reg!("meshgate_ready", "1 when /readyz answers 200", Gauge::default());
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info
             .get_or_create(&VersionLabels {
@@ -250,16 +257,8 @@ impl Metrics {
                 "Virtual memory size in bytes",
                 Gauge::default()
             ),
-            open_fds: reg!(
-                "process_open_fds",
-                "Open file descriptors",
-                Gauge::default()
-            ),
-            max_fds: reg!(
-                "process_max_fds",
-                "Maximum open file descriptors",
-                Gauge::default()
-            ),
+            open_fds: reg!("process_open_fds", "Open file descriptors", Gauge::default()),
+            max_fds: reg!("process_max_fds", "Maximum open file descriptors", Gauge::default()),
             start_time: reg!(
                 "process_start_time_seconds",
                 "Start time of the process since the unix epoch, in seconds",
@@ -268,6 +267,7 @@ impl Metrics {
         };
         Metrics {
             registry: r,
+            scrape: std::sync::Mutex::new(()),
             requests,
             denied,
             upstream_errors,
@@ -393,7 +393,7 @@ impl Metrics {
     }
 
     /// Replaces the per-service pool gauges with `(service, connections, streams)` rows.
-    pub fn set_pools(&self, rows: &[(String, i64, i64)]) {
+    fn set_pools(&self, rows: &[(String, i64, i64)]) {
         self.upstream_connections.clear();
         self.upstream_streams_in_use.clear();
         for (service, conns, streams) in rows {
@@ -401,9 +401,7 @@ impl Metrics {
                 service: service.clone(),
             };
             self.upstream_connections.get_or_create(&l).inc_by(*conns);
-            self.upstream_streams_in_use
-                .get_or_create(&l)
-                .inc_by(*streams);
+            self.upstream_streams_in_use.get_or_create(&l).inc_by(*streams);
         }
     }
 
@@ -422,21 +420,32 @@ impl Metrics {
                 if cpu > prev {
                     p.cpu_seconds.inc_by(cpu - prev);
                 }
-                p.virtual_memory.set(num(20) as i64);
-                let page = 4096.0;
-                p.resident_memory.set((num(21) * page) as i64);
                 if p.start_time.get() == 0.0 {
                     let boot = std::fs::read_to_string("/proc/stat")
                         .ok()
                         .and_then(|s| {
-                            s.lines().find_map(|l| {
-                                l.strip_prefix("btime ")
-                                    .and_then(|v| v.trim().parse::<f64>().ok())
-                            })
+                            s.lines()
+                                .find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<f64>().ok()))
                         })
                         .unwrap_or(0.0);
                     p.start_time.set(boot + num(19) / ticks);
                 }
+            }
+        }
+        // Sizes from /proc/self/status are in kB whatever the page size.
+        if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+            let kb = |key: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse::<i64>().ok())
+            };
+            if let Some(v) = kb("VmRSS:") {
+                p.resident_memory.set(v * 1024);
+            }
+            if let Some(v) = kb("VmSize:") {
+                p.virtual_memory.set(v * 1024);
             }
         }
         if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
@@ -456,10 +465,19 @@ impl Metrics {
 
     /// The Prometheus (OpenMetrics) text exposition of every metric.
     pub fn encode(&self) -> String {
+        self.encode_with_pools(None)
+    }
+
+    /// Like [`Metrics::encode`], first setting the pool gauges to `(service, connections,
+    /// streams)` rows, under one lock so concurrent scrapes never see them half rebuilt.
+    pub fn encode_with_pools(&self, pools: Option<&[(String, i64, i64)]>) -> String {
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rows) = pools {
+            self.set_pools(rows);
+        }
         self.refresh_process();
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
 }
@@ -471,16 +489,7 @@ mod tests {
     #[test]
     fn denials_and_failures_are_counted_by_reason() {
         let m = Metrics::new();
-        m.record_request(
-            "vm",
-            None,
-            None,
-            403,
-            "unknown_client",
-            Duration::from_millis(1),
-            0,
-            0,
-        );
+        m.record_request("vm", None, None, 403, "unknown_client", Duration::from_millis(1), 0, 0);
         m.record_request(
             "vm",
             Some("t"),
@@ -506,15 +515,9 @@ mod tests {
             text.contains(r#"meshgate_denied_total{listener="vm",reason="unknown_client"} 1"#),
             "{text}"
         );
-        assert!(text.contains(
-            r#"meshgate_upstream_errors_total{service="reviews",reason="gateway_unreachable"} 1"#
-        ));
-        assert!(text.contains(
-            r#"meshgate_requests_total{listener="vm",tenant="t",service="reviews",code="200"} 1"#
-        ));
-        assert!(
-            text.contains(r#"meshgate_bytes_total{service="reviews",direction="downstream"} 20"#)
-        );
+        assert!(text.contains(r#"meshgate_upstream_errors_total{service="reviews",reason="gateway_unreachable"} 1"#));
+        assert!(text.contains(r#"meshgate_requests_total{listener="vm",tenant="t",service="reviews",code="200"} 1"#));
+        assert!(text.contains(r#"meshgate_bytes_total{service="reviews",direction="downstream"} 20"#));
     }
 
     #[test]
@@ -536,10 +539,7 @@ mod tests {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs_f64();
-        assert!(
-            start > now - 3600.0 && start <= now + 1.0,
-            "start {start} now {now}"
-        );
+        assert!(start > now - 3600.0 && start <= now + 1.0, "start {start} now {now}");
     }
 
     #[test]
@@ -555,6 +555,9 @@ mod tests {
         );
         let text = m.encode();
         assert!(!text.contains("sa/old"));
-        assert!(text.contains(r#"meshgate_identity_expiry_timestamp_seconds{identity="spiffe://a/ns/x/sa/new"} 200"#), "{text}");
+        assert!(
+            text.contains(r#"meshgate_identity_expiry_timestamp_seconds{identity="spiffe://a/ns/x/sa/new"} 200"#),
+            "{text}"
+        );
     }
 }
