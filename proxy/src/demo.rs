@@ -25,9 +25,7 @@ impl DemoCommand {
         self.argv
             .iter()
             .map(|a| {
-                if a.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_./:=@%{}".contains(c))
-                {
+                if a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=@%{}".contains(c)) {
                     a.clone()
                 } else {
                     format!("'{}'", a.replace('\'', r"'\''"))
@@ -120,8 +118,8 @@ tenants:
         );
         let config_path = dir.join("meshgate.yaml");
         std::fs::write(&config_path, &config)?;
-        let snapshot = crate::config::load(&config_path)
-            .map_err(|e| anyhow::anyhow!("generated config is invalid:\n{e}"))?;
+        let snapshot =
+            crate::config::load(&config_path).map_err(|e| anyhow::anyhow!("generated config is invalid:\n{e}"))?;
         let bound = app::start(snapshot).await.with_context(|| {
             format!("is something else listening on {listen}? choose another address with --listen")
         })?;
@@ -138,9 +136,7 @@ tenants:
         };
         let commands = vec![
             DemoCommand {
-                title:
-                    "allowed: this machine (127.0.0.1) is tenant local-vms, which may call reviews"
-                        .into(),
+                title: "allowed: this machine (127.0.0.1) is tenant local-vms, which may call reviews".into(),
                 argv: curl(&["-H", &format!("Host: {}", host("reviews"))]),
                 expect_status: 200,
             },
@@ -150,9 +146,7 @@ tenants:
                 expect_status: 403,
             },
             DemoCommand {
-                title:
-                    "via API key: the key makes the caller tenant laptops, which may call anything"
-                        .into(),
+                title: "via API key: the key makes the caller tenant laptops, which may call anything".into(),
                 argv: curl(&[
                     "-H",
                     &format!("Host: {}", host("details")),
@@ -175,21 +169,13 @@ tenants:
     pub fn instructions(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "meshgate demo is running.");
-        let _ = writeln!(
-            s,
-            "  meshgate listens on     http://{}",
-            self.bound.first_addr()
-        );
+        let _ = writeln!(s, "  meshgate listens on     http://{}", self.bound.first_addr());
         let _ = writeln!(
             s,
             "  sandbox mesh gateway    {} (AUTO_PASSTHROUGH, mTLS to sidecars)",
             self.mesh.gateway_addr()
         );
-        let _ = writeln!(
-            s,
-            "  generated config        {}",
-            self.config_path.display()
-        );
+        let _ = writeln!(s, "  generated config        {}", self.config_path.display());
         let _ = writeln!(s, "  API key (tenant laptops) {}", self.api_key);
         let _ = writeln!(s);
         let _ = writeln!(s, "Try:");

@@ -26,9 +26,7 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::Malformed(_) | ProxyError::Route(RouteError::Malformed) => {
-                StatusCode::BAD_REQUEST
-            }
+            ProxyError::Malformed(_) | ProxyError::Route(RouteError::Malformed) => StatusCode::BAD_REQUEST,
             ProxyError::Key(_) | ProxyError::Policy(Deny::BadKey) => StatusCode::UNAUTHORIZED,
             ProxyError::Policy(_) => StatusCode::FORBIDDEN,
             ProxyError::Route(RouteError::UnknownHost) => StatusCode::NOT_FOUND,
@@ -51,9 +49,7 @@ impl ProxyError {
     /// The metric and access-log label.
     pub fn reason(&self) -> &'static str {
         match self {
-            ProxyError::Malformed(_) | ProxyError::Route(RouteError::Malformed) => {
-                "malformed_request"
-            }
+            ProxyError::Malformed(_) | ProxyError::Route(RouteError::Malformed) => "malformed_request",
             ProxyError::Key(_) | ProxyError::Policy(Deny::BadKey) => "bad_key",
             ProxyError::Policy(Deny::UnknownClient) => "unknown_client",
             ProxyError::Policy(Deny::KeyWrongSource) => "key_wrong_source",
@@ -61,9 +57,7 @@ impl ProxyError {
             ProxyError::Route(RouteError::UnknownHost) => "unknown_host",
             ProxyError::Upstream(u) => match u {
                 UpstreamError::Unresolved(_) => "gateway_unresolved",
-                UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. } => {
-                    "gateway_unreachable"
-                }
+                UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. } => "gateway_unreachable",
                 UpstreamError::Tls { .. } => "upstream_tls",
                 UpstreamError::Identity { .. } => "upstream_identity",
                 UpstreamError::HandshakeTimeout { .. } => "upstream_handshake_timeout",
@@ -91,28 +85,12 @@ mod tests {
     #[test]
     fn statuses_by_blame() {
         let cases: Vec<(ProxyError, u16, &str)> = vec![
-            (
-                ProxyError::Policy(Deny::UnknownClient),
-                403,
-                "unknown_client",
-            ),
+            (ProxyError::Policy(Deny::UnknownClient), 403, "unknown_client"),
             (ProxyError::Policy(Deny::BadKey), 401, "bad_key"),
             (ProxyError::Key(KeyError::Malformed), 401, "bad_key"),
-            (
-                ProxyError::Policy(Deny::ServiceNotAllowed),
-                403,
-                "service_not_allowed",
-            ),
-            (
-                ProxyError::Route(RouteError::UnknownHost),
-                404,
-                "unknown_host",
-            ),
-            (
-                ProxyError::Malformed("missing Host"),
-                400,
-                "malformed_request",
-            ),
+            (ProxyError::Policy(Deny::ServiceNotAllowed), 403, "service_not_allowed"),
+            (ProxyError::Route(RouteError::UnknownHost), 404, "unknown_host"),
+            (ProxyError::Malformed("missing Host"), 400, "malformed_request"),
             (
                 ProxyError::Upstream(UpstreamError::Connect {
                     addr: "a".into(),
@@ -127,9 +105,7 @@ mod tests {
                 "upstream_identity",
             ),
             (
-                ProxyError::Upstream(UpstreamError::RequestTimeout(
-                    std::time::Duration::from_secs(1),
-                )),
+                ProxyError::Upstream(UpstreamError::RequestTimeout(std::time::Duration::from_secs(1))),
                 504,
                 "upstream_timeout",
             ),

@@ -37,7 +37,10 @@ pub struct Proxy {
 #[derive(Debug)]
 pub struct ConnInfo {
     pub listener: Arc<str>,
+    /// The client: the TCP peer, or the source a trusted load balancer's PROXY header names.
     pub client: SocketAddr,
+    /// The AWS VPC endpoint from a PROXY v2 header, if any.
+    pub vpce: Option<String>,
     /// Set when the listener drains: HTTP/1.1 responses then carry `Connection: close`, so the
     /// client closes after a complete response instead of racing a close of an idle connection.
     pub closing: std::sync::atomic::AtomicBool,
@@ -47,10 +50,11 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
-    pub fn new(listener: Arc<str>, client: SocketAddr) -> ConnInfo {
+    pub fn new(listener: Arc<str>, client: SocketAddr, vpce: Option<String>) -> ConnInfo {
         ConnInfo {
             listener,
             client,
+            vpce,
             closing: Default::default(),
             requests: AtomicU64::new(0),
             is_h2: Default::default(),
@@ -84,10 +88,8 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
         h.remove(n);
     }
     let te_trailers = h.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")))
     });
     for n in [
         &header::CONNECTION,
@@ -129,9 +131,7 @@ fn authority_of(req: &Request<Incoming>) -> Result<String, ProxyError> {
         return Ok(a.as_str().to_string());
     }
     let mut hosts = req.headers().get_all(header::HOST).iter();
-    let host = hosts
-        .next()
-        .ok_or(ProxyError::Malformed("missing Host header"))?;
+    let host = hosts.next().ok_or(ProxyError::Malformed("missing Host header"))?;
     if hosts.next().is_some() {
         return Err(ProxyError::Malformed("more than one Host header"));
     }
@@ -206,10 +206,7 @@ impl Body for CountingBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let p = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(f))) = &p {
             if let Some(d) = f.data_ref() {
@@ -267,10 +264,7 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         let p = match &mut this.inner {
             Inner::Upstream(b) => Pin::new(b).poll_frame(cx),
@@ -416,9 +410,7 @@ async fn forward(
 ) -> Result<(Response<Incoming>, Lease), ProxyError> {
     let snap = &proxy.snapshot;
     if req.method() == Method::CONNECT {
-        return Err(ProxyError::Malformed(
-            "CONNECT is not supported on this listener",
-        ));
+        return Err(ProxyError::Malformed("CONNECT is not supported on this listener"));
     }
     let authority = authority_of(&req)?;
     log.authority = authority.chars().take(255).collect();
@@ -426,7 +418,7 @@ async fn forward(
     let key = presented_key(req.headers(), &snap.api_key_header)?;
     let tenant_id = snap
         .tenants
-        .authorize(conn.client.ip(), key.as_ref().map(|k| &k.0))?;
+        .authorize(conn.client.ip(), key.as_ref().map(|k| &k.0), conn.vpce.as_deref())?;
     log.tenant = Some(snap.tenants.get(tenant_id).name.clone());
     let service_id = snap.routes.resolve(&authority)?;
     let service = &snap.services[service_id];
@@ -455,11 +447,7 @@ async fn forward(
     h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     h.insert(&X_REQUEST_ID, request_id);
 
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
     match service.protocol {
         UpstreamProtocol::Http2 => {
             h.remove(header::HOST);
@@ -472,8 +460,7 @@ async fn forward(
             parts.version = Version::HTTP_2;
         }
         UpstreamProtocol::Http1 => {
-            let host = HeaderValue::from_str(&authority)
-                .map_err(|_| ProxyError::Malformed("invalid Host"))?;
+            let host = HeaderValue::from_str(&authority).map_err(|_| ProxyError::Malformed("invalid Host"))?;
             h.insert(header::HOST, host);
             parts.uri = path
                 .parse()

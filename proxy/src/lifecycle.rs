@@ -42,11 +42,7 @@ impl Lifecycle {
     }
 
     /// Why the instance is not ready, if it is not.
-    pub fn not_ready_reason(
-        &self,
-        identity_not_after: SystemTime,
-        now: SystemTime,
-    ) -> Option<String> {
+    pub fn not_ready_reason(&self, identity_not_after: SystemTime, now: SystemTime) -> Option<String> {
         if self.is_draining() {
             return Some("draining".into());
         }
@@ -81,9 +77,6 @@ mod tests {
     fn expired_identity_is_not_ready() {
         let l = Lifecycle::default();
         let past = SystemTime::now() - Duration::from_secs(1);
-        assert!(l
-            .not_ready_reason(past, SystemTime::now())
-            .unwrap()
-            .contains("expired"));
+        assert!(l.not_ready_reason(past, SystemTime::now()).unwrap().contains("expired"));
     }
 }

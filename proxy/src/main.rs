@@ -105,12 +105,7 @@ fn print_summary(s: &Snapshot) {
     println!("config {}: OK", s.path.display());
     println!("listeners:");
     for l in &s.listeners {
-        println!(
-            "  {:<16} {:<22} {:?}",
-            l.name,
-            l.bind.to_string(),
-            l.protocol
-        );
+        println!("  {:<16} {:<22} {:?}", l.name, l.bind.to_string(), l.protocol);
     }
     match &s.admin {
         Some(a) => println!(
@@ -124,10 +119,7 @@ fn print_summary(s: &Snapshot) {
         ),
         None => println!("admin: (none)"),
     }
-    println!(
-        "mesh: trust domain {}, gateway {}",
-        s.trust_domain, s.gateway
-    );
+    println!("mesh: trust domain {}, gateway {}", s.trust_domain, s.gateway);
     let id = &s.identity;
     let left = id
         .not_after

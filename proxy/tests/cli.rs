@@ -118,15 +118,9 @@ fn assert_rejected(f: &Fixture, text: &str, line: u64, needle: &str) {
     let want = format!("{}:{line}: ", path.display());
     let hit = err.lines().find(|l| l.contains(&want));
     let hit = hit.unwrap_or_else(|| panic!("no error at line {line} in:\n{err}"));
-    assert!(
-        hit.contains(needle),
-        "error at line {line} lacks {needle:?}: {hit}"
-    );
+    assert!(hit.contains(needle), "error at line {line} lacks {needle:?}: {hit}");
     let (run_code, run_err) = run_bounded(&path, Duration::from_secs(20));
-    assert_eq!(
-        run_code, 1,
-        "run accepted a config check refused: {run_err}"
-    );
+    assert_eq!(run_code, 1, "run accepted a config check refused: {run_err}");
     assert!(
         run_err.contains(hit.trim()),
         "run reported differently:\n{run_err}\ncheck said: {hit}"
@@ -159,12 +153,7 @@ fn good_config_prints_summary() {
 #[test]
 fn syntax_error() {
     let f = Fixture::new();
-    assert_rejected(
-        &f,
-        &replace("    allow: [reviews]\n", "    allow: [reviews\n"),
-        23,
-        "",
-    );
+    assert_rejected(&f, &replace("    allow: [reviews]\n", "    allow: [reviews\n"), 23, "");
     assert_rejected(
         &f,
         &replace("    protocol: http2\n", "    protocol: http2: x\n"),
@@ -178,36 +167,18 @@ fn unknown_field() {
     let f = Fixture::new();
     assert_rejected(
         &f,
-        &replace(
-            "    protocol: http2\n",
-            "    protocol: http2\n    colour: blue\n",
-        ),
+        &replace("    protocol: http2\n", "    protocol: http2\n    colour: blue\n"),
         19,
         "unknown field `colour`",
     );
-    assert_rejected(
-        &f,
-        &replace("admin:\n", "admn:\n"),
-        5,
-        "unknown field `admn`",
-    );
+    assert_rejected(&f, &replace("admin:\n", "admn:\n"), 5, "unknown field `admn`");
 }
 
 #[test]
 fn bad_cidr() {
     let f = Fixture::new();
-    assert_rejected(
-        &f,
-        &replace("10.20.0.0/16", "10.20.0.0/33"),
-        21,
-        "invalid CIDR",
-    );
-    assert_rejected(
-        &f,
-        &replace("10.20.0.0/16", "10.20.1.0/16"),
-        21,
-        "host bits",
-    );
+    assert_rejected(&f, &replace("10.20.0.0/16", "10.20.0.0/33"), 21, "invalid CIDR");
+    assert_rejected(&f, &replace("10.20.0.0/16", "10.20.1.0/16"), 21, "host bits");
 }
 
 #[test]
@@ -215,19 +186,13 @@ fn bad_addresses() {
     let f = Fixture::new();
     assert_rejected(
         &f,
-        &replace(
-            "bind: 127.0.0.1:0\n    protocol",
-            "bind: 127.0.0.1:99999\n    protocol",
-        ),
+        &replace("bind: 127.0.0.1:0\n    protocol", "bind: 127.0.0.1:99999\n    protocol"),
         3,
         "invalid address",
     );
     assert_rejected(
         &f,
-        &replace(
-            "eastwest.mesh.example.com:15443",
-            "eastwest.mesh.example.com",
-        ),
+        &replace("eastwest.mesh.example.com:15443", "eastwest.mesh.example.com"),
         9,
         "expected host:port",
     );
@@ -290,12 +255,7 @@ fn unreadable_identity_files() {
         11,
         "cannot read",
     );
-    assert_rejected(
-        &f,
-        &replace("key: key.pem", "key: missing-key.pem"),
-        12,
-        "cannot read",
-    );
+    assert_rejected(&f, &replace("key: key.pem", "key: missing-key.pem"), 12, "cannot read");
     assert_rejected(
         &f,
         &replace("root_cert: root-cert.pem", "root_cert: nope.pem"),
@@ -324,12 +284,7 @@ fn unparsable_identity_files() {
         11,
         "no PEM CERTIFICATE",
     );
-    assert_rejected(
-        &f,
-        &replace("key: key.pem", "key: empty.pem"),
-        12,
-        "no PEM private key",
-    );
+    assert_rejected(&f, &replace("key: key.pem", "key: empty.pem"), 12, "no PEM private key");
     assert_rejected(
         &f,
         &replace("root_cert: root-cert.pem", "root_cert: empty.pem"),
@@ -452,10 +407,7 @@ fn hash_key_generates_a_key_and_its_config_form() {
     use sha2::Digest;
     assert_eq!(
         hashed,
-        format!(
-            "sha256:{}",
-            hex::encode(sha2::Sha256::digest(key.as_bytes()))
-        )
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(key.as_bytes())))
     );
     let (_, out2, _) = meshgate(&["hash-key"]);
     assert_ne!(out, out2, "keys must be random");

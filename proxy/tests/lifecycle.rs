@@ -63,16 +63,12 @@ async fn start_binary(
         .spawn()
         .unwrap();
     let proc = Proc(child);
-    eventually(
-        Duration::from_secs(30),
-        "meshgate to become ready",
-        || async {
-            matches!(
-                admin_request(admin, http::Method::GET, "/readyz").await,
-                Ok((StatusCode::OK, _))
-            )
-        },
-    )
+    eventually(Duration::from_secs(30), "meshgate to become ready", || async {
+        matches!(
+            admin_request(admin, http::Method::GET, "/readyz").await,
+            Ok((StatusCode::OK, _))
+        )
+    })
     .await;
     (proc, listen, admin)
 }
@@ -100,11 +96,9 @@ async fn sighup_reloads_the_config() {
     );
     std::fs::write(&path, text).unwrap();
     signal(&proc.0, "-HUP");
-    eventually(
-        Duration::from_secs(20),
-        "SIGHUP to apply the alias",
-        || async { get("hup.test").await == StatusCode::OK },
-    )
+    eventually(Duration::from_secs(20), "SIGHUP to apply the alias", || async {
+        get("hup.test").await == StatusCode::OK
+    })
     .await;
 }
 
@@ -112,12 +106,8 @@ async fn sighup_reloads_the_config() {
 async fn sigterm_drains_under_load_without_failing_a_request() {
     let mesh = meshsim::Mesh::start(meshsim::demo_spec()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (mut proc, listen, admin) = start_binary(
-        &mesh,
-        dir.path(),
-        "drain:\n  delay: 1s\n  spread: 1s\n  timeout: 10s\n",
-    )
-    .await;
+    let (mut proc, listen, admin) =
+        start_binary(&mesh, dir.path(), "drain:\n  delay: 1s\n  spread: 1s\n  timeout: 10s\n").await;
     let load = Load::start(listen, BILLING_IP, &host("reviews"), "/", 12);
     let load_h2 = Load::start_with(listen, BILLING_IP, &host("ratings"), "/", 4, true);
     load.wait_for_more(300).await;
@@ -134,17 +124,11 @@ async fn sigterm_drains_under_load_without_failing_a_request() {
     })
     .await;
     let readiness_off = t0.elapsed();
-    load.lb_removed
-        .store(true, std::sync::atomic::Ordering::SeqCst);
-    load_h2
-        .lb_removed
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    load.lb_removed.store(true, std::sync::atomic::Ordering::SeqCst);
+    load_h2.lb_removed.store(true, std::sync::atomic::Ordering::SeqCst);
     let before = load.ok();
     load.wait_for_more(100).await;
-    assert!(
-        load.ok() > before,
-        "requests kept flowing after readiness went off"
-    );
+    assert!(load.ok() > before, "requests kept flowing after readiness went off");
 
     // The process exits 0 by itself within the drain timeout.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -152,10 +136,7 @@ async fn sigterm_drains_under_load_without_failing_a_request() {
         if let Some(st) = proc.0.try_wait().unwrap() {
             break st;
         }
-        assert!(
-            Instant::now() < deadline,
-            "meshgate did not exit after the drain"
-        );
+        assert!(Instant::now() < deadline, "meshgate did not exit after the drain");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let exited = t0.elapsed();

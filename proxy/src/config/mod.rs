@@ -56,11 +56,13 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Listener {
     pub name: String,
     pub bind: SocketAddr,
     pub protocol: ListenerProtocol,
+    pub proxy_protocol: crate::listener::proxy_protocol::Mode,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// A mesh service a VM may call, with everything needed to reach it.

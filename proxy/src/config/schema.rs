@@ -119,6 +119,20 @@ pub struct RawListener {
     pub name: Spanned<String>,
     pub bind: Spanned<Addr>,
     pub protocol: ListenerProtocol,
+    /// Whether a PROXY protocol header (v1 or v2) precedes the traffic of trusted peers.
+    #[serde(default = "d_proxy_protocol")]
+    pub proxy_protocol: Spanned<crate::listener::proxy_protocol::Mode>,
+    /// Load balancer addresses whose PROXY headers are believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+pub fn d_proxy_protocol() -> Spanned<crate::listener::proxy_protocol::Mode> {
+    Spanned::new(
+        crate::listener::proxy_protocol::Mode::Off,
+        serde_saphyr::Location::UNKNOWN,
+        serde_saphyr::Location::UNKNOWN,
+    )
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -189,6 +203,10 @@ pub struct RawTenant {
     pub sources: Vec<Cidr>,
     #[serde(default)]
     pub api_keys: Vec<Spanned<String>>,
+    /// AWS PrivateLink: only clients arriving through these VPC endpoints (from the PROXY v2
+    /// header) match this tenant.
+    #[serde(default)]
+    pub vpce: Vec<String>,
     pub allow: Vec<Spanned<String>>,
 }
 
@@ -384,9 +402,7 @@ pub struct Dur(pub Duration);
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: f64 = num
         .parse()
@@ -396,11 +412,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => {
-            return Err(format!(
-                "invalid duration {s:?}: unit must be ms, s, m or h"
-            ))
-        }
+        _ => return Err(format!("invalid duration {s:?}: unit must be ms, s, m or h")),
     };
     if !secs.is_finite() || secs <= 0.0 || secs > 86400.0 * 365.0 {
         return Err(format!("invalid duration {s:?}: must be positive"));
@@ -496,15 +508,10 @@ mod tests {
 
     #[test]
     fn cidrs() {
-        assert_eq!(
-            parse_cidr("10.20.0.0/16").unwrap().to_string(),
-            "10.20.0.0/16"
-        );
+        assert_eq!(parse_cidr("10.20.0.0/16").unwrap().to_string(), "10.20.0.0/16");
         assert_eq!(parse_cidr("10.1.2.3").unwrap().to_string(), "10.1.2.3/32");
         assert_eq!(parse_cidr("2001:db8::/32").unwrap().prefix_len(), 32);
-        assert!(parse_cidr("10.20.0.5/16")
-            .unwrap_err()
-            .contains("10.20.0.0/16"));
+        assert!(parse_cidr("10.20.0.5/16").unwrap_err().contains("10.20.0.0/16"));
         assert!(parse_cidr("10.20.0.0/33").is_err());
         assert!(parse_cidr("banana").is_err());
     }

@@ -61,12 +61,7 @@ fn valid_hostname(s: &str) -> bool {
 fn yaml_error(file: &Path, e: &serde_saphyr::Error) -> ConfigError {
     let line = e.location().map(|l| l.line()).filter(|l| *l > 0);
     let rendered = e.without_snippet().to_string();
-    let mut message = rendered
-        .lines()
-        .next()
-        .unwrap_or("invalid YAML")
-        .trim()
-        .to_string();
+    let mut message = rendered.lines().next().unwrap_or("invalid YAML").trim().to_string();
     // "… at line 3, column 5" → "…": the line goes in front, the column is noise for a config.
     for cut in [" at line ", ", set DuplicateKeyPolicy"] {
         if let Some(idx) = message.find(cut) {
@@ -94,8 +89,7 @@ fn resolve_path(config: &Path, p: &str) -> PathBuf {
 }
 
 pub(super) fn parse(path: &Path, text: &str, now: SystemTime) -> Result<Snapshot, ConfigErrors> {
-    let raw: RawConfig =
-        serde_saphyr::from_str(text).map_err(|e| ConfigErrors(vec![yaml_error(path, &e)]))?;
+    let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| ConfigErrors(vec![yaml_error(path, &e)]))?;
     let mut errs = Errors {
         file: path,
         list: Vec::new(),
@@ -124,9 +118,7 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Opt
         if !valid_name(name) {
             errs.at(
                 line(&l.name),
-                format!(
-                    "invalid listener name {name:?}: use lower-case letters, digits, '-' and '_'"
-                ),
+                format!("invalid listener name {name:?}: use lower-case letters, digits, '-' and '_'"),
             );
         }
         if let Some(prev) = listener_names.insert(name.clone(), line(&l.name)) {
@@ -140,29 +132,29 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Opt
         }
         // Port 0 asks the OS for a free port: never a clash.
         let fixed_port = l.bind.value.0.port() != 0;
-        if let Some(other) = binds
-            .insert(l.bind.value.0, name.clone())
-            .filter(|_| fixed_port)
-        {
+        if let Some(other) = binds.insert(l.bind.value.0, name.clone()).filter(|_| fixed_port) {
             errs.at(
                 line(&l.bind),
-                format!(
-                    "address {} is already bound by listener {other:?}",
-                    l.bind.value.0
-                ),
+                format!("address {} is already bound by listener {other:?}", l.bind.value.0),
+            );
+        }
+        let mode = l.proxy_protocol.value;
+        if mode != crate::listener::proxy_protocol::Mode::Off && l.trusted_proxies.is_empty() {
+            errs.at(
+                line(&l.proxy_protocol),
+                "proxy_protocol needs trusted_proxies: the load balancer addresses whose headers are believed",
             );
         }
         listeners.push(Listener {
             name: name.clone(),
             bind: l.bind.value.0,
             protocol: l.protocol,
+            proxy_protocol: mode,
+            trusted_proxies: l.trusted_proxies.iter().map(|c| c.0).collect(),
         });
     }
     let admin = raw.admin.as_ref().map(|a| {
-        if let Some(other) = binds
-            .get(&a.bind.value.0)
-            .filter(|_| a.bind.value.0.port() != 0)
-        {
+        if let Some(other) = binds.get(&a.bind.value.0).filter(|_| a.bind.value.0.port() != 0) {
             errs.at(
                 line(&a.bind),
                 format!(
@@ -176,17 +168,11 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Opt
             match std::fs::read_to_string(&p) {
                 Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
                 Ok(_) => {
-                    errs.at(
-                        line(tf),
-                        format!("admin token file {} is empty", p.display()),
-                    );
+                    errs.at(line(tf), format!("admin token file {} is empty", p.display()));
                     None
                 }
                 Err(e) => {
-                    errs.at(
-                        line(tf),
-                        format!("cannot read admin token file {}: {e}", p.display()),
-                    );
+                    errs.at(line(tf), format!("cannot read admin token file {}: {e}", p.display()));
                     None
                 }
             }
@@ -207,7 +193,10 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Opt
         timeout: drain_raw.timeout.0,
     };
     if drain.delay + drain.spread > drain.timeout {
-        errs.at(drain_line, "drain: delay + spread must not exceed timeout, or connections are cut before they are asked to close");
+        errs.at(
+            drain_line,
+            "drain: delay + spread must not exceed timeout, or connections are cut before they are asked to close",
+        );
     }
     let log = super::LogSettings {
         level: raw.log.as_ref().and_then(|l| l.level.clone()),
@@ -250,7 +239,13 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Opt
         service_ids.insert(n.clone(), id);
         let host = s.host.value.trim_end_matches('.').to_ascii_lowercase();
         if !valid_hostname(&host) {
-            errs.at(line(&s.host), format!("invalid host {:?}: expected a DNS name such as reviews.bookinfo.svc.cluster.local", s.host.value));
+            errs.at(
+                line(&s.host),
+                format!(
+                    "invalid host {:?}: expected a DNS name such as reviews.bookinfo.svc.cluster.local",
+                    s.host.value
+                ),
+            );
         }
         let port = s.port.value;
         if port == 0 {
@@ -266,10 +261,7 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Opt
             if !ok {
                 errs.at(
                     line(sub),
-                    format!(
-                        "invalid subset {:?}: expected a DestinationRule subset name",
-                        sub.value
-                    ),
+                    format!("invalid subset {:?}: expected a DestinationRule subset name", sub.value),
                 );
             }
             sub.value.clone()
@@ -278,12 +270,13 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Opt
             None => ExpectedServer::TrustDomain(td.clone()),
             Some(ids) => {
                 if ids.value.0.is_empty() {
-                    errs.at(line(ids), "identity: list must not be empty (omit it to accept any identity in the trust domain)");
+                    errs.at(
+                        line(ids),
+                        "identity: list must not be empty (omit it to accept any identity in the trust domain)",
+                    );
                 }
                 for id in &ids.value.0 {
-                    if crate::identity::spiffe_trust_domain(id).is_none()
-                        || id.contains(char::is_whitespace)
-                    {
+                    if crate::identity::spiffe_trust_domain(id).is_none() || id.contains(char::is_whitespace) {
                         errs.at(line(ids), format!("invalid identity {id:?}: expected a SPIFFE ID such as spiffe://cluster.local/ns/NS/sa/SA"));
                     }
                 }
@@ -301,10 +294,7 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Opt
         for a in &s.aliases {
             let alias = a.value.trim_end_matches('.').to_ascii_lowercase();
             if !valid_hostname(&alias) {
-                errs.at(
-                    line(a),
-                    format!("invalid alias {:?}: expected a DNS name", a.value),
-                );
+                errs.at(line(a), format!("invalid alias {:?}: expected a DNS name", a.value));
             }
             aliases.push(alias.clone());
             names.push((alias, line(a)));
@@ -346,7 +336,7 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Opt
     let mut tenants = Vec::new();
     let mut tenant_names = Vec::new();
     let mut key_owner: HashMap<[u8; 32], String> = HashMap::new();
-    let mut keyless_sources: HashMap<ipnet::IpNet, String> = HashMap::new();
+    let mut keyless_sources: HashMap<(ipnet::IpNet, Vec<String>), String> = HashMap::new();
     for (name, t) in &raw.tenants.0 {
         let n = &name.value;
         if !valid_name(n) {
@@ -378,9 +368,15 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Opt
         }
         if t.api_keys.is_empty() {
             for src in &t.sources {
-                if let Some(other) = keyless_sources.insert(src.0, n.clone()) {
+                if let Some(other) = keyless_sources.insert((src.0, t.vpce.clone()), n.clone()) {
                     if other != *n {
-                        errs.at(line(name), format!("source {} is also claimed by tenant {other:?}: a client there would match both", src.0));
+                        errs.at(
+                            line(name),
+                            format!(
+                                "source {} is also claimed by tenant {other:?}: a client there would match both",
+                                src.0
+                            ),
+                        );
                     }
                 }
             }
@@ -393,16 +389,14 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Opt
             } else if let Some(id) = service_ids.get(&a.value) {
                 allowed[*id] = true;
             } else {
-                errs.at(
-                    line(a),
-                    format!("tenant {n:?} allows unknown service {:?}", a.value),
-                );
+                errs.at(line(a), format!("tenant {n:?} allows unknown service {:?}", a.value));
             }
         }
         tenant_names.push(n.clone());
         tenants.push(Tenant {
             name: n.clone(),
             sources: t.sources.iter().map(|c| c.0).collect(),
+            vpce: t.vpce.clone(),
             key_hashes,
             allow: if allow_all {
                 Allow::All
@@ -465,16 +459,10 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Opt
         http1_max_connections: up.http1_max_connections,
     };
     if !(0.0..=0.5).contains(&upstream.max_connection_age_jitter) {
-        errs.at(
-            up_line,
-            "upstream.max_connection_age_jitter must be between 0 and 0.5",
-        );
+        errs.at(up_line, "upstream.max_connection_age_jitter must be between 0 and 0.5");
     }
     if upstream.min_connections == 0 || upstream.max_connections < upstream.min_connections {
-        errs.at(
-            up_line,
-            "upstream: need 1 <= min_connections <= max_connections",
-        );
+        errs.at(up_line, "upstream: need 1 <= min_connections <= max_connections");
     }
     if upstream.max_streams_per_connection == 0
         || upstream.target_streams_per_connection == 0

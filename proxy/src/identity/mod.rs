@@ -51,9 +51,7 @@ pub enum IdentityError {
     },
     #[error("leaf certificate in {path} has no SPIFFE URI SAN (found: {found})")]
     NoSpiffe { path: PathBuf, found: String },
-    #[error(
-        "leaf certificate in {path} is for {id}, which is outside trust domain {trust_domain:?}"
-    )]
+    #[error("leaf certificate in {path} is for {id}, which is outside trust domain {trust_domain:?}")]
     WrongTrustDomain {
         path: PathBuf,
         id: String,
@@ -120,10 +118,7 @@ fn parse_err(file: IdentityFile, path: &Path, reason: impl Into<String>) -> Iden
     }
 }
 
-fn load_certs(
-    file: IdentityFile,
-    path: &Path,
-) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+fn load_certs(file: IdentityFile, path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
     let pem = read(file, path)?;
     let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<_, _>>()
@@ -132,23 +127,15 @@ fn load_certs(
         return Err(parse_err(file, path, "no PEM CERTIFICATE block found"));
     }
     for (i, c) in certs.iter().enumerate() {
-        x509_parser::parse_x509_certificate(c.as_ref()).map_err(|e| {
-            parse_err(
-                file,
-                path,
-                format!("certificate #{} is not valid X.509: {e}", i + 1),
-            )
-        })?;
+        x509_parser::parse_x509_certificate(c.as_ref())
+            .map_err(|e| parse_err(file, path, format!("certificate #{} is not valid X.509: {e}", i + 1)))?;
     }
     Ok(certs)
 }
 
 /// Formats a time as RFC 3339 in UTC, for error messages and `meshgate check`.
 pub fn rfc3339(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0) as i64;
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
     let days = secs.div_euclid(86400);
     let rem = secs.rem_euclid(86400);
     // Civil-from-days (Howard Hinnant's algorithm).
@@ -197,11 +184,7 @@ pub fn spiffe_trust_domain(id: &str) -> Option<&str> {
 
 impl Identity {
     /// Loads and checks the identity at `now`.
-    pub fn load(
-        paths: &IdentityPaths,
-        trust_domain: &str,
-        now: SystemTime,
-    ) -> Result<Identity, IdentityError> {
+    pub fn load(paths: &IdentityPaths, trust_domain: &str, now: SystemTime) -> Result<Identity, IdentityError> {
         let chain = load_certs(IdentityFile::CertChain, &paths.cert_chain)?;
         let roots_der = load_certs(IdentityFile::RootCert, &paths.root_cert)?;
         let key_pem = read(IdentityFile::Key, &paths.key)?;
@@ -212,20 +195,13 @@ impl Identity {
                 format!("no PEM private key (PKCS#8, PKCS#1 or SEC1) found: {e}"),
             )
         })?;
-        let signing_key = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| {
-            parse_err(
-                IdentityFile::Key,
-                &paths.key,
-                format!("unsupported private key: {e}"),
-            )
-        })?;
+        let signing_key = rustls::crypto::ring::sign::any_supported_type(&key)
+            .map_err(|e| parse_err(IdentityFile::Key, &paths.key, format!("unsupported private key: {e}")))?;
         let certified_key = CertifiedKey::new(chain.clone(), signing_key);
-        certified_key
-            .keys_match()
-            .map_err(|_| IdentityError::KeyMismatch {
-                key: paths.key.clone(),
-                cert: paths.cert_chain.clone(),
-            })?;
+        certified_key.keys_match().map_err(|_| IdentityError::KeyMismatch {
+            key: paths.key.clone(),
+            cert: paths.cert_chain.clone(),
+        })?;
 
         let mut roots = RootCertStore::empty();
         for (i, r) in roots_der.iter().enumerate() {
@@ -241,10 +217,8 @@ impl Identity {
         let leaf_path = &paths.cert_chain;
         let (_, leaf) = x509_parser::parse_x509_certificate(chain[0].as_ref())
             .map_err(|e| parse_err(IdentityFile::CertChain, leaf_path, e.to_string()))?;
-        let not_before =
-            UNIX_EPOCH + Duration::from_secs(leaf.validity().not_before.timestamp().max(0) as u64);
-        let not_after =
-            UNIX_EPOCH + Duration::from_secs(leaf.validity().not_after.timestamp().max(0) as u64);
+        let not_before = UNIX_EPOCH + Duration::from_secs(leaf.validity().not_before.timestamp().max(0) as u64);
+        let not_after = UNIX_EPOCH + Duration::from_secs(leaf.validity().not_after.timestamp().max(0) as u64);
         if now > not_after {
             return Err(IdentityError::Expired {
                 path: leaf_path.clone(),
@@ -285,8 +259,7 @@ impl Identity {
         // The sidecar verifies our chain against the same bundle with client-auth usage.
         let ee = webpki::EndEntityCert::try_from(&chain[0])
             .map_err(|e| parse_err(IdentityFile::CertChain, leaf_path, e.to_string()))?;
-        let unix_now =
-            UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or_default());
+        let unix_now = UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or_default());
         ee.verify_for_usage(
             rustls::crypto::ring::default_provider()
                 .signature_verification_algorithms

@@ -9,9 +9,7 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{
-    CertificateError, DigitallySignedStruct, Error, OtherError, RootCertStore, SignatureScheme,
-};
+use rustls::{CertificateError, DigitallySignedStruct, Error, OtherError, RootCertStore, SignatureScheme};
 
 use super::{spiffe_trust_domain, uri_sans};
 
@@ -28,9 +26,7 @@ impl ExpectedServer {
     pub fn accepts(&self, sans: &[String]) -> bool {
         match self {
             ExpectedServer::Exact(ids) => sans.iter().any(|s| ids.contains(s)),
-            ExpectedServer::TrustDomain(td) => sans
-                .iter()
-                .any(|s| spiffe_trust_domain(s) == Some(td.as_str())),
+            ExpectedServer::TrustDomain(td) => sans.iter().any(|s| spiffe_trust_domain(s) == Some(td.as_str())),
         }
     }
 }
@@ -60,16 +56,8 @@ pub struct SpiffeServerVerifier {
 }
 
 impl SpiffeServerVerifier {
-    pub fn new(
-        roots: Arc<RootCertStore>,
-        expected: ExpectedServer,
-        algs: WebPkiSupportedAlgorithms,
-    ) -> Self {
-        SpiffeServerVerifier {
-            roots,
-            expected,
-            algs,
-        }
+    pub fn new(roots: Arc<RootCertStore>, expected: ExpectedServer, algs: WebPkiSupportedAlgorithms) -> Self {
+        SpiffeServerVerifier { roots, expected, algs }
     }
 }
 
@@ -80,9 +68,7 @@ pub fn describe_webpki_error(e: &webpki::Error) -> String {
         webpki::Error::CertExpired { .. } => "certificate expired".into(),
         webpki::Error::CertNotValidYet { .. } => "certificate not yet valid".into(),
         webpki::Error::InvalidSignatureForPublicKey => "bad signature in chain".into(),
-        webpki::Error::RequiredEkuNotFoundContext(_) => {
-            "certificate lacks the required extended key usage".into()
-        }
+        webpki::Error::RequiredEkuNotFoundContext(_) => "certificate lacks the required extended key usage".into(),
         other => format!("{other:?}"),
     }
 }
@@ -131,12 +117,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         } else {
             sans.join(",")
         };
-        Err(Error::InvalidCertificate(CertificateError::Other(
-            OtherError(Arc::new(WrongServerIdentity {
+        Err(Error::InvalidCertificate(CertificateError::Other(OtherError(
+            Arc::new(WrongServerIdentity {
                 found,
                 expected: self.expected.to_string(),
-            })),
-        )))
+            }),
+        ))))
     }
 
     fn verify_tls12_signature(

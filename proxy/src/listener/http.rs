@@ -19,6 +19,10 @@ use tokio::task::JoinSet;
 use crate::app::App;
 use crate::forward::{self, ConnInfo};
 use crate::lifecycle::{CloseSignal, ListenerState};
+use crate::listener::proxy_protocol::{self, Mode};
+
+/// How long a trusted peer has to send its PROXY header.
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 use crate::metrics::ListenerLabels;
 
 fn builder() -> auto::Builder<TokioExecutor> {
@@ -37,10 +41,7 @@ fn builder() -> auto::Builder<TokioExecutor> {
 }
 
 async fn closing(rx: &mut CloseSignal) -> (Duration, tokio::time::Instant) {
-    match rx
-        .wait_for(|s| matches!(s, ListenerState::Closing { .. }))
-        .await
-    {
+    match rx.wait_for(|s| matches!(s, ListenerState::Closing { .. })).await {
         Ok(s) => match *s {
             ListenerState::Closing { spread, deadline } => (spread, deadline),
             ListenerState::Serving => unreachable!("waited for Closing"),
@@ -61,7 +62,7 @@ impl Drop for ConnGauge {
 
 /// Serves `listener` until told to close.
 pub async fn serve(listener: TcpListener, name: Arc<str>, app: Arc<App>, mut close: CloseSignal) {
-    let builder = builder();
+    let builder = Arc::new(builder());
     let mut conns = JoinSet::new();
     let gauge = app
         .metrics
@@ -85,14 +86,46 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, app: Arc<App>, mut clo
                 let _ = stream.set_nodelay(true);
                 gauge.inc();
                 let guard = ConnGauge(gauge.clone());
-                let info = Arc::new(ConnInfo::new(name.clone(), peer));
+                let listener_cfg = app.proxy().snapshot.listeners.iter().find(|l| *l.name == *name).cloned();
                 let app2 = app.clone();
-                let conn_info = info.clone();
-                let svc = service_fn(move |req| forward::handle(app2.proxy(), conn_info.clone(), req));
-                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                let name2 = name.clone();
+                let builder = builder.clone();
                 let mut close = close.clone();
                 conns.spawn(async move {
                     let _guard = guard;
+                    let mut stream = stream;
+                    let mut client = peer;
+                    let mut vpce = None;
+                    let mut prefix = bytes::Bytes::new();
+                    let trusted = listener_cfg.as_ref().filter(|l| {
+                        l.proxy_protocol != Mode::Off
+                            && l.trusted_proxies.iter().any(|n| n.contains(&peer.ip().to_canonical()))
+                    });
+                    if let Some(l) = trusted {
+                        let required = l.proxy_protocol == Mode::Required;
+                        match proxy_protocol::read_header(&mut stream, required, PROXY_HEADER_TIMEOUT).await {
+                            Ok((info, rest)) => {
+                                if let Some(info) = info {
+                                    client = info.source.unwrap_or(peer);
+                                    vpce = info.vpce;
+                                }
+                                prefix = rest;
+                            }
+                            Err(e) => {
+                                tracing::warn!(listener = %name2, %peer, error = %e, "PROXY header rejected; closing");
+                                app2.metrics.denied.get_or_create(&crate::metrics::ListenerReasonLabels {
+                                    listener: name2.to_string(),
+                                    reason: "bad_proxy_header".into(),
+                                }).inc();
+                                return;
+                            }
+                        }
+                    }
+                    let info = Arc::new(ConnInfo::new(name2, client, vpce));
+                    let conn_info = info.clone();
+                    let svc = service_fn(move |req| forward::handle(app2.proxy(), conn_info.clone(), req));
+                    let io = TokioIo::new(proxy_protocol::Prefixed::new(prefix, stream));
+                    let conn = builder.serve_connection(io, svc).into_owned();
                     tokio::pin!(conn);
                     let asked = async {
                         let (spread, deadline) = closing(&mut close).await;

@@ -1,3 +1,4 @@
 //! Accept loops for VM-facing listeners. `http.rs` serves HTTP/1.1 and h2c on one port.
 
 pub mod http;
+pub mod proxy_protocol;

@@ -34,8 +34,7 @@ pub fn hash_key(key: &str) -> [u8; 32] {
 /// Parses the config form `sha256:<64 hex digits>`.
 pub fn parse_key_hash(s: &str) -> Result<[u8; 32], String> {
     let hex_part = s.strip_prefix("sha256:").ok_or_else(|| {
-        "API keys are stored hashed: expected \"sha256:<64 hex digits>\" (see `meshgate hash-key`)"
-            .to_string()
+        "API keys are stored hashed: expected \"sha256:<64 hex digits>\" (see `meshgate hash-key`)".to_string()
     })?;
     let mut out = [0u8; 32];
     hex::decode_to_slice(hex_part, &mut out)
@@ -47,18 +46,13 @@ pub fn parse_key_hash(s: &str) -> Result<[u8; 32], String> {
 pub fn generate_key() -> (String, String) {
     let mut raw = [0u8; 32];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut raw);
-    let key = format!(
-        "mgk_{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
-    );
+    let key = format!("mgk_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw));
     let hashed = format!("sha256:{}", hex::encode(hash_key(&key)));
     (key, hashed)
 }
 
 fn from_proxy_authorization(value: &[u8]) -> Result<String, KeyError> {
-    let value = std::str::from_utf8(value)
-        .map_err(|_| KeyError::Malformed)?
-        .trim();
+    let value = std::str::from_utf8(value).map_err(|_| KeyError::Malformed)?.trim();
     let (scheme, rest) = value.split_once(' ').ok_or(KeyError::Malformed)?;
     let rest = rest.trim();
     if scheme.eq_ignore_ascii_case("bearer") {
@@ -86,10 +80,7 @@ fn from_proxy_authorization(value: &[u8]) -> Result<String, KeyError> {
 
 /// Finds the API key a request presents, if any. Conflicting or repeated keys are refused
 /// rather than guessing which one was meant.
-pub fn presented_key(
-    headers: &HeaderMap,
-    key_header: &HeaderName,
-) -> Result<Option<PresentedKey>, KeyError> {
+pub fn presented_key(headers: &HeaderMap, key_header: &HeaderName) -> Result<Option<PresentedKey>, KeyError> {
     let mut found: Option<String> = None;
     let mut add = |k: String| -> Result<(), KeyError> {
         match &found {
@@ -122,10 +113,7 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
         }
         h
     }
@@ -165,13 +153,7 @@ mod tests {
 
     #[test]
     fn malformed() {
-        for v in [
-            "Bearer",
-            "Digest x",
-            "Basic !!!",
-            "Basic YWJj",
-            "Basic Og==",
-        ] {
+        for v in ["Bearer", "Digest x", "Basic !!!", "Basic YWJj", "Basic Og=="] {
             let h = headers(&[("proxy-authorization", v)]);
             assert_eq!(presented_key(&h, &kh()), Err(KeyError::Malformed), "{v}");
         }
@@ -179,15 +161,9 @@ mod tests {
 
     #[test]
     fn same_key_twice_is_fine_different_keys_are_not() {
-        let h = headers(&[
-            ("proxy-authorization", "Bearer abc"),
-            ("x-meshgate-key", "abc"),
-        ]);
+        let h = headers(&[("proxy-authorization", "Bearer abc"), ("x-meshgate-key", "abc")]);
         assert_eq!(presented_key(&h, &kh()), Ok(key("abc")));
-        let h = headers(&[
-            ("proxy-authorization", "Bearer abc"),
-            ("x-meshgate-key", "abd"),
-        ]);
+        let h = headers(&[("proxy-authorization", "Bearer abc"), ("x-meshgate-key", "abd")]);
         assert_eq!(presented_key(&h, &kh()), Err(KeyError::Conflicting));
     }
 

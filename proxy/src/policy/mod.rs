@@ -28,6 +28,8 @@ pub enum Allow {
 pub struct Tenant {
     pub name: String,
     pub sources: Vec<IpNet>,
+    /// When non-empty, the client must have arrived through one of these VPC endpoints.
+    pub vpce: Vec<String>,
     pub key_hashes: Vec<[u8; 32]>,
     pub allow: Allow,
 }
@@ -95,15 +97,16 @@ impl Tenants {
         self.tenants.is_empty()
     }
 
-    /// Decides the tenant of a request from its client address and the SHA-256 digest of the
-    /// API key it presented, if any.
-    pub fn authorize(&self, client: IpAddr, key_hash: Option<&[u8; 32]>) -> Result<TenantId, Deny> {
+    /// Decides the tenant of a request from its client address, the SHA-256 digest of the API
+    /// key it presented (if any) and the VPC endpoint it came through (if known).
+    pub fn authorize(&self, client: IpAddr, key_hash: Option<&[u8; 32]>, vpce: Option<&str>) -> Result<TenantId, Deny> {
         let client = canonical_ip(client);
+        let vpce_ok = |t: &Tenant| t.vpce.is_empty() || vpce.is_some_and(|v| t.vpce.iter().any(|x| x == v));
         match key_hash {
             Some(h) => {
                 let id = *self.by_key.get(h).ok_or(Deny::BadKey)?;
                 let t = &self.tenants[id];
-                if t.sources.is_empty() || t.sources.iter().any(|n| n.contains(&client)) {
+                if (t.sources.is_empty() || t.sources.iter().any(|n| n.contains(&client))) && vpce_ok(t) {
                     Ok(id)
                 } else {
                     Err(Deny::KeyWrongSource)
@@ -112,7 +115,7 @@ impl Tenants {
             None => self
                 .keyless
                 .iter()
-                .find(|(net, _)| net.contains(&client))
+                .find(|(net, id)| net.contains(&client) && vpce_ok(&self.tenants[*id]))
                 .map(|(_, id)| *id)
                 .ok_or(Deny::UnknownClient),
         }
@@ -142,24 +145,28 @@ mod tests {
             Tenant {
                 name: "wide".into(),
                 sources: vec![net("10.0.0.0/8")],
+                vpce: vec![],
                 key_hashes: vec![],
                 allow: Allow::Services(vec![true, false]),
             },
             Tenant {
                 name: "billing".into(),
                 sources: vec![net("10.20.0.0/16"), net("2001:db8::/32")],
+                vpce: vec![],
                 key_hashes: vec![],
                 allow: Allow::Services(vec![false, true]),
             },
             Tenant {
                 name: "laptops".into(),
                 sources: vec![],
+                vpce: vec![],
                 key_hashes: vec![hash_key("k1")],
                 allow: Allow::All,
             },
             Tenant {
                 name: "ci".into(),
                 sources: vec![net("192.168.1.0/24")],
+                vpce: vec![],
                 key_hashes: vec![hash_key("k2")],
                 allow: Allow::All,
             },
@@ -169,44 +176,38 @@ mod tests {
     #[test]
     fn longest_prefix_wins() {
         let t = table();
-        assert_eq!(t.authorize(ip("10.20.3.4"), None), Ok(1));
-        assert_eq!(t.authorize(ip("10.21.3.4"), None), Ok(0));
-        assert_eq!(t.authorize(ip("2001:db8::5"), None), Ok(1));
+        assert_eq!(t.authorize(ip("10.20.3.4"), None, None), Ok(1));
+        assert_eq!(t.authorize(ip("10.21.3.4"), None, None), Ok(0));
+        assert_eq!(t.authorize(ip("2001:db8::5"), None, None), Ok(1));
     }
 
     #[test]
     fn mapped_ipv4_matches_ipv4_cidrs() {
         let t = table();
-        assert_eq!(t.authorize(ip("::ffff:10.20.3.4"), None), Ok(1));
+        assert_eq!(t.authorize(ip("::ffff:10.20.3.4"), None, None), Ok(1));
     }
 
     #[test]
     fn unknown_client_denied() {
         let t = table();
-        assert_eq!(
-            t.authorize(ip("172.16.0.1"), None),
-            Err(Deny::UnknownClient)
-        );
+        assert_eq!(t.authorize(ip("172.16.0.1"), None, None), Err(Deny::UnknownClient));
         // A keyed tenant's sources never admit key-less requests.
-        assert_eq!(
-            t.authorize(ip("192.168.1.7"), None),
-            Err(Deny::UnknownClient)
-        );
+        assert_eq!(t.authorize(ip("192.168.1.7"), None, None), Err(Deny::UnknownClient));
     }
 
     #[test]
     fn keys_pick_their_tenant_from_anywhere() {
         let t = table();
-        assert_eq!(t.authorize(ip("172.16.0.1"), Some(&hash_key("k1"))), Ok(2));
+        assert_eq!(t.authorize(ip("172.16.0.1"), Some(&hash_key("k1")), None), Ok(2));
         // The key decides even inside another tenant's subnet.
-        assert_eq!(t.authorize(ip("10.20.0.1"), Some(&hash_key("k1"))), Ok(2));
+        assert_eq!(t.authorize(ip("10.20.0.1"), Some(&hash_key("k1")), None), Ok(2));
     }
 
     #[test]
     fn bad_key_is_not_downgraded_to_source_match() {
         let t = table();
         assert_eq!(
-            t.authorize(ip("10.20.0.1"), Some(&hash_key("nope"))),
+            t.authorize(ip("10.20.0.1"), Some(&hash_key("nope")), None),
             Err(Deny::BadKey)
         );
     }
@@ -214,11 +215,28 @@ mod tests {
     #[test]
     fn key_with_sources_requires_both() {
         let t = table();
-        assert_eq!(t.authorize(ip("192.168.1.9"), Some(&hash_key("k2"))), Ok(3));
+        assert_eq!(t.authorize(ip("192.168.1.9"), Some(&hash_key("k2")), None), Ok(3));
         assert_eq!(
-            t.authorize(ip("192.168.2.9"), Some(&hash_key("k2"))),
+            t.authorize(ip("192.168.2.9"), Some(&hash_key("k2")), None),
             Err(Deny::KeyWrongSource)
         );
+    }
+
+    #[test]
+    fn vpce_restricts_a_tenant_to_its_endpoints() {
+        let mut tenants = table().tenants;
+        tenants.push(Tenant {
+            name: "privatelink".into(),
+            sources: vec![net("10.20.5.0/24")],
+            vpce: vec!["vpce-1".into()],
+            key_hashes: vec![],
+            allow: Allow::All,
+        });
+        let t = Tenants::new(tenants);
+        assert_eq!(t.authorize(ip("10.20.5.1"), None, Some("vpce-1")), Ok(4));
+        // Not through the endpoint: the next best (shorter) prefix wins instead.
+        assert_eq!(t.authorize(ip("10.20.5.1"), None, Some("vpce-2")), Ok(1));
+        assert_eq!(t.authorize(ip("10.20.5.1"), None, None), Ok(1));
     }
 
     #[test]

@@ -107,14 +107,8 @@ mod tests {
         let t = table();
         assert_eq!(t.resolve("multi.ns.svc.cluster.local:8080"), Ok(1));
         assert_eq!(t.resolve("multi.ns.svc.cluster.local:9090"), Ok(2));
-        assert_eq!(
-            t.resolve("multi.ns.svc.cluster.local"),
-            Err(RouteError::UnknownHost)
-        );
-        assert_eq!(
-            t.resolve("multi.ns.svc.cluster.local:1"),
-            Err(RouteError::UnknownHost)
-        );
+        assert_eq!(t.resolve("multi.ns.svc.cluster.local"), Err(RouteError::UnknownHost));
+        assert_eq!(t.resolve("multi.ns.svc.cluster.local:1"), Err(RouteError::UnknownHost));
     }
 
     #[test]

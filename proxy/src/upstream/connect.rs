@@ -51,8 +51,7 @@ impl TlsParams {
         // Each connection may land on a different pod behind the passthrough gateway; a resumed
         // session would skip checking that pod's certificate. ztunnel disables it for the same reason.
         config.resumption = rustls::client::Resumption::disabled();
-        let server_name = ServerName::try_from(service.sni.clone())
-            .expect("SNI validated when the config was loaded");
+        let server_name = ServerName::try_from(service.sni.clone()).expect("SNI validated when the config was loaded");
         TlsParams {
             config: Arc::new(config),
             server_name,
@@ -68,16 +67,11 @@ pub struct Connected {
 
 fn classify_tls(addr: SocketAddr, e: std::io::Error) -> UpstreamError {
     // rustls errors arrive wrapped in io::Error; identity failures are the operator-relevant ones.
-    if let Some(tls) = e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    {
+    if let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
         if let rustls::Error::InvalidCertificate(ce) = tls {
             if let rustls::CertificateError::Other(other) = ce {
                 if let Some(w) = other.0.downcast_ref::<WrongServerIdentity>() {
-                    return UpstreamError::Identity {
-                        reason: w.to_string(),
-                    };
+                    return UpstreamError::Identity { reason: w.to_string() };
                 }
             }
             return UpstreamError::Identity {
@@ -110,24 +104,17 @@ pub async fn connect(
 ) -> Result<Connected, UpstreamError> {
     let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
         .await
-        .map_err(|_| UpstreamError::ConnectTimeout {
-            addr: addr.to_string(),
-        })?
+        .map_err(|_| UpstreamError::ConnectTimeout { addr: addr.to_string() })?
         .map_err(|e| UpstreamError::Connect {
             addr: addr.to_string(),
             reason: e.to_string(),
         })?;
     let _ = tcp.set_nodelay(true);
     let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-    let stream = tokio::time::timeout(
-        handshake_timeout,
-        connector.connect(tls.server_name.clone(), tcp),
-    )
-    .await
-    .map_err(|_| UpstreamError::HandshakeTimeout {
-        addr: addr.to_string(),
-    })?
-    .map_err(|e| classify_tls(addr, e))?;
+    let stream = tokio::time::timeout(handshake_timeout, connector.connect(tls.server_name.clone(), tcp))
+        .await
+        .map_err(|_| UpstreamError::HandshakeTimeout { addr: addr.to_string() })?
+        .map_err(|e| classify_tls(addr, e))?;
     let alpn = stream.get_ref().1.alpn_protocol().map(|p| p.to_vec());
     Ok(Connected { stream, alpn })
 }
@@ -144,11 +131,7 @@ mod tests {
         );
         assert_eq!(
             alpn_for(UpstreamProtocol::Http1),
-            vec![
-                b"istio-http/1.1".to_vec(),
-                b"istio".to_vec(),
-                b"http/1.1".to_vec()
-            ]
+            vec![b"istio-http/1.1".to_vec(), b"istio".to_vec(), b"http/1.1".to_vec()]
         );
     }
 }

@@ -57,9 +57,7 @@ impl Gateway {
         let lookup = tokio::net::lookup_host((self.target.host.as_str(), self.target.port));
         let mut found: Vec<SocketAddr> = tokio::time::timeout(Duration::from_secs(10), lookup)
             .await
-            .map_err(|_| {
-                std::io::Error::new(std::io::ErrorKind::TimedOut, "DNS lookup timed out")
-            })??
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "DNS lookup timed out"))??
             .collect();
         found.sort();
         found.dedup();

@@ -97,15 +97,7 @@ impl Upstream {
                 previous
                     .and_then(|p| p.pools.iter().find(|pool| *pool.key() == key))
                     .cloned()
-                    .unwrap_or_else(|| {
-                        Pool::new(
-                            key,
-                            s.clone(),
-                            &snapshot.identity,
-                            gateway.clone(),
-                            metrics.clone(),
-                        )
-                    })
+                    .unwrap_or_else(|| Pool::new(key, s.clone(), &snapshot.identity, gateway.clone(), metrics.clone()))
             })
             .collect();
         Upstream { gateway, pools }

@@ -217,16 +217,12 @@ impl Pool {
         let idle = self.settings.idle_timeout;
         st.h2.retain(|c| {
             let idle_since = c.created + Duration::from_millis(c.idle_since_ms.load(SeqCst));
-            let idle_too_long =
-                c.in_flight.load(SeqCst) == 0 && now.saturating_duration_since(idle_since) >= idle;
+            let idle_too_long = c.in_flight.load(SeqCst) == 0 && now.saturating_duration_since(idle_since) >= idle;
             !(c.sender.is_closed() || c.broken.load(SeqCst) || now >= c.expires || idle_too_long)
         });
         let before = st.h1_idle.len();
-        st.h1_idle.retain(|c| {
-            !c.sender.is_closed()
-                && now < c.expires
-                && now.saturating_duration_since(c.idle_since) < idle
-        });
+        st.h1_idle
+            .retain(|c| !c.sender.is_closed() && now < c.expires && now.saturating_duration_since(c.idle_since) < idle);
         st.h1_open -= before - st.h1_idle.len();
     }
 
@@ -297,10 +293,7 @@ impl Pool {
                     });
                 }
                 let waiting = self.waiters.load(SeqCst);
-                if may_dial
-                    && st.h1_open + st.dialing < self.settings.http1_max_connections
-                    && st.dialing < waiting
-                {
+                if may_dial && st.h1_open + st.dialing < self.settings.http1_max_connections && st.dialing < waiting {
                     self.start_dials(st, 1);
                 }
                 None
@@ -325,8 +318,7 @@ impl Pool {
                 self.prune(&mut st, Instant::now());
                 // Once a dial failed while this request waited, it starts no more dials of its
                 // own: it takes what the dials in progress bring, or reports the failure.
-                let failed_since_start =
-                    st.last_error.as_ref().is_some_and(|(seq, _)| *seq > start);
+                let failed_since_start = st.last_error.as_ref().is_some_and(|(seq, _)| *seq > start);
                 let taken = self.try_take(&mut st, !failed_since_start);
                 if taken.is_none() && failed_since_start && st.dialing == 0 {
                     let (_, e) = st.last_error.as_ref().expect("checked above");
@@ -337,8 +329,7 @@ impl Pool {
             if let Some(mut lease) = taken {
                 if let LeaseKind::H1(Some(c)) = &mut lease.kind {
                     // The previous response may still be settling in hyper's dispatcher.
-                    let ready =
-                        tokio::time::timeout(Duration::from_secs(1), c.sender.ready()).await;
+                    let ready = tokio::time::timeout(Duration::from_secs(1), c.sender.ready()).await;
                     if !matches!(ready, Ok(Ok(()))) {
                         lease.body_done = false; // drop it, don't return it to the idle list
                         continue;
@@ -407,11 +398,7 @@ impl Pool {
         };
         if speaks_h2 != (want == UpstreamProtocol::Http2) {
             return Err(UpstreamError::Protocol {
-                got: if speaks_h2 {
-                    "h2".into()
-                } else {
-                    "http/1.1".into()
-                },
+                got: if speaks_h2 { "h2".into() } else { "http/1.1".into() },
                 want: protocol_name(want),
             });
         }
@@ -535,9 +522,7 @@ impl Drop for Lease {
         match &mut self.kind {
             LeaseKind::H2(c, _) => {
                 if c.in_flight.fetch_sub(1, SeqCst) == 1 {
-                    let ms = Instant::now()
-                        .saturating_duration_since(c.created)
-                        .as_millis() as u64;
+                    let ms = Instant::now().saturating_duration_since(c.created).as_millis() as u64;
                     c.idle_since_ms.store(ms, SeqCst);
                 }
             }

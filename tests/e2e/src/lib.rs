@@ -32,10 +32,7 @@ pub fn host(name: &str) -> String {
 
 pub fn key_hash(key: &str) -> String {
     use sha2::Digest;
-    format!(
-        "sha256:{}",
-        hex::encode(sha2::Sha256::digest(key.as_bytes()))
-    )
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(key.as_bytes())))
 }
 
 /// Services and tenants matching `meshsim::demo_spec()`.
@@ -97,6 +94,8 @@ pub struct EnvBuilder {
     gateway: Option<String>,
     /// Extra top-level YAML (admin, drain, reload, ...).
     extra: String,
+    /// Extra keys for the `vm` listener (indented by four spaces).
+    listener_extra: String,
 }
 
 impl Default for EnvBuilder {
@@ -108,6 +107,7 @@ impl Default for EnvBuilder {
             identity: None,
             gateway: None,
             extra: String::new(),
+            listener_extra: String::new(),
         }
     }
 }
@@ -131,6 +131,11 @@ impl EnvBuilder {
     pub fn admin(self) -> Self {
         self.extra("admin:\n  bind: 127.0.0.1:0\n")
     }
+    /// Adds keys to the listener (e.g. `    proxy_protocol: optional\n`).
+    pub fn listener_extra(mut self, yaml: &str) -> Self {
+        self.listener_extra.push_str(yaml);
+        self
+    }
     /// Appends top-level YAML sections to the config.
     pub fn extra(mut self, yaml: &str) -> Self {
         self.extra.push_str(yaml);
@@ -142,10 +147,7 @@ impl EnvBuilder {
         self
     }
     /// Replaces meshgate's mesh-issued identity.
-    pub fn identity(
-        mut self,
-        f: impl FnOnce(&meshsim::MeshCa) -> (String, String, String) + 'static,
-    ) -> Self {
+    pub fn identity(mut self, f: impl FnOnce(&meshsim::MeshCa) -> (String, String, String) + 'static) -> Self {
         self.identity = Some(Box::new(f));
         self
     }
@@ -164,16 +166,16 @@ impl EnvBuilder {
         std::fs::write(dir.path().join("key.pem"), key)?;
         std::fs::write(dir.path().join("root-cert.pem"), root)?;
         let config = format!(
-            "listeners:\n  - name: vm\n    bind: 127.0.0.1:0\n    protocol: http\nmesh:\n  trust_domain: {TD}\n  gateway: {gw}\n  identity:\n    cert_chain: cert-chain.pem\n    key: key.pem\n    root_cert: root-cert.pem\n{body}{up}{extra}",
+            "listeners:\n  - name: vm\n    bind: 127.0.0.1:0\n    protocol: http\n{lx}mesh:\n  trust_domain: {TD}\n  gateway: {gw}\n  identity:\n    cert_chain: cert-chain.pem\n    key: key.pem\n    root_cert: root-cert.pem\n{body}{up}{extra}",
             gw = self.gateway.unwrap_or_else(|| mesh.gateway_addr().to_string()),
             body = self.body,
             up = self.upstream,
             extra = self.extra,
+            lx = self.listener_extra,
         );
         let config_path = dir.path().join("meshgate.yaml");
         std::fs::write(&config_path, &config)?;
-        let snapshot = meshgate::config::load(&config_path)
-            .map_err(|e| anyhow::anyhow!("{e}\n---\n{config}"))?;
+        let snapshot = meshgate::config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}\n---\n{config}"))?;
         let gate = meshgate::app::start(snapshot).await?;
         Ok(Env {
             mesh,
@@ -214,13 +216,7 @@ impl Env {
     }
 
     /// One GET over a fresh HTTP/1.1 connection from `src` with `Host: host` and extra headers.
-    pub async fn get(
-        &self,
-        src: &str,
-        host: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-    ) -> anyhow::Result<Resp> {
+    pub async fn get(&self, src: &str, host: &str, path: &str, headers: &[(&str, &str)]) -> anyhow::Result<Resp> {
         let mut c = self.h1(src).await?;
         let mut b = Request::get(path).header("host", host);
         for (k, v) in headers {
@@ -276,11 +272,7 @@ pub struct Client {
 }
 
 /// One request to an admin API at `addr`: (status, body).
-pub async fn admin_request(
-    addr: SocketAddr,
-    method: http::Method,
-    path: &str,
-) -> anyhow::Result<(StatusCode, String)> {
+pub async fn admin_request(addr: SocketAddr, method: http::Method, path: &str) -> anyhow::Result<(StatusCode, String)> {
     let mut c = Client::connect(addr, "127.0.0.1".parse()?, false).await?;
     let req = Request::builder()
         .method(method)
@@ -359,14 +351,7 @@ impl Load {
     }
 
     /// Like [`Load::start`]; `h2` makes every worker an h2c client (which honours GOAWAY).
-    pub fn start_with(
-        addr: SocketAddr,
-        src: &str,
-        host: &str,
-        path: &str,
-        workers: usize,
-        h2: bool,
-    ) -> Load {
+    pub fn start_with(addr: SocketAddr, src: &str, host: &str, path: &str, workers: usize, h2: bool) -> Load {
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         use std::sync::{Arc, Mutex};
         let stop = Arc::new(AtomicBool::new(false));
@@ -376,12 +361,7 @@ impl Load {
         let mut tasks = tokio::task::JoinSet::new();
         let src: IpAddr = src.parse().expect("source address");
         for _ in 0..workers {
-            let (stop, lb_removed, ok, failures) = (
-                stop.clone(),
-                lb_removed.clone(),
-                ok.clone(),
-                failures.clone(),
-            );
+            let (stop, lb_removed, ok, failures) = (stop.clone(), lb_removed.clone(), ok.clone(), failures.clone());
             let (host, path) = (host.to_string(), path.to_string());
             tasks.spawn(async move {
                 let mut client: Option<Client> = None;
@@ -416,12 +396,7 @@ impl Load {
                                 client = None;
                             }
                         }
-                        Ok(r) => {
-                            failures
-                                .lock()
-                                .unwrap()
-                                .push(format!("{} {}", r.status, r.text()))
-                        }
+                        Ok(r) => failures.lock().unwrap().push(format!("{} {}", r.status, r.text())),
                         Err(e) if e.is::<NotSent>() => client = None,
                         Err(e) => {
                             failures.lock().unwrap().push(format!("request: {e:#}"));
@@ -478,10 +453,7 @@ where
         if f().await {
             return;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -64,10 +64,7 @@ async fn allowed_subnet_reaches_app_with_mesh_identity_host_and_h2() {
 #[tokio::test]
 async fn http1_service_negotiates_http11_alpn() {
     let env = Env::start().await.unwrap();
-    let r = env
-        .get(BILLING_IP, &host("ratings"), "/ratings/7", &[])
-        .await
-        .unwrap();
+    let r = env.get(BILLING_IP, &host("ratings"), "/ratings/7", &[]).await.unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     let j = r.json();
     assert_eq!(j["alpn"], "http/1.1");
@@ -79,10 +76,7 @@ async fn http1_service_negotiates_http11_alpn() {
 #[tokio::test]
 async fn client_in_another_subnet_gets_403() {
     let env = Env::start().await.unwrap();
-    let r = env
-        .get(STRANGER_IP, &host("reviews"), "/", &[])
-        .await
-        .unwrap();
+    let r = env.get(STRANGER_IP, &host("reviews"), "/", &[]).await.unwrap();
     assert_eq!(r.status, 403);
     assert_eq!(r.text(), "meshgate: client address is not in any tenant\n");
     assert_eq!(env.mesh.stats().pods_total(|p| p.app_requests), 0);
@@ -110,10 +104,7 @@ async fn valid_key_from_any_address_gets_200_and_key_never_reaches_app() {
         let headers = j["headers"].as_object().unwrap();
         assert!(!headers.contains_key("x-meshgate-key"), "{headers:?}");
         assert!(!headers.contains_key("proxy-authorization"), "{headers:?}");
-        assert!(!r
-            .body
-            .windows(LAPTOP_KEY.len())
-            .any(|w| w == LAPTOP_KEY.as_bytes()));
+        assert!(!r.body.windows(LAPTOP_KEY.len()).any(|w| w == LAPTOP_KEY.as_bytes()));
     }
 }
 
@@ -122,12 +113,7 @@ async fn wrong_key_gets_401() {
     let env = Env::start().await.unwrap();
     // Even from an allowed subnet: a bad key is never downgraded to a source match.
     let r = env
-        .get(
-            BILLING_IP,
-            &host("reviews"),
-            "/",
-            &[("x-meshgate-key", "not-a-key")],
-        )
+        .get(BILLING_IP, &host("reviews"), "/", &[("x-meshgate-key", "not-a-key")])
         .await
         .unwrap();
     assert_eq!(r.status, 401);
@@ -149,10 +135,7 @@ async fn unknown_host_gets_404() {
 #[tokio::test]
 async fn service_outside_tenant_allow_list_gets_403() {
     let env = Env::start().await.unwrap();
-    let r = env
-        .get(BILLING_IP, &host("details"), "/", &[])
-        .await
-        .unwrap();
+    let r = env.get(BILLING_IP, &host("details"), "/", &[]).await.unwrap();
     assert_eq!(r.status, 403);
     assert_eq!(r.text(), "meshgate: service not allowed for tenant\n");
     assert_eq!(env.mesh.stats().pods_total(|p| p.app_requests), 0);
@@ -162,9 +145,7 @@ async fn service_outside_tenant_allow_list_gets_403() {
 async fn malformed_request_gets_400() {
     let env = Env::start().await.unwrap();
     // HTTP/1.1 without Host.
-    let mut s = connect_from(env.addr(), BILLING_IP.parse().unwrap())
-        .await
-        .unwrap();
+    let mut s = connect_from(env.addr(), BILLING_IP.parse().unwrap()).await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
     let mut buf = vec![0u8; 4096];
@@ -241,10 +222,7 @@ async fn subset_service_lands_on_subset_pods_only() {
     let env = Env::start().await.unwrap();
     let mut pods = HashSet::new();
     for _ in 0..12 {
-        let r = env
-            .get(BILLING_IP, "reviews-v2.bookinfo.test", "/", &[])
-            .await
-            .unwrap();
+        let r = env.get(BILLING_IP, "reviews-v2.bookinfo.test", "/", &[]).await.unwrap();
         assert_eq!(r.status, 200, "{}", r.text());
         let j = r.json();
         assert_eq!(j["subset"], "v2");
@@ -267,9 +245,7 @@ async fn concurrent_requests_share_a_bounded_pool_spread_over_pods() {
     for i in 0..200 {
         tasks.spawn(async move {
             let src = format!("127.20.{}.{}", i / 100, 1 + i % 100);
-            let mut c = Client::connect(addr, src.parse().unwrap(), false)
-                .await
-                .unwrap();
+            let mut c = Client::connect(addr, src.parse().unwrap(), false).await.unwrap();
             let req = Request::get("/slow?delay_ms=300")
                 .header("host", host("reviews"))
                 .body(Full::new(Bytes::new()))
@@ -281,9 +257,7 @@ async fn concurrent_requests_share_a_bounded_pool_spread_over_pods() {
     while let Some(r) = tasks.join_next().await {
         let r = r.unwrap();
         assert_eq!(r.status, 200, "{}", r.text());
-        *by_pod
-            .entry(r.json()["pod"].as_str().unwrap().to_string())
-            .or_default() += 1;
+        *by_pod.entry(r.json()["pod"].as_str().unwrap().to_string()).or_default() += 1;
     }
     let stats = env.mesh.stats();
     assert!(
@@ -292,10 +266,7 @@ async fn concurrent_requests_share_a_bounded_pool_spread_over_pods() {
         stats.gateway_routed
     );
     assert!(stats.gateway_routed >= 2, "min_connections is 2");
-    assert!(
-        by_pod.len() > 1,
-        "all requests pinned to one pod: {by_pod:?}"
-    );
+    assert!(by_pod.len() > 1, "all requests pinned to one pod: {by_pod:?}");
     assert_eq!(by_pod.values().sum::<usize>(), 200);
 }
 
@@ -324,11 +295,7 @@ async fn ten_mib_bodies_stream_both_ways() {
         assert_eq!(r.status, 200);
         assert_eq!(r.body.len(), 10 * 1024 * 1024, "{service}");
         let got = hex::encode(sha2::Sha256::digest(&r.body));
-        assert_eq!(
-            r.headers["x-body-sha256"].to_str().unwrap(),
-            got,
-            "{service}"
-        );
+        assert_eq!(r.headers["x-body-sha256"].to_str().unwrap(), got, "{service}");
     }
 }
 
@@ -336,9 +303,7 @@ async fn ten_mib_bodies_stream_both_ways() {
 async fn expect_100_continue_upload_works() {
     let env = Env::start().await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = connect_from(env.addr(), BILLING_IP.parse().unwrap())
-        .await
-        .unwrap();
+    let mut s = connect_from(env.addr(), BILLING_IP.parse().unwrap()).await.unwrap();
     let head = format!(
         "POST /up HTTP/1.1\r\nHost: {}\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
         host("reviews")
@@ -370,10 +335,7 @@ async fn gateway_down_gives_503() {
     let env = Env::start().await.unwrap();
     env.mesh.stop_gateway().await;
     let started = std::time::Instant::now();
-    let r = env
-        .get(BILLING_IP, &host("reviews"), "/", &[])
-        .await
-        .unwrap();
+    let r = env.get(BILLING_IP, &host("reviews"), "/", &[]).await.unwrap();
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().starts_with("meshgate: gateway "), "{}", r.text());
     assert!(r.text().contains("unreachable"), "{}", r.text());
@@ -381,10 +343,7 @@ async fn gateway_down_gives_503() {
     eprintln!("503 after {:?}", started.elapsed());
     // And it recovers when the gateway returns.
     env.mesh.start_gateway().await.unwrap();
-    let r = env
-        .get(BILLING_IP, &host("reviews"), "/", &[])
-        .await
-        .unwrap();
+    let r = env.get(BILLING_IP, &host("reviews"), "/", &[]).await.unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
@@ -410,10 +369,7 @@ async fn gateway_that_never_answers_gives_503_after_the_connect_timeout() {
         .await
         .unwrap();
     let started = std::time::Instant::now();
-    let r = env
-        .get(BILLING_IP, &host("reviews"), "/", &[])
-        .await
-        .unwrap();
+    let r = env.get(BILLING_IP, &host("reviews"), "/", &[]).await.unwrap();
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("timed out"), "{}", r.text());
     eprintln!("503 after {:?} (connect_timeout 1s)", started.elapsed());
@@ -447,10 +403,7 @@ async fn sidecar_with_wrong_spiffe_identity_gives_502_and_app_sees_nothing() {
         .start()
         .await
         .unwrap();
-    let r = env
-        .get(BILLING_IP, &host("reviews"), "/", &[])
-        .await
-        .unwrap();
+    let r = env.get(BILLING_IP, &host("reviews"), "/", &[]).await.unwrap();
     assert_eq!(r.status, 502, "{}", r.text());
     assert!(r.text().contains("bookinfo-ratings"), "{}", r.text());
     assert_eq!(env.mesh.stats().pods_total(|p| p.app_requests), 0);
@@ -464,10 +417,7 @@ async fn sidecar_with_cert_from_another_ca_gives_502_and_app_sees_nothing() {
         .start()
         .await
         .unwrap();
-    let r = env
-        .get(BILLING_IP, &host("reviews"), "/", &[])
-        .await
-        .unwrap();
+    let r = env.get(BILLING_IP, &host("reviews"), "/", &[]).await.unwrap();
     assert_eq!(r.status, 502, "{}", r.text());
     assert!(
         r.text().contains("unknown CA") || r.text().contains("UnknownIssuer"),
@@ -494,10 +444,7 @@ async fn client_cert_from_another_ca_is_refused_by_the_sidecar() {
         .start()
         .await
         .unwrap();
-    let r = env
-        .get(BILLING_IP, &host("reviews"), "/", &[])
-        .await
-        .unwrap();
+    let r = env.get(BILLING_IP, &host("reviews"), "/", &[]).await.unwrap();
     assert_eq!(r.status, 502, "{}", r.text());
     let stats = env.mesh.stats();
     assert!(stats.pods_total(|p| p.tls_failures) >= 1, "{stats:?}");
@@ -510,22 +457,11 @@ async fn unknown_sni_is_refused_by_the_gateway() {
         "services:\n  ghost:\n    host: ghost.bookinfo.svc.cluster.local\n    port: 9080\n    protocol: http2\n  reviews-v9:\n    host: {}\n    port: 9080\n    protocol: http2\n    subset: v9\n    aliases: [reviews-v9.bookinfo.test]\ntenants:\n  billing-vms:\n    sources: [127.20.0.0/16]\n    allow: [\"*\"]\n",
         host("reviews")
     );
-    let env = EnvBuilder::default()
-        .services_and_tenants(&cfg)
-        .start()
-        .await
-        .unwrap();
-    for h in [
-        "ghost.bookinfo.svc.cluster.local",
-        "reviews-v9.bookinfo.test",
-    ] {
+    let env = EnvBuilder::default().services_and_tenants(&cfg).start().await.unwrap();
+    for h in ["ghost.bookinfo.svc.cluster.local", "reviews-v9.bookinfo.test"] {
         let r = env.get(BILLING_IP, h, "/", &[]).await.unwrap();
         assert_eq!(r.status, 502, "{h}: {}", r.text());
-        assert!(
-            r.text().contains("gateway closed the connection"),
-            "{h}: {}",
-            r.text()
-        );
+        assert!(r.text().contains("gateway closed the connection"), "{h}: {}", r.text());
     }
     let stats = env.mesh.stats();
     assert!(stats.gateway_refused >= 2, "{stats:?}");

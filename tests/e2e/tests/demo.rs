@@ -13,16 +13,12 @@ async fn demo_curl_commands_give_the_printed_results() {
     for c in &demo.commands {
         // What the user sees is exactly what we run.
         assert!(text.contains(&c.shell()), "{text}");
-        assert!(
-            text.contains(&format!("-> HTTP {}", c.expect_status)),
-            "{text}"
-        );
+        assert!(text.contains(&format!("-> HTTP {}", c.expect_status)), "{text}");
         let argv = c.argv.clone();
-        let out =
-            tokio::task::spawn_blocking(move || Command::new(&argv[0]).args(&argv[1..]).output())
-                .await
-                .unwrap()
-                .expect("curl must be installed (scripts/test.sh installs it)");
+        let out = tokio::task::spawn_blocking(move || Command::new(&argv[0]).args(&argv[1..]).output())
+            .await
+            .unwrap()
+            .expect("curl must be installed (scripts/test.sh installs it)");
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -31,12 +27,7 @@ async fn demo_curl_commands_give_the_printed_results() {
             String::from_utf8_lossy(&out.stderr)
         );
         let last = stdout.lines().last().unwrap_or_default();
-        assert_eq!(
-            last,
-            format!("HTTP {}", c.expect_status),
-            "{}:\n{stdout}",
-            c.shell()
-        );
+        assert_eq!(last, format!("HTTP {}", c.expect_status), "{}:\n{stdout}", c.shell());
     }
     // The shell form round-trips through a real shell too (quoting of the -w format and headers).
     let first = demo.commands[0].shell();

@@ -7,9 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
-    PKCS_RSA_SHA256,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256, PKCS_RSA_SHA256,
 };
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -168,8 +167,7 @@ impl MeshCa {
     /// The root as DER, for building rustls root stores.
     pub fn root_der(&self) -> CertificateDer<'static> {
         // The PEM was produced by rcgen a moment ago; failing to re-read it is a bug here.
-        CertificateDer::from_pem_slice(self.root_pem.as_bytes())
-            .expect("rcgen produced an unreadable root PEM")
+        CertificateDer::from_pem_slice(self.root_pem.as_bytes()).expect("rcgen produced an unreadable root PEM")
     }
 
     /// The intermediate signing CA as PEM.
@@ -179,11 +177,7 @@ impl MeshCa {
 
     /// A workload certificate for `spiffe://<td>/ns/<namespace>/sa/<service_account>`.
     pub fn issue(&self, namespace: &str, service_account: &str) -> anyhow::Result<WorkloadCert> {
-        self.issue_with(&IssueOptions::workload(
-            &self.trust_domain,
-            namespace,
-            service_account,
-        ))
+        self.issue_with(&IssueOptions::workload(&self.trust_domain, namespace, service_account))
     }
 
     /// A workload certificate shaped like istiod's `genCertTemplateFromCSR`: empty subject, SAN
@@ -200,9 +194,8 @@ impl MeshCa {
         let mut p = CertificateParams::default();
         p.distinguished_name = DistinguishedName::new();
         if let Some(id) = &opts.spiffe_id {
-            p.subject_alt_names.push(SanType::URI(
-                id.as_str().try_into().context("SPIFFE ID is not IA5")?,
-            ));
+            p.subject_alt_names
+                .push(SanType::URI(id.as_str().try_into().context("SPIFFE ID is not IA5")?));
         }
         for dns in &opts.dns_names {
             p.subject_alt_names.push(SanType::DnsName(
@@ -210,14 +203,8 @@ impl MeshCa {
             ));
         }
         p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         p.use_authority_key_identifier_extension = true;
         p.serial_number = Some(random_serial());
         let not_after = truncate_to_secs(opts.not_after.min(self.intermediate_not_after));
@@ -328,9 +315,7 @@ mod tests {
                     assert!(ext.critical, "SAN must be critical");
                     assert_eq!(
                         san.general_names,
-                        vec![GeneralName::URI(
-                            "spiffe://cluster.local/ns/bookinfo/sa/reviews"
-                        )]
+                        vec![GeneralName::URI("spiffe://cluster.local/ns/bookinfo/sa/reviews")]
                     );
                 }
                 ParsedExtension::KeyUsage(ku) => {
@@ -350,10 +335,7 @@ mod tests {
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap()
             .as_secs() as i64;
-        assert!(
-            (now - 125..=now - 115).contains(&nb),
-            "NotBefore = now - 2min"
-        );
+        assert!((now - 125..=now - 115).contains(&nb), "NotBefore = now - 2min");
         let na = leaf.validity().not_after.timestamp();
         assert!((now + 24 * 3600 - 5..=now + 24 * 3600).contains(&na));
 
@@ -378,10 +360,7 @@ mod tests {
         let chain = wc.chain_der().unwrap();
         let (_, leaf) = parse_x509_certificate(&chain[0]).unwrap();
         let san = leaf.subject_alternative_name().unwrap().unwrap();
-        assert_eq!(
-            san.value.general_names,
-            vec![GeneralName::DNSName("x.example.org")]
-        );
+        assert_eq!(san.value.general_names, vec![GeneralName::DNSName("x.example.org")]);
         assert_eq!(
             leaf.public_key().algorithm.algorithm,
             x509_parser::oid_registry::OID_PKCS1_RSAENCRYPTION
@@ -402,10 +381,7 @@ mod tests {
         assert_eq!(files.cert_chain.file_name().unwrap(), "cert-chain.pem");
         assert_eq!(files.key.file_name().unwrap(), "key.pem");
         assert_eq!(files.root_cert.file_name().unwrap(), "root-cert.pem");
-        assert_eq!(
-            std::fs::read_to_string(&files.root_cert).unwrap(),
-            ca.root_pem()
-        );
+        assert_eq!(std::fs::read_to_string(&files.root_cert).unwrap(), ca.root_pem());
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt as _;

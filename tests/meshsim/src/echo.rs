@@ -61,11 +61,7 @@ pub fn pattern_sha256(n: u64) -> String {
 }
 
 // One chunk plus one period of the pattern, so any chunk at any offset is a plain slice of it.
-static PATTERN: LazyLock<Vec<u8>> = LazyLock::new(|| {
-    (0..(PATTERN_CHUNK + PERIOD) as u64)
-        .map(pattern_byte)
-        .collect()
-});
+static PATTERN: LazyLock<Vec<u8>> = LazyLock::new(|| (0..(PATTERN_CHUNK + PERIOD) as u64).map(pattern_byte).collect());
 
 fn pattern_slice(offset: u64, len: usize) -> &'static [u8] {
     let start = (offset % PERIOD as u64) as usize;
@@ -101,10 +97,7 @@ impl Body for PatternBody {
     type Data = Bytes;
     type Error = EchoReset;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, EchoReset>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, EchoReset>>> {
         let end = self.reset_at.unwrap_or(self.len);
         if self.offset == end && self.reset_at.is_some() {
             return Poll::Ready(Some(Err(EchoReset)));
@@ -129,11 +122,7 @@ impl Body for PatternBody {
 }
 
 /// A small fixed body.
-pub fn full(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<EchoBody> {
+pub fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<EchoBody> {
     let mut resp = Response::new(Either::Left(Full::new(body.into())));
     *resp.status_mut() = status;
     resp.headers_mut()
@@ -186,9 +175,7 @@ fn parse_knobs(query: Option<&str>) -> Result<Knobs, String> {
             }
             "reset" => k.reset = value != "0",
             "reset_after" => {
-                let n: u64 = value
-                    .parse()
-                    .map_err(|_| format!("bad reset_after={value}"))?;
+                let n: u64 = value.parse().map_err(|_| format!("bad reset_after={value}"))?;
                 k.reset_after = Some(n);
             }
             _ => {}
@@ -280,10 +267,7 @@ pub(crate) async fn serve(
         }
         let mut resp = Response::new(Either::Right(body));
         let h = resp.headers_mut();
-        h.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         h.insert("x-body-sha256", hv(&pattern_sha256(n)));
         h.insert("x-request-body-bytes", hv(&body_bytes.to_string()));
         h.insert("x-request-body-sha256", hv(&body_sha256));
@@ -291,10 +275,7 @@ pub(crate) async fn serve(
     } else {
         let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (name, value) in &parts.headers {
-            headers
-                .entry(name.as_str().to_string())
-                .or_default()
-                .push(lossy(value));
+            headers.entry(name.as_str().to_string()).or_default().push(lossy(value));
         }
         let host = parts
             .headers

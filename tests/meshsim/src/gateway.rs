@@ -106,24 +106,17 @@ pub(crate) struct GatewayShared {
 }
 
 fn offers_istio_alpn(info: &ClientHelloInfo) -> bool {
-    info.alpn.iter().any(|p| {
-        ISTIO_MTLS_ALPNS
-            .iter()
-            .any(|a| a.as_bytes() == p.as_slice())
-    })
+    info.alpn
+        .iter()
+        .any(|p| ISTIO_MTLS_ALPNS.iter().any(|a| a.as_bytes() == p.as_slice()))
 }
 
 /// Handles one accepted TCP connection, until both directions are done.
-pub(crate) async fn serve_connection(
-    gw: Arc<GatewayShared>,
-    mut down: TcpStream,
-    peer: SocketAddr,
-) {
+pub(crate) async fn serve_connection(gw: Arc<GatewayShared>, mut down: TcpStream, peer: SocketAddr) {
     gw.counters.accepted.inc();
     let _ = down.set_nodelay(true);
 
-    let (hello_bytes, info) = match tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut down)).await
-    {
+    let (hello_bytes, info) = match tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut down)).await {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => return refuse(&gw, down, peer, &e.to_string()).await,
         Err(_) => return refuse(&gw, down, peer, "ClientHello timeout").await,
@@ -143,8 +136,7 @@ pub(crate) async fn serve_connection(
         return;
     };
     let backend = open.0.clone();
-    let mut up = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend.addr)).await
-    {
+    let mut up = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(backend.addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(%peer, pod = %backend.name, error = %e, "dial failed");
@@ -250,12 +242,7 @@ async fn splice(down: TcpStream, up: TcpStream, idle: Duration) {
     }
 }
 
-async fn pump(
-    mut r: OwnedReadHalf,
-    mut w: OwnedWriteHalf,
-    activity: &Activity,
-    idle: Duration,
-) -> io::Result<()> {
+async fn pump(mut r: OwnedReadHalf, mut w: OwnedWriteHalf, activity: &Activity, idle: Duration) -> io::Result<()> {
     let mut buf = vec![0u8; SPLICE_BUF];
     loop {
         let n = match tokio::time::timeout(idle, r.read(&mut buf)).await {
@@ -296,16 +283,11 @@ mod tests {
         names.sort();
         assert_eq!(names, ["a", "b", "c"]);
         // Release b: the next one must go to b.
-        let held_b = [g1, g2, g3]
-            .into_iter()
-            .filter(|g| g.0.name != "b")
-            .collect::<Vec<_>>();
+        let held_b = [g1, g2, g3].into_iter().filter(|g| g.0.name != "b").collect::<Vec<_>>();
         assert_eq!(route.pick().unwrap().0.name, "b");
         drop(held_b);
         // Short-lived connections rotate.
-        let seq: Vec<String> = (0..3)
-            .map(|_| route.pick().unwrap().0.name.clone())
-            .collect();
+        let seq: Vec<String> = (0..3).map(|_| route.pick().unwrap().0.name.clone()).collect();
         let mut sorted = seq.clone();
         sorted.sort();
         assert_eq!(sorted, ["a", "b", "c"]);

@@ -68,9 +68,8 @@ pub fn parse_client_hello(buf: &[u8]) -> Result<Option<ClientHelloInfo>, HelloEr
             if handshake[0] != HANDSHAKE_CLIENT_HELLO {
                 return Err(HelloError::NotClientHello);
             }
-            let body_len = (usize::from(handshake[1]) << 16)
-                | (usize::from(handshake[2]) << 8)
-                | usize::from(handshake[3]);
+            let body_len =
+                (usize::from(handshake[1]) << 16) | (usize::from(handshake[2]) << 8) | usize::from(handshake[3]);
             if body_len + 4 > MAX_CLIENT_HELLO {
                 return Err(HelloError::TooLarge);
             }
@@ -207,10 +206,7 @@ mod tests {
         let bytes = rustls_hello(sni, &["istio-h2", "istio", "h2"]);
         let info = parse_client_hello(&bytes).unwrap().unwrap();
         assert_eq!(info.sni.as_deref(), Some(sni));
-        assert_eq!(
-            info.alpn,
-            vec![b"istio-h2".to_vec(), b"istio".to_vec(), b"h2".to_vec()]
-        );
+        assert_eq!(info.alpn, vec![b"istio-h2".to_vec(), b"istio".to_vec(), b"h2".to_vec()]);
         // Every strict prefix needs more bytes; none is an error.
         for n in 0..bytes.len() {
             assert_eq!(parse_client_hello(&bytes[..n]), Ok(None), "prefix {n}");

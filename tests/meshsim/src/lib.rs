@@ -21,7 +21,7 @@ pub use ca::{IdentityFiles, IssueOptions, MeshCa, WorkloadCert};
 pub use echo::{pattern_byte, pattern_sha256};
 pub use mesh::Mesh;
 pub use spec::{
-    demo_spec, outbound_sni, spiffe_id, MeshSpec, PodIdentity, PodSpec, ServiceSpec, ALPN_ISTIO_H2,
-    ALPN_ISTIO_HTTP10, ALPN_ISTIO_HTTP11, CLUSTER_DOMAIN, ISTIO_MTLS_ALPNS, TRUST_DOMAIN,
+    demo_spec, outbound_sni, spiffe_id, MeshSpec, PodIdentity, PodSpec, ServiceSpec, ALPN_ISTIO_H2, ALPN_ISTIO_HTTP10,
+    ALPN_ISTIO_HTTP11, CLUSTER_DOMAIN, ISTIO_MTLS_ALPNS, TRUST_DOMAIN,
 };
 pub use stats::{PodStats, StatsSnapshot};

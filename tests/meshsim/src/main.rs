@@ -7,10 +7,7 @@ use anyhow::Context as _;
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "meshsim",
-    about = "An Istio mesh data plane on loopback (demo mesh)"
-)]
+#[command(name = "meshsim", about = "An Istio mesh data plane on loopback (demo mesh)")]
 struct Args {
     /// Where to write the client identity (cert-chain.pem, key.pem, root-cert.pem).
     #[arg(long, default_value = "./meshsim-certs")]
@@ -37,10 +34,7 @@ async fn main() -> anyhow::Result<()> {
 
     let spec = mesh.spec();
     println!("gateway (AUTO_PASSTHROUGH): {}", mesh.gateway_addr());
-    println!(
-        "client identity {}:",
-        client.spiffe_id.as_deref().unwrap_or("-")
-    );
+    println!("client identity {}:", client.spiffe_id.as_deref().unwrap_or("-"));
     println!("  cert chain: {}", files.cert_chain.display());
     println!("  key:        {}", files.key.display());
     println!("  root:       {}", files.root_cert.display());
@@ -84,10 +78,7 @@ impl Shutdown {
         {
             use tokio::signal::unix::{signal, SignalKind};
             Ok(Shutdown {
-                signals: (
-                    signal(SignalKind::interrupt())?,
-                    signal(SignalKind::terminate())?,
-                ),
+                signals: (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?),
             })
         }
         #[cfg(not(unix))]

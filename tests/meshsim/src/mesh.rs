@@ -57,25 +57,19 @@ impl Mesh {
         let mut routes: HashMap<String, Vec<Arc<Backend>>> = HashMap::new();
         for svc in &spec.services {
             // Every service/port has a chain, even with no pods (the gateway then has no endpoint).
-            routes
-                .entry(svc.sni(&spec.cluster_domain, None))
-                .or_default();
+            routes.entry(svc.sni(&spec.cluster_domain, None)).or_default();
             for p in &svc.pods {
                 let cert = match &p.identity {
-                    PodIdentity::ServiceAccount => {
-                        ca.issue(&svc.namespace, &svc.service_account)?
-                    }
+                    PodIdentity::ServiceAccount => ca.issue(&svc.namespace, &svc.service_account)?,
                     PodIdentity::Other {
                         namespace,
                         service_account,
                     } => ca.issue(namespace, service_account)?,
-                    PodIdentity::ForeignCa => {
-                        foreign_ca.issue(&svc.namespace, &svc.service_account)?
-                    }
+                    PodIdentity::ForeignCa => foreign_ca.issue(&svc.namespace, &svc.service_account)?,
                 };
                 // The sidecar trusts the mesh root whatever certificate it presents itself.
-                let tls = SidecarTls::new(&cert, ca.root_der())
-                    .with_context(|| format!("pod {}: TLS config", p.name))?;
+                let tls =
+                    SidecarTls::new(&cert, ca.root_der()).with_context(|| format!("pod {}: TLS config", p.name))?;
                 let info = Arc::new(PodInfo::new(
                     &p.name,
                     &svc.name,
@@ -230,9 +224,7 @@ impl Mesh {
     pub async fn stop_pod(&self, pod: &str) {
         let Some(p) = self.pod(pod) else { return };
         // Out of the endpoint set first, so no new connection is routed to a dying pod.
-        p.backend
-            .alive
-            .store(false, std::sync::atomic::Ordering::SeqCst);
+        p.backend.alive.store(false, std::sync::atomic::Ordering::SeqCst);
         let svc = p.service.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(s) = svc {
             s.stop().await;

@@ -90,19 +90,15 @@ pub(crate) struct SidecarTls {
 }
 
 impl SidecarTls {
-    pub(crate) fn new(
-        identity: &WorkloadCert,
-        mesh_root: CertificateDer<'static>,
-    ) -> anyhow::Result<Self> {
+    pub(crate) fn new(identity: &WorkloadCert, mesh_root: CertificateDer<'static>) -> anyhow::Result<Self> {
         let provider = Arc::new(envoy_server_provider());
         let mut roots = RootCertStore::empty();
         roots.add(mesh_root).context("mesh root")?;
         // Required client certificate, chained to the mesh root; no SAN check at the TLS layer
         // (identity checks belong to the authorization step, §2.1).
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()
-                .context("client verifier")?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .context("client verifier")?;
         let base = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&TLS13, &TLS12])?
             .with_client_cert_verifier(verifier)
@@ -116,10 +112,7 @@ impl SidecarTls {
         })
     }
 
-    fn for_client_alpn<'a>(
-        &self,
-        offered: Option<impl Iterator<Item = &'a [u8]>>,
-    ) -> Arc<ServerConfig> {
+    fn for_client_alpn<'a>(&self, offered: Option<impl Iterator<Item = &'a [u8]>>) -> Arc<ServerConfig> {
         let overlap = offered
             .map(|mut it| it.any(|p| SIDECAR_ALPN.contains(&p)))
             .unwrap_or(false);
@@ -272,9 +265,7 @@ pub(crate) async fn serve_connection(pod: Arc<PodInfo>, tcp: TcpStream, peer_add
 
     let (_, session) = tls.get_ref();
     let conn = Arc::new(ConnInfo {
-        alpn: session
-            .alpn_protocol()
-            .map(|p| String::from_utf8_lossy(p).into_owned()),
+        alpn: session.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned()),
         tls_version: session.protocol_version().map(|v| match v {
             ProtocolVersion::TLSv1_3 => "TLSv1.3",
             ProtocolVersion::TLSv1_2 => "TLSv1.2",
@@ -381,11 +372,7 @@ struct ActivityIo<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() != before {
@@ -396,11 +383,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.activity.touch();
@@ -437,10 +420,7 @@ async fn handle_request(
 ) -> Result<Response<EchoBody>, EchoReset> {
     // RBAC runs before the app sees anything (§3.3).
     if let Some(allowed) = &pod.allowed_principals {
-        if !allowed
-            .iter()
-            .any(|p| principal_matches(p, &conn.peer.uris))
-        {
+        if !allowed.iter().any(|p| principal_matches(p, &conn.peer.uris)) {
             pod.counters.rbac_denied.inc();
             let mut resp = echo::full(StatusCode::FORBIDDEN, "text/plain", "RBAC: access denied");
             add_response_headers(pod, &mut resp);
@@ -495,10 +475,7 @@ pub(crate) fn xfcc_element(by: Option<&str>, peer: &PeerCert) -> String {
     }
     parts.push(format!("Hash={}", peer.sha256_hex));
     parts.push(format!("Subject=\"{}\"", peer.subject.replace('"', "\\\"")));
-    parts.push(format!(
-        "URI={}",
-        peer.uris.first().map(String::as_str).unwrap_or("")
-    ));
+    parts.push(format!("URI={}", peer.uris.first().map(String::as_str).unwrap_or("")));
     for dns in &peer.dns {
         parts.push(format!("DNS={dns}"));
     }
@@ -506,13 +483,7 @@ pub(crate) fn xfcc_element(by: Option<&str>, peer: &PeerCert) -> String {
     parts
         .join(";")
         .chars()
-        .map(|c| {
-            if c.is_ascii_graphic() || c == ' ' {
-                c
-            } else {
-                '?'
-            }
-        })
+        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
         .collect()
 }
 
@@ -569,11 +540,7 @@ fn base64_encode(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -593,14 +560,8 @@ mod tests {
     #[test]
     fn principal_matching_follows_istio() {
         let uris = vec!["spiffe://cluster.local/ns/meshgate/sa/meshgate".to_string()];
-        assert!(principal_matches(
-            "cluster.local/ns/meshgate/sa/meshgate",
-            &uris
-        ));
-        assert!(!principal_matches(
-            "cluster.local/ns/meshgate/sa/other",
-            &uris
-        ));
+        assert!(principal_matches("cluster.local/ns/meshgate/sa/meshgate", &uris));
+        assert!(!principal_matches("cluster.local/ns/meshgate/sa/other", &uris));
         assert!(!principal_matches(
             "spiffe://cluster.local/ns/meshgate/sa/meshgate",
             &uris

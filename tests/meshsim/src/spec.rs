@@ -83,9 +83,7 @@ impl MeshSpec {
     pub fn pod_spiffe_id(&self, pod: &str) -> Option<String> {
         let (svc, p) = self.find_pod(pod)?;
         Some(match &p.identity {
-            PodIdentity::ServiceAccount | PodIdentity::ForeignCa => {
-                svc.spiffe_id(&self.trust_domain)
-            }
+            PodIdentity::ServiceAccount | PodIdentity::ForeignCa => svc.spiffe_id(&self.trust_domain),
             PodIdentity::Other {
                 namespace,
                 service_account,
@@ -211,10 +209,7 @@ pub enum PodIdentity {
     /// The service's own service account, issued by the mesh CA (the normal case).
     ServiceAccount,
     /// Issued by the mesh CA, but for another service account (a mis-deployed or hijacked pod).
-    Other {
-        namespace: String,
-        service_account: String,
-    },
+    Other { namespace: String, service_account: String },
     /// The right SPIFFE ID, signed by a CA unrelated to the mesh root.
     ForeignCa,
 }
@@ -275,10 +270,7 @@ pub fn demo_spec() -> MeshSpec {
                 .pod(PodSpec::new("ratings-a"))
                 .pod(PodSpec::new("ratings-b")),
         )
-        .service(
-            ServiceSpec::new("details", "bookinfo", 9080, "bookinfo-details")
-                .pod(PodSpec::new("details-a")),
-        )
+        .service(ServiceSpec::new("details", "bookinfo", 9080, "bookinfo-details").pod(PodSpec::new("details-a")))
 }
 
 // Kubernetes names are DNS-1123 labels; refusing anything else keeps `_.` (the SNI separator)
@@ -324,10 +316,7 @@ mod tests {
         let spec = demo_spec();
         spec.validate().unwrap();
         let reviews = &spec.services[0];
-        assert_eq!(
-            reviews.host(CLUSTER_DOMAIN),
-            "reviews.bookinfo.svc.cluster.local"
-        );
+        assert_eq!(reviews.host(CLUSTER_DOMAIN), "reviews.bookinfo.svc.cluster.local");
         assert_eq!(reviews.subsets(), vec!["v1", "v2"]);
         assert_eq!(
             spec.pod_spiffe_id("reviews-v2-a").unwrap(),
@@ -345,8 +334,8 @@ mod tests {
         assert!(dup.validate().is_err());
         let bad = MeshSpec::new().service(ServiceSpec::new("a_b", "ns", 80, "sa"));
         assert!(bad.validate().is_err());
-        let bad_subset = MeshSpec::new()
-            .service(ServiceSpec::new("a", "ns", 80, "sa").pod(PodSpec::new("p").subset("v1_.x")));
+        let bad_subset =
+            MeshSpec::new().service(ServiceSpec::new("a", "ns", 80, "sa").pod(PodSpec::new("p").subset("v1_.x")));
         assert!(bad_subset.validate().is_err());
     }
 }

@@ -14,16 +14,14 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use meshsim::{
-    demo_spec, IssueOptions, Mesh, MeshCa, MeshSpec, PodSpec, ServiceSpec, StatsSnapshot,
-    WorkloadCert, ALPN_ISTIO_H2, ALPN_ISTIO_HTTP11, CLUSTER_DOMAIN,
+    demo_spec, IssueOptions, Mesh, MeshCa, MeshSpec, PodSpec, ServiceSpec, StatsSnapshot, WorkloadCert, ALPN_ISTIO_H2,
+    ALPN_ISTIO_HTTP11, CLUSTER_DOMAIN,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -107,10 +105,7 @@ impl ServerCertVerifier for SpiffeVerifier {
             )) => {}
             Err(e) => return Err(e),
         }
-        if uri_sans(end_entity)
-            .iter()
-            .any(|u| self.expected.contains(u))
-        {
+        if uri_sans(end_entity).iter().any(|u| self.expected.contains(u)) {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(
@@ -124,12 +119,7 @@ impl ServerCertVerifier for SpiffeVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
     fn verify_tls13_signature(
         &self,
@@ -137,17 +127,10 @@ impl ServerCertVerifier for SpiffeVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -173,12 +156,7 @@ impl ServerCertVerifier for Permissive {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
     fn verify_tls13_signature(
         &self,
@@ -186,12 +164,7 @@ impl ServerCertVerifier for Permissive {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
@@ -261,12 +234,8 @@ impl Dial {
     }
 
     fn server_name(&self) -> ServerName<'static> {
-        ServerName::try_from(
-            self.sni
-                .clone()
-                .unwrap_or_else(|| "no-sni.invalid".to_string()),
-        )
-        .expect("SNI is a valid DNS name for rustls")
+        ServerName::try_from(self.sni.clone().unwrap_or_else(|| "no-sni.invalid".to_string()))
+            .expect("SNI is a valid DNS name for rustls")
     }
 
     async fn connect(&self, addr: SocketAddr) -> std::io::Result<TlsStream<TcpStream>> {
@@ -277,8 +246,7 @@ impl Dial {
 
     /// The raw ClientHello this dial would send, for tests that talk TCP directly.
     fn client_hello_bytes(&self) -> Vec<u8> {
-        let mut conn =
-            rustls::ClientConnection::new(Arc::new(self.config()), self.server_name()).unwrap();
+        let mut conn = rustls::ClientConnection::new(Arc::new(self.config()), self.server_name()).unwrap();
         let mut out = Vec::new();
         conn.write_tls(&mut out).unwrap();
         out
@@ -296,8 +264,7 @@ impl Http {
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         let io = TokioIo::new(tls);
         if h2 {
-            let (send, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+            let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
             tokio::spawn(conn);
             Ok(Http::H2(send))
         } else {
@@ -339,8 +306,7 @@ impl Http {
     }
 
     async fn get(&mut self, host: &str, path_and_query: &str) -> hyper::Result<Response<Incoming>> {
-        self.send("GET", host, path_and_query, &[], Bytes::new())
-            .await
+        self.send("GET", host, path_and_query, &[], Bytes::new()).await
     }
 }
 
@@ -448,16 +414,10 @@ async fn happy_path_h2() {
         let client_leaf = me.chain_der().unwrap()[0].clone();
 
         let mut http = Http::over(tls).await.unwrap();
-        let resp = http
-            .get(&format!("{host}:9080"), "/hello?a=1")
-            .await
-            .unwrap();
+        let resp = http.get(&format!("{host}:9080"), "/hello?a=1").await.unwrap();
         assert_eq!(header(&resp, "server"), "istio-envoy");
         let pod = header(&resp, "x-echo-pod").to_string();
-        assert_eq!(
-            header(&resp, "x-envoy-peer-metadata-id"),
-            format!("sidecar~{pod}")
-        );
+        assert_eq!(header(&resp, "x-envoy-peer-metadata-id"), format!("sidecar~{pod}"));
         let j = json(resp).await;
         assert_eq!(j["pod"], pod.as_str());
         assert!(pod.starts_with("reviews-"));
@@ -480,18 +440,12 @@ async fn happy_path_h2() {
         let fields = xfcc_fields(xfcc);
         let keys: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(keys, ["By", "Hash", "Subject", "URI"]);
-        assert_eq!(
-            fields[0].1,
-            "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews"
-        );
+        assert_eq!(fields[0].1, "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews");
         assert_eq!(Some(fields[0].1.clone()), mesh.pod_spiffe_id(&pod));
         assert_eq!(fields[1].1, hex::encode(Sha256::digest(&client_leaf)));
         assert_eq!(fields[2].1, "\"\"");
         assert_eq!(fields[3].1, CLIENT_ID);
-        assert_eq!(
-            j["headers"]["x-forwarded-client-cert"][0].as_str(),
-            Some(xfcc)
-        );
+        assert_eq!(j["headers"]["x-forwarded-client-cert"][0].as_str(), Some(xfcc));
 
         // Every stream on this connection reaches the same pod (tcp_proxy: one pod per connection).
         for _ in 0..5 {
@@ -542,10 +496,7 @@ async fn happy_path_http11() {
         // Host is not matched by the inbound route (`domains: ["*"]`), only reported.
         assert_eq!(j["host"], "details.example");
         assert_eq!(j["body_bytes"], 10);
-        assert_eq!(
-            j["body_sha256"],
-            hex::encode(Sha256::digest(b"hello mesh")).as_str()
-        );
+        assert_eq!(j["body_sha256"], hex::encode(Sha256::digest(b"hello mesh")).as_str());
         assert_eq!(j["headers"]["content-type"][0], "text/plain");
         assert_eq!(j["peer_principal"], CLIENT_ID);
         assert!(j["subset"].is_null());
@@ -610,23 +561,19 @@ async fn unknown_sni_is_closed_without_alert() {
         let host = reviews.host(CLUSTER_DOMAIN);
         let bad = [
             "outbound_.9080_._.nope.bookinfo.svc.cluster.local".to_string(),
-            format!("outbound_.9081_._.{host}"),   // wrong port
-            format!("outbound_.9080_.v3_.{host}"), // unknown subset
-            format!("inbound_.9080_._.{host}"),    // wrong direction
-            format!("outbound_9080_._.{host}"),    // malformed separators
+            format!("outbound_.9081_._.{host}"),                  // wrong port
+            format!("outbound_.9080_.v3_.{host}"),                // unknown subset
+            format!("inbound_.9080_._.{host}"),                   // wrong direction
+            format!("outbound_9080_._.{host}"),                   // malformed separators
             format!("outbound_.9080_._.{}", host.to_uppercase()), // exact match only
-            host.clone(),                          // the plain host name
+            host.clone(),                                         // the plain host name
         ];
         for (i, sni) in bad.iter().enumerate() {
             let dial = Dial::new(&mesh, reviews, None, &me).sni(sni);
             let err = dial.connect(mesh.gateway_addr()).await;
             assert!(err.is_err(), "{sni}: handshake must fail");
             let reply = raw_hello_reply(mesh.gateway_addr(), &dial.client_hello_bytes()).await;
-            assert!(
-                reply.is_empty(),
-                "{sni}: gateway sent {} bytes",
-                reply.len()
-            );
+            assert!(reply.is_empty(), "{sni}: gateway sent {} bytes", reply.len());
             let want = 2 * (i as u64 + 1);
             wait(&mesh, |s| s.gateway_refused == want).await;
         }
@@ -635,17 +582,12 @@ async fn unknown_sni_is_closed_without_alert() {
         dial.sni = None;
         assert!(dial.connect(mesh.gateway_addr()).await.is_err());
         // Not TLS at all.
-        let reply =
-            raw_hello_reply(mesh.gateway_addr(), b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        let reply = raw_hello_reply(mesh.gateway_addr(), b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
         assert!(reply.is_empty());
 
         let s = wait(&mesh, |s| s.gateway_refused == 2 * bad.len() as u64 + 2).await;
         assert_eq!(s.gateway_routed, 0);
-        assert_eq!(
-            s.pods_total(|p| p.tls_handshakes + p.tls_failures),
-            0,
-            "{s:#?}"
-        );
+        assert_eq!(s.pods_total(|p| p.tls_handshakes + p.tls_failures), 0, "{s:#?}");
     })
     .await;
 }
@@ -799,10 +741,7 @@ async fn subset_sni_lands_only_on_that_subset() {
             seen.insert(pod);
             held.push(http);
         }
-        assert_eq!(
-            seen.into_iter().collect::<Vec<_>>(),
-            ["reviews-v1-a", "reviews-v1-b"]
-        );
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["reviews-v1-a", "reviews-v1-b"]);
         let s = mesh.stats();
         assert_eq!(s.pods["reviews-v2-a"].tls_handshakes, 4);
         assert_eq!(s.pods["reviews-v2-a"].connections_open, 4);
@@ -843,10 +782,7 @@ async fn connections_spread_over_pods() {
             // Wait for the sidecar to see the close, so the next pick sees no open connection.
             wait(&mesh, |s| s.pods_total(|p| p.connections_open) == 0).await;
         }
-        assert_eq!(
-            seen.into_iter().collect::<Vec<_>>(),
-            ["ratings-a", "ratings-b"]
-        );
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["ratings-a", "ratings-b"]);
     })
     .await;
 }
@@ -874,10 +810,7 @@ async fn allowed_principals_are_enforced() {
             .await
             .unwrap();
         let mut http = Http::over(tls).await.unwrap();
-        assert_eq!(
-            json(http.get("open", "/").await.unwrap()).await["pod"],
-            "open-a"
-        );
+        assert_eq!(json(http.get("open", "/").await.unwrap()).await["pod"], "open-a");
 
         let tls = Dial::new(&mesh, service(&mesh, "closed"), None, &me)
             .connect(mesh.gateway_addr())
@@ -887,10 +820,7 @@ async fn allowed_principals_are_enforced() {
         let resp = http.get("closed", "/").await.unwrap();
         assert_eq!(resp.status(), StatusCode::FORBIDDEN);
         assert_eq!(header(&resp, "server"), "istio-envoy");
-        assert!(
-            resp.headers().get("x-echo-pod").is_none(),
-            "the app never saw it"
-        );
+        assert!(resp.headers().get("x-echo-pod").is_none(), "the app never saw it");
         assert_eq!(&body_bytes(resp).await[..], b"RBAC: access denied");
 
         let s = mesh.stats();
@@ -910,11 +840,7 @@ async fn wrong_identity_pods_present_those_certs() {
     bounded(async {
         let spec = MeshSpec::new().service(
             ServiceSpec::new("reviews", "bookinfo", 9080, "bookinfo-reviews")
-                .pod(
-                    PodSpec::new("evil")
-                        .subset("other")
-                        .other_identity("evil", "evil-sa"),
-                )
+                .pod(PodSpec::new("evil").subset("other").other_identity("evil", "evil-sa"))
                 .pod(
                     PodSpec::new("foreign")
                         .subset("foreign")
@@ -934,10 +860,7 @@ async fn wrong_identity_pods_present_those_certs() {
             .await
             .unwrap();
         let certs = tls.get_ref().1.peer_certificates().unwrap().to_vec();
-        assert_eq!(
-            uri_sans(&certs[0]),
-            ["spiffe://cluster.local/ns/evil/sa/evil-sa"]
-        );
+        assert_eq!(uri_sans(&certs[0]), ["spiffe://cluster.local/ns/evil/sa/evil-sa"]);
         assert_eq!(x509_issuer(&certs[0]), mesh_int);
         assert_eq!(
             mesh.pod_spiffe_id("evil").unwrap(),
@@ -959,10 +882,7 @@ async fn wrong_identity_pods_present_those_certs() {
             .unwrap();
         let certs = tls.get_ref().1.peer_certificates().unwrap().to_vec();
         assert_eq!(uri_sans(&certs[0]), [expected]);
-        assert_ne!(
-            x509_issuer(&certs[0]),
-            x509_issuer(&me.chain_der().unwrap()[0]).clone()
-        );
+        assert_ne!(x509_issuer(&certs[0]), x509_issuer(&me.chain_der().unwrap()[0]).clone());
         assert_eq!(
             x509_issuer(&certs[0]),
             x509_subject_of_pem(&mesh.foreign_ca().intermediate_pem())
@@ -974,11 +894,7 @@ async fn wrong_identity_pods_present_those_certs() {
                 .connect(mesh.gateway_addr())
                 .await
                 .expect_err(subset);
-            assert_eq!(
-                err.kind(),
-                std::io::ErrorKind::InvalidData,
-                "{subset}: {err}"
-            );
+            assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{subset}: {err}");
         }
     })
     .await;
@@ -1012,8 +928,7 @@ async fn incoming_xfcc_is_kept_and_appended_to() {
             .await
             .unwrap();
         let mut http = Http::over(tls).await.unwrap();
-        let forged =
-            "By=spiffe://cluster.local/ns/x/sa/x;URI=spiffe://cluster.local/ns/admin/sa/admin";
+        let forged = "By=spiffe://cluster.local/ns/x/sa/x;URI=spiffe://cluster.local/ns/admin/sa/admin";
         let resp = http
             .send(
                 "GET",
@@ -1045,10 +960,7 @@ async fn incoming_xfcc_is_kept_and_appended_to() {
         );
         assert_eq!(fields[3], ("URI".into(), CLIENT_ID.into()));
         // The sidecar consumed the metadata-exchange headers: reported, not passed to the app.
-        assert_eq!(
-            j["peer_metadata_id"],
-            "sidecar~10.0.0.1~vm.ns~ns.svc.cluster.local"
-        );
+        assert_eq!(j["peer_metadata_id"], "sidecar~10.0.0.1~vm.ns~ns.svc.cluster.local");
         assert_eq!(j["peer_metadata"], "Cg0KBE5BTUUSBRoDdm0x");
         assert!(j["headers"].get("x-envoy-peer-metadata-id").is_none());
         assert!(j["headers"].get("x-envoy-peer-metadata").is_none());
@@ -1108,22 +1020,13 @@ async fn ten_mebibytes_stream_with_the_right_hash() {
             let mut http = Http::over(tls).await.unwrap();
             let upload = Bytes::from(vec![7u8; 3 * 1024 * 1024 + 17]);
             let resp = http
-                .send(
-                    "POST",
-                    "ratings",
-                    &format!("/big?bytes={N}"),
-                    &[],
-                    upload.clone(),
-                )
+                .send("POST", "ratings", &format!("/big?bytes={N}"), &[], upload.clone())
                 .await
                 .unwrap();
             assert_eq!(resp.status(), StatusCode::OK);
             assert_eq!(header(&resp, "content-type"), "application/octet-stream");
             assert_eq!(header(&resp, "x-body-sha256"), want);
-            assert_eq!(
-                header(&resp, "x-request-body-bytes"),
-                upload.len().to_string()
-            );
+            assert_eq!(header(&resp, "x-request-body-bytes"), upload.len().to_string());
             assert_eq!(
                 header(&resp, "x-request-body-sha256"),
                 hex::encode(Sha256::digest(&upload))
@@ -1148,10 +1051,7 @@ async fn status_and_delay_knobs() {
             .unwrap();
         let mut http = Http::over(tls).await.unwrap();
         let started = std::time::Instant::now();
-        let resp = http
-            .get("details", "/?status=503&delay_ms=200")
-            .await
-            .unwrap();
+        let resp = http.get("details", "/?status=503&delay_ms=200").await.unwrap();
         assert!(started.elapsed() >= Duration::from_millis(200));
         assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(header(&resp, "x-echo-pod"), "details-a");
@@ -1220,10 +1120,7 @@ async fn fetch_counting(http: &mut Http, path: &str) -> (usize, bool) {
     let mut body = resp.into_body();
     let mut n = 0;
     loop {
-        match tokio::time::timeout(IO_TIMEOUT, body.frame())
-            .await
-            .unwrap()
-        {
+        match tokio::time::timeout(IO_TIMEOUT, body.frame()).await.unwrap() {
             Some(Ok(f)) => n += f.into_data().map(|d| d.len()).unwrap_or(0),
             Some(Err(_)) => return (n, true),
             None => return (n, false),
@@ -1245,9 +1142,7 @@ async fn goaway_pod_drains_open_connections() {
                 .unwrap();
             let mut http = Http::over(tls).await.unwrap();
             // One slow request in flight while the drain starts: it still completes.
-            let slow = http
-                .send("GET", "details", "/?delay_ms=300", &[], Bytes::new())
-                .await;
+            let slow = http.send("GET", "details", "/?delay_ms=300", &[], Bytes::new()).await;
             let resp = slow.unwrap();
             mesh.goaway_pod("details-a");
             json(resp).await;
@@ -1312,8 +1207,7 @@ async fn stopped_pod_is_no_longer_routed_to() {
         let reviews = service(&mesh, "reviews");
         let me = client_identity(&mesh);
 
-        let (pod, mut held) =
-            pod_of_new_connection(&mesh, &Dial::new(&mesh, reviews, Some("v2"), &me)).await;
+        let (pod, mut held) = pod_of_new_connection(&mesh, &Dial::new(&mesh, reviews, Some("v2"), &me)).await;
         assert_eq!(pod, "reviews-v2-a");
         let sidecar = mesh.sidecar_addr("reviews-v2-a").unwrap();
         mesh.stop_pod("reviews-v2-a").await;
@@ -1348,10 +1242,7 @@ async fn dropping_the_mesh_stops_everything() {
         let sidecar = mesh.sidecar_addr("details-a").unwrap();
         let details = service(&mesh, "details").clone();
         let me = client_identity(&mesh);
-        let tls = Dial::new(&mesh, &details, None, &me)
-            .connect(gw)
-            .await
-            .unwrap();
+        let tls = Dial::new(&mesh, &details, None, &me).connect(gw).await.unwrap();
         let mut http = Http::over(tls).await.unwrap();
         json(http.get("details", "/").await.unwrap()).await;
         drop(mesh);
