@@ -50,6 +50,8 @@ struct IdentityWatch {
 
 pub struct App {
     config_path: PathBuf,
+    /// Client connections open across all listeners (for `limits.max_connections`).
+    pub client_connections: std::sync::atomic::AtomicUsize,
     identity_watch: std::sync::Mutex<IdentityWatch>,
     current: ArcSwap<Proxy>,
     pub metrics: Arc<Metrics>,
@@ -231,11 +233,13 @@ impl App {
     fn install(&self, snapshot: Snapshot, gateway: Arc<Gateway>, previous: Option<&Upstream>) {
         let upstream = Arc::new(Upstream::new(&snapshot, gateway, self.metrics.clone(), previous));
         self.set_identity_metrics(&snapshot);
-        self.current.store(Arc::new(Proxy {
-            snapshot: Arc::new(snapshot),
+        let previous = self.current.load_full();
+        self.current.store(Arc::new(Proxy::new(
+            Arc::new(snapshot),
             upstream,
-            metrics: self.metrics.clone(),
-        }));
+            self.metrics.clone(),
+            Some(&previous),
+        )));
     }
 
     /// Loads the identity files again if their contents changed; installs them if they form a
@@ -405,12 +409,9 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Bound> {
     let listeners_cfg = snapshot.listeners.clone();
     let app = Arc::new(App {
         config_path,
+        client_connections: Default::default(),
         identity_watch: Default::default(),
-        current: ArcSwap::from_pointee(Proxy {
-            snapshot: Arc::new(snapshot),
-            upstream,
-            metrics: metrics.clone(),
-        }),
+        current: ArcSwap::from_pointee(Proxy::new(Arc::new(snapshot), upstream, metrics.clone(), None)),
         metrics,
         lifecycle: Lifecycle::default(),
         state: Mutex::new(State {

@@ -21,6 +21,12 @@ pub enum ProxyError {
     Route(#[from] RouteError),
     #[error("{0}")]
     Upstream(#[from] UpstreamError),
+    #[error("rate limit exceeded for tenant")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("too many concurrent requests for tenant")]
+    ConcurrencyLimited,
+    #[error("request body larger than the limit")]
+    BodyTooLarge,
 }
 
 impl ProxyError {
@@ -30,11 +36,14 @@ impl ProxyError {
             ProxyError::Key(_) | ProxyError::Policy(Deny::BadKey) => StatusCode::UNAUTHORIZED,
             ProxyError::Policy(_) => StatusCode::FORBIDDEN,
             ProxyError::Route(RouteError::UnknownHost) => StatusCode::NOT_FOUND,
+            ProxyError::RateLimited { .. } | ProxyError::ConcurrencyLimited => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Upstream(u) => match u {
                 UpstreamError::Unresolved(_)
                 | UpstreamError::Connect { .. }
                 | UpstreamError::ConnectTimeout { .. }
-                | UpstreamError::PoolTimeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+                | UpstreamError::PoolTimeout(_)
+                | UpstreamError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
                 UpstreamError::Tls { .. }
                 | UpstreamError::Identity { .. }
                 | UpstreamError::Protocol { .. }
@@ -55,6 +64,9 @@ impl ProxyError {
             ProxyError::Policy(Deny::KeyWrongSource) => "key_wrong_source",
             ProxyError::Policy(Deny::ServiceNotAllowed) => "service_not_allowed",
             ProxyError::Route(RouteError::UnknownHost) => "unknown_host",
+            ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::ConcurrencyLimited => "concurrency_limited",
+            ProxyError::BodyTooLarge => "body_too_large",
             ProxyError::Upstream(u) => match u {
                 UpstreamError::Unresolved(_) => "gateway_unresolved",
                 UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. } => "gateway_unreachable",
@@ -65,6 +77,7 @@ impl ProxyError {
                 UpstreamError::RequestTimeout(_) => "upstream_timeout",
                 UpstreamError::Http(_) => "upstream_reset",
                 UpstreamError::PoolTimeout(_) => "upstream_pool_timeout",
+                UpstreamError::Overloaded => "upstream_overloaded",
             },
         }
     }

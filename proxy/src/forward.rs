@@ -23,6 +23,7 @@ use crate::config::{Snapshot, UpstreamProtocol};
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::policy::keys::presented_key;
+use crate::policy::limits::{Slot, TenantState};
 use crate::policy::Deny;
 use crate::upstream::{BoxError, Lease, RequestBody, Upstream, UpstreamError};
 
@@ -31,6 +32,39 @@ pub struct Proxy {
     pub snapshot: Arc<Snapshot>,
     pub upstream: Arc<Upstream>,
     pub metrics: Arc<Metrics>,
+    /// Indexed by tenant id; carried over by name across reloads.
+    pub tenant_state: Vec<Arc<TenantState>>,
+}
+
+impl Proxy {
+    pub fn new(
+        snapshot: Arc<Snapshot>,
+        upstream: Arc<Upstream>,
+        metrics: Arc<Metrics>,
+        previous: Option<&Proxy>,
+    ) -> Proxy {
+        let tenant_state = snapshot
+            .tenants
+            .iter()
+            .map(|t| {
+                previous
+                    .and_then(|p| {
+                        p.snapshot
+                            .tenants
+                            .iter()
+                            .position(|o| o.name == t.name)
+                            .map(|i| p.tenant_state[i].clone())
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
+        Proxy {
+            snapshot,
+            upstream,
+            metrics,
+            tenant_state,
+        }
+    }
 }
 
 /// Facts about the client connection a request arrived on.
@@ -127,18 +161,31 @@ fn new_request_id() -> HeaderValue {
 
 /// The authority the client asked for: absolute-form URI or `:authority` first, then `Host`.
 fn authority_of(req: &Request<Incoming>) -> Result<String, ProxyError> {
-    if let Some(a) = req.uri().authority() {
-        return Ok(a.as_str().to_string());
-    }
     let mut hosts = req.headers().get_all(header::HOST).iter();
-    let host = hosts.next().ok_or(ProxyError::Malformed("missing Host header"))?;
+    let host = hosts.next();
     if hosts.next().is_some() {
         return Err(ProxyError::Malformed("more than one Host header"));
     }
     let host = host
-        .to_str()
-        .map_err(|_| ProxyError::Malformed("Host header is not ASCII"))?;
-    Ok(host.to_string())
+        .map(|h| {
+            h.to_str()
+                .map_err(|_| ProxyError::Malformed("Host header is not ASCII"))
+        })
+        .transpose()?;
+    if let Some(a) = req.uri().authority() {
+        // Two names for one request: refuse rather than let policy and routing see different
+        // ones. h2 has no Host header; HTTP/1.1 absolute-form must agree with it.
+        if let Some(h) = host {
+            let same = crate::route::split_authority(h).ok().map(|(n, _)| n)
+                == crate::route::split_authority(a.as_str()).ok().map(|(n, _)| n);
+            if !same {
+                return Err(ProxyError::Malformed("Host header disagrees with the request target"));
+            }
+        }
+        return Ok(a.as_str().to_string());
+    }
+    host.map(str::to_string)
+        .ok_or(ProxyError::Malformed("missing Host header"))
 }
 
 /// One access-log line, written when the response ends (or the client goes away).
@@ -158,6 +205,8 @@ struct AccessLog {
     bytes_in: Arc<AtomicU64>,
     bytes_out: u64,
     reused: Option<bool>,
+    /// The tenant's concurrency slot, released with the log line when the response ends.
+    slot: Option<Slot>,
 }
 
 impl AccessLog {
@@ -200,20 +249,37 @@ impl AccessLog {
 struct CountingBody {
     inner: Incoming,
     counter: Arc<AtomicU64>,
+    /// Body size limit; going past it fails the body (and so the upstream request).
+    limit: Option<u64>,
+    exceeded: Arc<std::sync::atomic::AtomicBool>,
+    client_error: Arc<std::sync::atomic::AtomicBool>,
 }
+
+#[derive(Debug, thiserror::Error)]
+#[error("request body larger than the limit")]
+struct TooLarge;
 
 impl Body for CountingBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let p = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &p {
+            // The client's own framing broke (bad chunk size, early close): its fault, not the
+            // mesh's, whatever error the upstream request then reports.
+            self.client_error.store(true, Ordering::SeqCst);
+        }
         if let Poll::Ready(Some(Ok(f))) = &p {
             if let Some(d) = f.data_ref() {
-                self.counter.fetch_add(d.len() as u64, Ordering::Relaxed);
+                let total = self.counter.fetch_add(d.len() as u64, Ordering::Relaxed) + d.len() as u64;
+                if self.limit.is_some_and(|l| total > l) {
+                    self.exceeded.store(true, Ordering::SeqCst);
+                    return Poll::Ready(Some(Err(Box::new(TooLarge))));
+                }
             }
         }
-        p
+        p.map(|o| o.map(|r| r.map_err(|e| -> BoxError { Box::new(e) })))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -313,6 +379,10 @@ impl Drop for ResponseBody {
     }
 }
 
+fn declared_length(req: &Request<Incoming>) -> Option<u64> {
+    req.headers().get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
 fn local_response(e: &ProxyError) -> Response<ResponseBody> {
     let mut resp = Response::new(ResponseBody::local(Bytes::from(e.body())));
     *resp.status_mut() = e.status();
@@ -321,6 +391,9 @@ fn local_response(e: &ProxyError) -> Response<ResponseBody> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    if let ProxyError::RateLimited { retry_after_secs } = e {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+    }
     if e.status() == StatusCode::UNAUTHORIZED {
         h.insert(
             header::PROXY_AUTHENTICATE,
@@ -365,6 +438,7 @@ pub async fn handle(
         bytes_in: Arc::new(AtomicU64::new(0)),
         bytes_out: 0,
         reused: None,
+        slot: None,
     });
     let result = forward(&proxy, &conn, req, request_id, &mut log).await;
     let mut resp = match result {
@@ -394,7 +468,9 @@ pub async fn handle(
         }
     };
     resp.body_mut().log = Some(log);
-    if h1 && conn.closing.load(Ordering::SeqCst) {
+    // After a malformed request the rest of the connection's bytes cannot be trusted to be
+    // framed the way the client meant: close it.
+    if h1 && (conn.closing.load(Ordering::SeqCst) || resp.status() == StatusCode::BAD_REQUEST) {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -425,6 +501,23 @@ async fn forward(
     log.service = Some(service.name.clone());
     if !snap.tenants.allows(tenant_id, service_id) {
         return Err(Deny::ServiceNotAllowed.into());
+    }
+    let tenant = snap.tenants.get(tenant_id);
+    let state = &proxy.tenant_state[tenant_id];
+    if let Some(rl) = &tenant.rate_limit {
+        state
+            .take_token(rl, std::time::Instant::now())
+            .map_err(|wait| ProxyError::RateLimited {
+                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+            })?;
+    }
+    if let Some(max) = tenant.max_concurrent_requests {
+        log.slot = Some(state.enter(max).ok_or(ProxyError::ConcurrencyLimited)?);
+    }
+    if let (Some(limit), Some(len)) = (snap.limits.max_request_body, declared_length(&req)) {
+        if len > limit {
+            return Err(ProxyError::BodyTooLarge);
+        }
     }
 
     let (mut parts, body) = req.into_parts();
@@ -468,19 +561,31 @@ async fn forward(
             parts.version = Version::HTTP_11;
         }
     }
+    let exceeded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client_error = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let body: RequestBody = CountingBody {
         inner: body,
         counter: log.bytes_in.clone(),
+        limit: snap.limits.max_request_body,
+        exceeded: exceeded.clone(),
+        client_error: client_error.clone(),
     }
-    .map_err(|e| -> BoxError { Box::new(e) })
     .boxed_unsync();
     let upstream_req = Request::from_parts(parts, body);
 
     let pool = proxy.upstream.pool(service);
     let timeout = snap.upstream.request_timeout;
-    let (mut resp, lease) = tokio::time::timeout(timeout, pool.send(upstream_req))
+    let sent = tokio::time::timeout(timeout, pool.send(upstream_req))
         .await
-        .map_err(|_| UpstreamError::RequestTimeout(timeout))??;
+        .map_err(|_| UpstreamError::RequestTimeout(timeout))?;
+    let (mut resp, lease) = match sent {
+        Ok(x) => x,
+        Err(_) if exceeded.load(Ordering::SeqCst) => return Err(ProxyError::BodyTooLarge),
+        Err(_) if client_error.load(Ordering::SeqCst) => {
+            return Err(ProxyError::Malformed("invalid or truncated request body"))
+        }
+        Err(e) => return Err(e.into()),
+    };
     let h = resp.headers_mut();
     strip_hop_by_hop(h);
     h.remove(&MESH_ONLY[1]);

@@ -119,6 +119,9 @@ pub fn is_denial(reason: &str) -> bool {
             | "service_not_allowed"
             | "unknown_host"
             | "malformed_request"
+            | "rate_limited"
+            | "concurrency_limited"
+            | "body_too_large"
     )
 }
 

@@ -63,6 +63,23 @@ pub struct Listener {
     pub protocol: ListenerProtocol,
     pub proxy_protocol: crate::listener::proxy_protocol::Mode,
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub max_connections: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub header_read_timeout: Duration,
+    pub h2_max_concurrent_streams: u32,
+    pub max_request_body: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: f64,
 }
 
 /// A mesh service a VM may call, with everything needed to reach it.
@@ -94,6 +111,7 @@ pub struct UpstreamSettings {
     pub target_streams_per_connection: usize,
     pub max_streams_per_connection: usize,
     pub http1_max_connections: usize,
+    pub max_pending_requests: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -129,6 +147,7 @@ pub struct Snapshot {
     pub listeners: Vec<Listener>,
     pub admin: Option<Admin>,
     pub drain: DrainSettings,
+    pub limits: Limits,
     pub log: LogSettings,
     pub reload: ReloadSettings,
     pub trust_domain: String,

@@ -31,6 +31,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub drain: Option<Spanned<RawDrain>>,
     #[serde(default)]
+    pub limits: Option<Spanned<RawLimits>>,
+    #[serde(default)]
     pub log: Option<RawLog>,
     #[serde(default)]
     pub reload: Option<RawReload>,
@@ -125,6 +127,9 @@ pub struct RawListener {
     /// Load balancer addresses whose PROXY headers are believed.
     #[serde(default)]
     pub trusted_proxies: Vec<Cidr>,
+    /// Client connections on this listener at most (also bounded by `limits.max_connections`).
+    #[serde(default)]
+    pub max_connections: Option<usize>,
 }
 
 pub fn d_proxy_protocol() -> Spanned<crate::listener::proxy_protocol::Mode> {
@@ -208,6 +213,71 @@ pub struct RawTenant {
     #[serde(default)]
     pub vpce: Vec<String>,
     pub allow: Vec<Spanned<String>>,
+    /// Token bucket: sustained requests per second and burst size. Over it: 429.
+    #[serde(default)]
+    pub rate_limit: Option<Spanned<RawRateLimit>>,
+    /// Requests of this tenant in flight at once. Over it: 429.
+    #[serde(default)]
+    pub max_concurrent_requests: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub requests_per_second: f64,
+    #[serde(default)]
+    pub burst: Option<f64>,
+}
+
+/// Protection of the VM-facing side. Defaults are safe for a shared proxy.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Client connections across all listeners; a listener may set its own lower `max_connections`.
+    #[serde(default = "d_max_client_connections")]
+    pub max_connections: usize,
+    /// Bytes of request line plus headers (HTTP/1.1 read buffer; HTTP/2 header list size).
+    #[serde(default = "d_max_header_bytes")]
+    pub max_header_bytes: usize,
+    #[serde(default = "d_max_headers")]
+    pub max_headers: usize,
+    /// Time a client has to send a complete request head (slowloris).
+    #[serde(default = "d_header_read_timeout")]
+    pub header_read_timeout: Dur,
+    #[serde(default = "d_h2_max_concurrent_streams")]
+    pub h2_max_concurrent_streams: u32,
+    /// Request body size limit in bytes; none by default (uploads stream through).
+    #[serde(default)]
+    pub max_request_body: Option<u64>,
+}
+
+pub fn d_max_client_connections() -> usize {
+    20_000
+}
+pub fn d_max_header_bytes() -> usize {
+    64 * 1024
+}
+pub fn d_max_headers() -> usize {
+    100
+}
+pub fn d_header_read_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+pub fn d_h2_max_concurrent_streams() -> u32 {
+    256
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_connections: d_max_client_connections(),
+            max_header_bytes: d_max_header_bytes(),
+            max_headers: d_max_headers(),
+            header_read_timeout: d_header_read_timeout(),
+            h2_max_concurrent_streams: d_h2_max_concurrent_streams(),
+            max_request_body: None,
+        }
+    }
 }
 
 /// Pool and timeout settings for connections to the east-west gateway.
@@ -239,6 +309,14 @@ pub struct RawUpstream {
     pub max_streams_per_connection: usize,
     #[serde(default = "d_http1_max_connections")]
     pub http1_max_connections: usize,
+    /// Requests waiting for an upstream connection or stream, per service; beyond it requests
+    /// fail at once with 503 instead of queueing into the request timeout.
+    #[serde(default = "d_max_pending")]
+    pub max_pending_requests: usize,
+}
+
+pub fn d_max_pending() -> usize {
+    1024
 }
 
 pub fn d_connect_timeout() -> Dur {
@@ -289,6 +367,7 @@ impl Default for RawUpstream {
             target_streams_per_connection: d_target_streams(),
             max_streams_per_connection: d_max_streams(),
             http1_max_connections: d_http1_max_connections(),
+            max_pending_requests: d_max_pending(),
         }
     }
 }

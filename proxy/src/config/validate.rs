@@ -151,6 +151,7 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Opt
             protocol: l.protocol,
             proxy_protocol: mode,
             trusted_proxies: l.trusted_proxies.iter().map(|c| c.0).collect(),
+            max_connections: l.max_connections,
         });
     }
     let admin = raw.admin.as_ref().map(|a| {
@@ -197,6 +198,26 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Opt
             drain_line,
             "drain: delay + spread must not exceed timeout, or connections are cut before they are asked to close",
         );
+    }
+    let (lim, lim_line) = match &raw.limits {
+        Some(l) => (&l.value, line(l)),
+        None => (&super::schema::RawLimits::default(), None),
+    };
+    let limits = super::Limits {
+        max_connections: lim.max_connections,
+        max_header_bytes: lim.max_header_bytes,
+        max_headers: lim.max_headers,
+        header_read_timeout: lim.header_read_timeout.0,
+        h2_max_concurrent_streams: lim.h2_max_concurrent_streams,
+        max_request_body: lim.max_request_body,
+    };
+    // hyper needs room for at least one read buffer; tiny values only produce odd 431s.
+    if limits.max_header_bytes < 8192
+        || limits.max_headers == 0
+        || limits.max_connections == 0
+        || limits.h2_max_concurrent_streams == 0
+    {
+        errs.at(lim_line, "limits: max_header_bytes must be >= 8192 and the counts >= 1");
     }
     let log = super::LogSettings {
         level: raw.log.as_ref().and_then(|l| l.level.clone()),
@@ -397,6 +418,21 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Opt
             name: n.clone(),
             sources: t.sources.iter().map(|c| c.0).collect(),
             vpce: t.vpce.clone(),
+            rate_limit: t.rate_limit.as_ref().and_then(|rl| {
+                let r = &rl.value;
+                let burst = r.burst.unwrap_or(r.requests_per_second.max(1.0));
+                if !(r.requests_per_second > 0.0 && r.requests_per_second.is_finite())
+                    || !(burst >= 1.0 && burst.is_finite())
+                {
+                    errs.at(line(rl), "rate_limit: requests_per_second must be > 0 and burst >= 1");
+                    return None;
+                }
+                Some(super::RateLimit {
+                    per_second: r.requests_per_second,
+                    burst,
+                })
+            }),
+            max_concurrent_requests: t.max_concurrent_requests,
             key_hashes,
             allow: if allow_all {
                 Allow::All
@@ -457,6 +493,7 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Opt
         target_streams_per_connection: up.target_streams_per_connection,
         max_streams_per_connection: up.max_streams_per_connection,
         http1_max_connections: up.http1_max_connections,
+        max_pending_requests: up.max_pending_requests,
     };
     if !(0.0..=0.5).contains(&upstream.max_connection_age_jitter) {
         errs.at(up_line, "upstream.max_connection_age_jitter must be between 0 and 0.5");
@@ -505,6 +542,7 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Opt
         path: path.to_owned(),
         listeners,
         admin,
+        limits,
         drain,
         log,
         reload,

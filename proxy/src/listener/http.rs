@@ -23,18 +23,27 @@ use crate::listener::proxy_protocol::{self, Mode};
 
 /// How long a trusted peer has to send its PROXY header.
 const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-use crate::metrics::ListenerLabels;
+use crate::config::Limits;
+use crate::metrics::{ListenerLabels, ListenerReasonLabels};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-fn builder() -> auto::Builder<TokioExecutor> {
+fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .keep_alive(true)
         .timer(TokioTimer::new())
-        // Slow or idle clients must not hold a connection slot forever before sending headers.
-        .header_read_timeout(Duration::from_secs(30));
+        .max_buf_size(limits.max_header_bytes)
+        .max_headers(limits.max_headers)
+        // Slow clients (slowloris) must not hold a connection slot by trickling headers.
+        .header_read_timeout(limits.header_read_timeout);
     b.http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256)
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_header_list_size(limits.max_header_bytes as u32)
+        // Rapid reset (CVE-2023-44487): h2 counts streams the client resets before we answer
+        // and closes the connection with ENHANCE_YOUR_CALM past this many pending at once.
+        .max_pending_accept_reset_streams(Some(20))
+        .max_local_error_reset_streams(Some(1024))
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
     b
@@ -51,18 +60,24 @@ async fn closing(rx: &mut CloseSignal) -> (Duration, tokio::time::Instant) {
     }
 }
 
-/// Decrements the connection gauge however the connection task ends.
-struct ConnGauge(prometheus_client::metrics::gauge::Gauge);
+/// Counts a client connection (gauge, listener and global totals) until the task ends.
+struct ConnGauge {
+    gauge: prometheus_client::metrics::gauge::Gauge,
+    listener: Arc<AtomicUsize>,
+    app: Arc<App>,
+}
 
 impl Drop for ConnGauge {
     fn drop(&mut self) {
-        self.0.dec();
+        self.gauge.dec();
+        self.listener.fetch_sub(1, Ordering::SeqCst);
+        self.app.client_connections.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 /// Serves `listener` until told to close.
 pub async fn serve(listener: TcpListener, name: Arc<str>, app: Arc<App>, mut close: CloseSignal) {
-    let builder = Arc::new(builder());
+    let open_here = Arc::new(AtomicUsize::new(0));
     let mut conns = JoinSet::new();
     let gauge = app
         .metrics
@@ -83,13 +98,27 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, app: Arc<App>, mut clo
                         continue;
                     }
                 };
-                let _ = stream.set_nodelay(true);
+                let proxy = app.proxy();
+                let limits = &proxy.snapshot.limits;
+                let listener_cfg = proxy.snapshot.listeners.iter().find(|l| *l.name == *name).cloned();
+                let here = open_here.fetch_add(1, Ordering::SeqCst);
+                let total = app.client_connections.fetch_add(1, Ordering::SeqCst);
                 gauge.inc();
-                let guard = ConnGauge(gauge.clone());
-                let listener_cfg = app.proxy().snapshot.listeners.iter().find(|l| *l.name == *name).cloned();
+                let guard = ConnGauge { gauge: gauge.clone(), listener: open_here.clone(), app: app.clone() };
+                let listener_max = listener_cfg.as_ref().and_then(|l| l.max_connections).unwrap_or(usize::MAX);
+                if total >= limits.max_connections || here >= listener_max {
+                    // Closing at once is the cheapest answer a flood can get; the LB retries elsewhere.
+                    app.metrics.denied.get_or_create(&ListenerReasonLabels {
+                        listener: name.to_string(),
+                        reason: "connection_limit".into(),
+                    }).inc();
+                    drop(stream);
+                    continue;
+                }
+                let _ = stream.set_nodelay(true);
+                let builder = builder(limits);
                 let app2 = app.clone();
                 let name2 = name.clone();
-                let builder = builder.clone();
                 let mut close = close.clone();
                 conns.spawn(async move {
                     let _guard = guard;
@@ -113,7 +142,7 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, app: Arc<App>, mut clo
                             }
                             Err(e) => {
                                 tracing::warn!(listener = %name2, %peer, error = %e, "PROXY header rejected; closing");
-                                app2.metrics.denied.get_or_create(&crate::metrics::ListenerReasonLabels {
+                                app2.metrics.denied.get_or_create(&ListenerReasonLabels {
                                     listener: name2.to_string(),
                                     reason: "bad_proxy_header".into(),
                                 }).inc();

@@ -7,6 +7,7 @@
 //! timing reveals nothing about the key itself, and a config file never holds a usable secret.
 
 pub mod keys;
+pub mod limits;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -32,6 +33,8 @@ pub struct Tenant {
     pub vpce: Vec<String>,
     pub key_hashes: Vec<[u8; 32]>,
     pub allow: Allow,
+    pub rate_limit: Option<crate::config::RateLimit>,
+    pub max_concurrent_requests: Option<usize>,
 }
 
 /// Why a client was refused before routing.
@@ -148,6 +151,8 @@ mod tests {
                 vpce: vec![],
                 key_hashes: vec![],
                 allow: Allow::Services(vec![true, false]),
+                rate_limit: None,
+                max_concurrent_requests: None,
             },
             Tenant {
                 name: "billing".into(),
@@ -155,6 +160,8 @@ mod tests {
                 vpce: vec![],
                 key_hashes: vec![],
                 allow: Allow::Services(vec![false, true]),
+                rate_limit: None,
+                max_concurrent_requests: None,
             },
             Tenant {
                 name: "laptops".into(),
@@ -162,6 +169,8 @@ mod tests {
                 vpce: vec![],
                 key_hashes: vec![hash_key("k1")],
                 allow: Allow::All,
+                rate_limit: None,
+                max_concurrent_requests: None,
             },
             Tenant {
                 name: "ci".into(),
@@ -169,6 +178,8 @@ mod tests {
                 vpce: vec![],
                 key_hashes: vec![hash_key("k2")],
                 allow: Allow::All,
+                rate_limit: None,
+                max_concurrent_requests: None,
             },
         ])
     }
@@ -231,6 +242,8 @@ mod tests {
             vpce: vec!["vpce-1".into()],
             key_hashes: vec![],
             allow: Allow::All,
+            rate_limit: None,
+            max_concurrent_requests: None,
         });
         let t = Tenants::new(tenants);
         assert_eq!(t.authorize(ip("10.20.5.1"), None, Some("vpce-1")), Ok(4));

@@ -44,6 +44,8 @@ pub enum UpstreamError {
     Http(String),
     #[error("no upstream connection available within {0:?}")]
     PoolTimeout(std::time::Duration),
+    #[error("too many requests waiting for this service's upstream connections")]
+    Overloaded,
 }
 
 /// Everything that decides what a pooled connection is: two services with equal keys could share

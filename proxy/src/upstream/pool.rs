@@ -305,8 +305,12 @@ impl Pool {
     pub async fn checkout(self: &Arc<Self>) -> Result<Lease, UpstreamError> {
         let wait_limit = self.settings.request_timeout;
         let deadline = Instant::now() + wait_limit;
-        self.waiters.fetch_add(1, SeqCst);
+        let waiting = self.waiters.fetch_add(1, SeqCst);
         let _guard = WaiterGuard(self);
+        // Shed at once rather than queue into the request timeout: the service is saturated.
+        if waiting >= self.settings.max_pending_requests {
+            return Err(UpstreamError::Overloaded);
+        }
         let mut started_at: Option<u64> = None;
         loop {
             let notified = self.changed.notified();
