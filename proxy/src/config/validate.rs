@@ -421,9 +421,11 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Opt
             rate_limit: t.rate_limit.as_ref().and_then(|rl| {
                 let r = &rl.value;
                 let burst = r.burst.unwrap_or(r.requests_per_second.max(1.0));
-                if !(r.requests_per_second > 0.0 && r.requests_per_second.is_finite())
-                    || !(burst >= 1.0 && burst.is_finite())
-                {
+                let valid = r.requests_per_second > 0.0
+                    && r.requests_per_second.is_finite()
+                    && burst >= 1.0
+                    && burst.is_finite();
+                if !valid {
                     errs.at(line(rl), "rate_limit: requests_per_second must be > 0 and burst >= 1");
                     return None;
                 }
