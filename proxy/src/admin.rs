@@ -116,6 +116,8 @@ async fn pool(State(app): State<Arc<App>>) -> Response {
             json!({
                 "service": s.service,
                 "gateway": proxy.upstream.gateway.target().to_string(),
+                "gateway_addresses": proxy.upstream.gateway.addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                "gateway_ejected": proxy.upstream.gateway.ejected().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
                 "dialing": s.dialing,
                 "connects_ok": s.connects_ok,
                 "connects_failed": s.connects_failed,

@@ -571,11 +571,37 @@ async fn forward(
         client_error: client_error.clone(),
     }
     .boxed_unsync();
+    // A request with no body and an idempotent method can be sent again if the stream is reset
+    // after it left (a pod dying, a connection cut): keep what is needed to rebuild it.
+    let replay = (parts.method.is_idempotent() && body.is_end_stream()).then(|| {
+        (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.version,
+            parts.headers.clone(),
+        )
+    });
     let upstream_req = Request::from_parts(parts, body);
 
     let pool = proxy.upstream.pool(service);
     let timeout = snap.upstream.request_timeout;
-    let sent = tokio::time::timeout(timeout, pool.send(upstream_req))
+    // One deadline for the request and its retry.
+    let attempt = async {
+        match pool.send(upstream_req).await {
+            Err(UpstreamError::Http(reason)) if replay.is_some() && pool.try_retry() => {
+                tracing::debug!(service = %service.name, %reason, "upstream stream failed; retrying once on another connection");
+                let (method, uri, version, headers) = replay.expect("checked above");
+                let mut req = Request::new(http_body_util::Empty::new().map_err(|e| match e {}).boxed_unsync());
+                *req.method_mut() = method;
+                *req.uri_mut() = uri;
+                *req.version_mut() = version;
+                *req.headers_mut() = headers;
+                pool.send(req).await
+            }
+            other => other,
+        }
+    };
+    let sent = tokio::time::timeout(timeout, attempt)
         .await
         .map_err(|_| UpstreamError::RequestTimeout(timeout))?;
     let (mut resp, lease) = match sent {

@@ -116,7 +116,15 @@ pub struct Pool {
     state: Mutex<State>,
     waiters: AtomicUsize,
     changed: Notify,
+    /// Retry budget in tenths of a retry: each request earns 2 (so retries stay within ~20% of
+    /// traffic), capped at 100 (a burst of 10); a retry spends 10. Retries cannot multiply load
+    /// on a failing service.
+    retry_tenths: AtomicUsize,
 }
+
+const RETRY_COST: usize = 10;
+const RETRY_EARN: usize = 2;
+const RETRY_CAP: usize = 100;
 
 /// The right to send one request on one connection; held until the response body ends.
 pub struct Lease {
@@ -159,6 +167,7 @@ impl Pool {
             state: Mutex::new(State::default()),
             waiters: AtomicUsize::new(0),
             changed: Notify::new(),
+            retry_tenths: AtomicUsize::new(RETRY_CAP),
         })
     }
 
@@ -386,7 +395,17 @@ impl Pool {
             .pick()
             .ok_or_else(|| UpstreamError::Unresolved(self.gateway.target().to_string()))?;
         let s = &self.settings;
-        let conn = connect(addr, &self.tls, s.connect_timeout, s.handshake_timeout).await?;
+        let connected = connect(addr, &self.tls, s.connect_timeout, s.handshake_timeout).await;
+        // Only failures to reach the address count against it; a TLS or identity failure is the
+        // pod's or the config's, and ejecting the gateway address would not help.
+        self.gateway.record(
+            addr,
+            !matches!(
+                connected,
+                Err(UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. })
+            ),
+        );
+        let conn = connected?;
         let want = self.service.protocol;
         let speaks_h2 = match conn.alpn.as_deref() {
             Some(b"h2") => true,
@@ -463,12 +482,22 @@ impl Pool {
         }
     }
 
+    /// Takes one retry from the budget, if there is one.
+    pub fn try_retry(&self) -> bool {
+        self.retry_tenths
+            .fetch_update(SeqCst, SeqCst, |t| t.checked_sub(RETRY_COST))
+            .is_ok()
+    }
+
     /// Sends a request, retrying on another connection when the chosen one turned out to be
     /// closed before the request left (hyper hands the request back in that case).
     pub async fn send(
         self: &Arc<Self>,
         mut req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+        let _ = self.retry_tenths.fetch_update(SeqCst, SeqCst, |t| {
+            (t < RETRY_CAP).then_some((t + RETRY_EARN).min(RETRY_CAP))
+        });
         let mut attempts = 0;
         loop {
             attempts += 1;

@@ -329,3 +329,34 @@ async fn content_length_with_chunked_cannot_smuggle_a_request() {
     assert!(!text.contains("/smuggled"), "{text}");
     assert_eq!(env.mesh.stats().pods_total(|p| p.app_requests), 1);
 }
+
+#[tokio::test]
+async fn idempotent_requests_are_retried_once_on_a_reset_and_others_never() {
+    let env = Env::start().await.unwrap();
+    // The sidecar resets the stream (`reset=1`) after the request arrived.
+    let before = env.mesh.stats().pods_total(|p| p.app_requests);
+    let r = env.get(BILLING_IP, &host("reviews"), "/?reset=1", &[]).await.unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+    let after_get = env.mesh.stats().pods_total(|p| p.app_requests);
+    assert_eq!(
+        after_get - before,
+        2,
+        "a GET without body is sent once more, and only once"
+    );
+    let mut c = env.h1(BILLING_IP).await.unwrap();
+    let req = Request::post("/?reset=1")
+        .header("host", host("reviews"))
+        .body(Full::new(Bytes::from_static(b"x")))
+        .unwrap();
+    let r = c.send(req).await.unwrap();
+    assert_eq!(r.status, 502);
+    eventually(Duration::from_secs(5), "the POST to be counted", || async {
+        env.mesh.stats().pods_total(|p| p.app_requests) > after_get
+    })
+    .await;
+    assert_eq!(
+        env.mesh.stats().pods_total(|p| p.app_requests) - after_get,
+        1,
+        "a POST is never retried"
+    );
+}
