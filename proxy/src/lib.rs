@@ -11,6 +11,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod forward;
+pub mod fuzz_targets;
 pub mod identity;
 pub mod lifecycle;
 pub mod listener;
