@@ -128,6 +128,9 @@ impl App {
 
     /// Why the instance should not receive traffic, if so (`/readyz`).
     pub fn not_ready_reason(&self) -> Option<String> {
+        if *self.drained.borrow() {
+            return Some("drained".into());
+        }
         let proxy = self.current.load();
         self.lifecycle
             .not_ready_reason(proxy.snapshot.identity.not_after, SystemTime::now())
@@ -299,10 +302,12 @@ impl App {
     async fn close_listeners(&self, spread: Duration, timeout: Duration) {
         let mut state = self.state.lock().await;
         let deadline = Instant::now() + timeout;
-        for l in &state.listeners {
+        // Taken out of the state: a listener is closed and awaited once, however often this runs.
+        let listeners: Vec<RunningListener> = state.listeners.drain(..).collect();
+        for l in &listeners {
             let _ = l.close.send(ListenerState::Closing { spread, deadline });
         }
-        for l in state.listeners.iter_mut() {
+        for mut l in listeners {
             // The listener cuts its own connections at the deadline; this bound is a backstop.
             if tokio::time::timeout_at(deadline + Duration::from_secs(1), &mut l.task)
                 .await
@@ -326,6 +331,7 @@ impl App {
             let remaining = d.timeout.saturating_sub(started.elapsed());
             self.close_listeners(d.spread, remaining).await;
             tracing::info!(took = ?started.elapsed(), "drained");
+            self.metrics.drained.set(1);
             let _ = self.drained.send(true);
         } else {
             let mut rx = self.drained.subscribe();

@@ -30,7 +30,11 @@ pub fn api_key(data: &[u8]) {
     let mut h = HeaderMap::new();
     for (i, line) in data.split(|b| *b == b'\n').enumerate().take(8) {
         if let Ok(v) = HeaderValue::from_bytes(line) {
-            let name = if i % 2 == 0 { http::header::PROXY_AUTHORIZATION } else { key_header.clone() };
+            let name = if i % 2 == 0 {
+                http::header::PROXY_AUTHORIZATION
+            } else {
+                key_header.clone()
+            };
             h.append(name, v);
         }
     }
@@ -52,8 +56,11 @@ pub fn authority(data: &[u8]) {
     }
 }
 
+/// A fuzz entry point.
+pub type Target = fn(&[u8]);
+
 /// The targets by name, as the corpus directories are named.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("config", config),
     ("proxy_header", proxy_header),
     ("api_key", api_key),

@@ -96,6 +96,7 @@ pub struct Metrics {
     pub identity_reloads: Family<ResultLabels, Counter>,
     pub identity_expiry: Family<IdentityLabels, Gauge<f64, AtomicU64>>,
     pub draining: Gauge,
+    pub drained: Gauge,
     pub ready: Gauge,
     process: ProcessMetrics,
 }
@@ -236,6 +237,11 @@ impl Metrics {
             "1 while the instance drains (readiness off, connections being closed)",
             Gauge::default()
         );
+        let drained = reg!(
+            "meshgate_drained",
+            "1 once a drain has finished: listeners closed, no client connections left",
+            Gauge::default()
+        );
         let ready = reg!("meshgate_ready", "1 when /readyz answers 200", Gauge::default());
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info
@@ -287,6 +293,7 @@ impl Metrics {
             identity_reloads,
             identity_expiry,
             draining,
+            drained,
             ready,
             process,
         }
