@@ -9,6 +9,13 @@ need_apt=()
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 # The real Prometheus server and promtool: the dashboards and rules are checked against them.
 { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || need_apt+=(prometheus)
+# moto's AWS server (PyPI moto[server]) for the autoscaler's end-to-end tests, in a venv under
+# target/ (the tests look there first, then on PATH); Debian's python3 needs python3-venv for it.
+venv=target/tools-venv
+if [ ! -x "$venv/bin/moto_server" ]; then
+  command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+  python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing tools: ${need_apt[*]} (run as root or install them)" >&2
@@ -21,6 +28,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   if [[ " ${need_apt[*]} " == *" prometheus "* ]]; then
     service prometheus stop >/dev/null 2>&1 || pkill -x -u prometheus prometheus 2>/dev/null || true
   fi
+fi
+
+if [ ! -x "$venv/bin/moto_server" ]; then
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.*'
 fi
 
 cargo fmt --all -- --check

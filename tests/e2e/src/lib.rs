@@ -16,6 +16,8 @@ use tokio::net::TcpSocket;
 
 pub use meshsim;
 
+pub mod prom;
+
 pub const TD: &str = "cluster.local";
 /// The API key of tenant `laptops` in [`default_services_and_tenants`].
 pub const LAPTOP_KEY: &str = "laptop-key-1";

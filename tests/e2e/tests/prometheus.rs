@@ -7,13 +7,12 @@
 //! installs it). Missing tools fail the tests: they never skip.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use e2e::prom::{has_data, http_get, poll, Prometheus};
 use e2e::*;
 use http::Request;
 use http_body_util::Full;
@@ -246,14 +245,7 @@ fn referenced_metrics() -> BTreeMap<String, BTreeSet<String>> {
 /// `name` on PATH, or a failure that says how to get it. Never a skip: a missing tool must not
 /// turn these tests green.
 fn tool(name: &str) -> PathBuf {
-    std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|p| p.is_file()))
-        .unwrap_or_else(|| {
-            panic!(
-                "`{name}` is not on PATH: install prometheus (apt-get install prometheus), \
-                 which ships both prometheus and promtool; scripts/test.sh does this"
-            )
-        })
+    e2e::prom::tool(name, e2e::prom::PROMETHEUS_HINT)
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -368,15 +360,6 @@ async fn keep_traffic_flowing(env: &Env) {
         // Pacing only; nothing waits on it.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// GET `path` on a plain HTTP/1.1 server (admin listener, Prometheus API) from loopback.
-async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<Resp> {
-    let mut c = Client::connect(addr, "127.0.0.1".parse()?, false).await?;
-    let req = Request::get(path)
-        .header("host", addr.to_string())
-        .body(Full::new(Bytes::new()))?;
-    c.send(req).await
 }
 
 /// The parsed `/metrics` exposition: sample names → sample lines, family name → type.
@@ -736,151 +719,6 @@ async fn metrics_used_by_dashboards_and_rules_are_exported() {
     );
 }
 
-/// A Prometheus server on loopback, killed when dropped (also when a test panics).
-struct Prometheus {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Prometheus {
-    /// Starts prometheus scraping `target` as job `meshgate` every second, with the two rule
-    /// files evaluated every second. Waits (bounded) until its API answers.
-    async fn start(target: SocketAddr) -> Prometheus {
-        let bin = tool("prometheus");
-        let [recording, alerts] = rule_paths();
-        // Prometheus cannot listen on port 0 and report it: take a free port from the kernel
-        // and hand it over. Another process could grab it in between, so retry on a bind error.
-        let mut last_log = String::new();
-        for _attempt in 0..3 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-            let dir = tempfile::tempdir().unwrap();
-            let config = format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
-                 rule_files:\n  - {recording:?}\n  - {alerts:?}\n\
-                 scrape_configs:\n  - job_name: meshgate\n    static_configs:\n      - targets: [\"{target}\"]\n"
-            );
-            let config_path = dir.path().join("prometheus.yml");
-            std::fs::write(&config_path, config).unwrap();
-            let log = dir.path().join("prometheus.log");
-            let log_file = std::fs::File::create(&log).unwrap();
-            let child = Command::new(&bin)
-                .arg(format!("--config.file={}", config_path.display()))
-                .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
-                .arg(format!("--web.listen-address={addr}"))
-                .arg("--log.level=warn")
-                .current_dir(dir.path())
-                .stdin(Stdio::null())
-                .stdout(log_file.try_clone().unwrap())
-                .stderr(log_file)
-                .spawn()
-                .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
-            let mut p = Prometheus {
-                child,
-                addr,
-                log,
-                _dir: dir,
-            };
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                if let Some(status) = p.child.try_wait().unwrap() {
-                    last_log = p.log_text();
-                    assert!(
-                        last_log.contains("address already in use"),
-                        "prometheus exited ({status}):\n{last_log}"
-                    );
-                    break;
-                }
-                if let Ok(r) = http_get(addr, "/-/ready").await {
-                    if r.status == 200 {
-                        return p;
-                    }
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "prometheus not ready after 30 s:\n{}",
-                    p.log_text()
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-        panic!("prometheus could not bind a port in 3 attempts:\n{last_log}");
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn api(&self, path_and_query: &str) -> Value {
-        let r = http_get(self.addr, path_and_query)
-            .await
-            .unwrap_or_else(|e| panic!("GET {path_and_query}: {e:#}"));
-        serde_json::from_slice(&r.body)
-            .unwrap_or_else(|e| panic!("GET {path_and_query}: {} not JSON ({e}): {}", r.status, r.text()))
-    }
-
-    /// An instant query: Ok(result) on status success (result = the `data.result` array, or the
-    /// scalar/string pair), Err(error text) otherwise.
-    async fn query(&self, expr: &str) -> Result<Value, String> {
-        let v = self.api(&format!("/api/v1/query?query={}", url_encode(expr))).await;
-        if v["status"] == "success" {
-            Ok(v["data"]["result"].clone())
-        } else {
-            Err(format!("{}: {}", v["errorType"], v["error"]))
-        }
-    }
-}
-
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
-fn has_data(result: &Value) -> bool {
-    match result.as_array() {
-        // A vector or matrix: at least one series.
-        Some(a) if a.first().is_some_and(Value::is_object) => true,
-        // A scalar or string: [time, "value"].
-        Some(a) => a.len() == 2,
-        None => false,
-    }
-}
-
-/// Polls `f` every 250 ms until it returns Some, or fails with `what` once `deadline` passes.
-async fn poll<T, F, Fut>(deadline: Instant, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 /// What a query must produce against a meshgate carrying the test traffic.
 #[derive(Debug, PartialEq)]
 enum Expect {
@@ -916,7 +754,7 @@ async fn prometheus_evaluates_every_dashboard_query_and_rule() {
 }
 
 async fn check_with_prometheus(env: &Env) {
-    let prom = &Prometheus::start(env.admin_addr()).await;
+    let prom = &Prometheus::start(&[env.admin_addr()], &rule_paths()).await;
     // Everything below shares one bound: scrapes and rule evaluations run every second, so
     // rate() over 1m has its two samples within seconds; 90 s only stops a hung test.
     let deadline = Instant::now() + Duration::from_secs(90);
