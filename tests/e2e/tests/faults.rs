@@ -262,3 +262,26 @@ async fn malformed_requests_interleaved_with_good_ones() {
     assert_eq!(report.ok, 30);
     assert_eq!(env.mesh.stats().pods_total(|p| p.app_requests), 30);
 }
+
+#[tokio::test]
+async fn sidecar_goaway_under_load_fails_no_request() {
+    let env = Env::start().await.unwrap();
+    let load = Load::start(env.addr(), BILLING_IP, &host("reviews"), "/", 8);
+    load.wait_for_more(200).await;
+    let routed_before = env.mesh.stats().gateway_routed;
+    for pod in ["reviews-v1-a", "reviews-v1-b", "reviews-v2-a"] {
+        env.mesh.goaway_pod(pod);
+        load.wait_for_more(200).await;
+    }
+    let (ok, failures) = load.finish().await;
+    let report = Report {
+        sent: ok + failures.len() as u64,
+        ok,
+        expected_failures: 0,
+        unexpected: failures,
+    };
+    report.print("GOAWAY from every pod under load");
+    assert!(report.unexpected.is_empty(), "{:?}", &report.unexpected[..report.unexpected.len().min(5)]);
+    // The pool replaced the connections that went away.
+    assert!(env.mesh.stats().gateway_routed > routed_before, "no new upstream connection after GOAWAY");
+}
