@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use http::HeaderName;
 
-pub use schema::{HostPort, ListenerProtocol, LogFormat, UpstreamProtocol};
+pub use schema::{GatewayTarget, HostPort, ListenerProtocol, LogFormat, UpstreamProtocol};
 
 use crate::identity::{ExpectedServer, Identity};
 use crate::policy::Tenants;
@@ -151,7 +151,7 @@ pub struct Snapshot {
     pub log: LogSettings,
     pub reload: ReloadSettings,
     pub trust_domain: String,
-    pub gateway: HostPort,
+    pub gateway: GatewayTarget,
     pub gateway_refresh: Duration,
     pub identity: Arc<Identity>,
     pub services: Vec<Arc<Service>>,

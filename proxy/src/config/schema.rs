@@ -160,7 +160,8 @@ pub struct RawAdmin {
 #[serde(deny_unknown_fields)]
 pub struct RawMesh {
     pub trust_domain: Spanned<String>,
-    pub gateway: Spanned<HostPort>,
+    /// `host:port`, or a list of them (the gateway's addresses when there is no DNS name).
+    pub gateway: Spanned<OneOrMany<HostPort>>,
     /// How often the gateway name is resolved again (its addresses change as the LB scales).
     #[serde(default = "default_gateway_refresh")]
     pub gateway_refresh: Dur,
@@ -384,6 +385,22 @@ impl<'de> Deserialize<'de> for Addr {
                 "invalid address {s:?}: expected IP:PORT such as 0.0.0.0:8080 or [::]:8080"
             ))
         })
+    }
+}
+
+/// One or more gateway `host:port`s; each name may resolve to several addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayTarget(pub Vec<HostPort>);
+
+impl fmt::Display for GatewayTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, hp) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{hp}")?;
+        }
+        Ok(())
     }
 }
 

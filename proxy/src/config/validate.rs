@@ -478,6 +478,13 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Opt
         }
     };
 
+    if raw.mesh.gateway.value.0.is_empty() {
+        errs.at(
+            line(&raw.mesh.gateway),
+            "mesh.gateway: at least one host:port is required",
+        );
+    }
+
     // Upstream settings.
     let (up, up_line) = match &raw.upstream {
         Some(s) => (&s.value, line(s)),
@@ -549,7 +556,7 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Opt
         log,
         reload,
         trust_domain: td,
-        gateway: raw.mesh.gateway.value.clone(),
+        gateway: super::GatewayTarget(raw.mesh.gateway.value.0.clone()),
         gateway_refresh: raw.mesh.gateway_refresh.0,
         identity: identity?,
         services,

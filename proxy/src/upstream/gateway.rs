@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::config::HostPort;
+use crate::config::{GatewayTarget, HostPort};
 
 /// Consecutive connect failures after which an address is ejected.
 const EJECT_AFTER: u32 = 3;
@@ -24,7 +24,7 @@ struct Health {
 
 #[derive(Debug)]
 pub struct Gateway {
-    target: HostPort,
+    target: GatewayTarget,
     addrs: RwLock<Arc<Vec<SocketAddr>>>,
     next: AtomicUsize,
     /// Outlier detection: an address that keeps refusing connections is skipped for a while
@@ -33,12 +33,18 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(target: HostPort) -> Arc<Gateway> {
-        // An IP literal needs no DNS; knowing it now lets the first request go straight out.
-        let initial = match target.host.parse::<std::net::IpAddr>() {
-            Ok(ip) => vec![SocketAddr::new(ip, target.port)],
-            Err(_) => Vec::new(),
-        };
+    pub fn new(target: GatewayTarget) -> Arc<Gateway> {
+        // IP literals need no DNS; knowing them now lets the first request go straight out.
+        let initial: Vec<SocketAddr> = target
+            .0
+            .iter()
+            .filter_map(|hp| {
+                hp.host
+                    .parse::<std::net::IpAddr>()
+                    .ok()
+                    .map(|ip| SocketAddr::new(ip, hp.port))
+            })
+            .collect();
         Arc::new(Gateway {
             target,
             addrs: RwLock::new(Arc::new(initial)),
@@ -47,7 +53,7 @@ impl Gateway {
         })
     }
 
-    pub fn target(&self) -> &HostPort {
+    pub fn target(&self) -> &GatewayTarget {
         &self.target
     }
 
@@ -115,21 +121,20 @@ impl Gateway {
     /// Resolves the name once. On failure the previous addresses are kept: a DNS hiccup must not
     /// take the gateway away from a running fleet.
     pub async fn resolve(&self) -> std::io::Result<usize> {
-        if self.target.host.parse::<std::net::IpAddr>().is_ok() {
-            return Ok(1);
+        let mut found: Vec<SocketAddr> = Vec::new();
+        let mut last_err = None;
+        for hp in &self.target.0 {
+            match resolve_one(hp).await {
+                Ok(a) => found.extend(a),
+                Err(e) => last_err = Some(e),
+            }
         }
-        let lookup = tokio::net::lookup_host((self.target.host.as_str(), self.target.port));
-        let mut found: Vec<SocketAddr> = tokio::time::timeout(Duration::from_secs(10), lookup)
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "DNS lookup timed out"))??
-            .collect();
         found.sort();
         found.dedup();
         if found.is_empty() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "name resolved to no addresses",
-            ));
+            return Err(last_err.unwrap_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotFound, "name resolved to no addresses")
+            }));
         }
         let n = found.len();
         let mut guard = self.addrs.write().unwrap_or_else(|e| e.into_inner());
@@ -153,24 +158,35 @@ impl Gateway {
     }
 }
 
+async fn resolve_one(hp: &HostPort) -> std::io::Result<Vec<SocketAddr>> {
+    if let Ok(ip) = hp.host.parse::<std::net::IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, hp.port)]);
+    }
+    let lookup = tokio::net::lookup_host((hp.host.as_str(), hp.port));
+    Ok(tokio::time::timeout(Duration::from_secs(10), lookup)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "DNS lookup timed out"))??
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn ip_literal_is_known_without_dns() {
-        let g = Gateway::new(HostPort {
+        let g = Gateway::new(GatewayTarget(vec![HostPort {
             host: "127.0.0.1".into(),
             port: 15443,
-        });
+        }]));
         assert_eq!(g.pick(), Some("127.0.0.1:15443".parse().unwrap()));
     }
 
     fn two() -> Arc<Gateway> {
-        let g = Gateway::new(HostPort {
+        let g = Gateway::new(GatewayTarget(vec![HostPort {
             host: "gw.test".into(),
             port: 15443,
-        });
+        }]));
         *g.addrs.write().unwrap() = Arc::new(vec!["127.0.0.1:1".parse().unwrap(), "127.0.0.2:1".parse().unwrap()]);
         g
     }
@@ -218,10 +234,10 @@ mod tests {
 
     #[tokio::test]
     async fn localhost_resolves_and_round_robins() {
-        let g = Gateway::new(HostPort {
+        let g = Gateway::new(GatewayTarget(vec![HostPort {
             host: "localhost".into(),
             port: 15443,
-        });
+        }]));
         assert_eq!(g.pick(), None);
         let n = g.resolve().await.unwrap();
         assert!(n >= 1);

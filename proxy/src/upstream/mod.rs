@@ -57,7 +57,7 @@ pub struct PoolKey {
     pub protocol: crate::config::UpstreamProtocol,
     pub expected_server: crate::identity::ExpectedServer,
     pub identity: [u8; 32],
-    pub gateway: crate::config::HostPort,
+    pub gateway: crate::config::GatewayTarget,
     pub settings: crate::config::UpstreamSettings,
 }
 

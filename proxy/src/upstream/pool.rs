@@ -390,22 +390,32 @@ impl Pool {
     }
 
     async fn dial(&self) -> Result<Dialed, UpstreamError> {
-        let addr = self
-            .gateway
-            .pick()
-            .ok_or_else(|| UpstreamError::Unresolved(self.gateway.target().to_string()))?;
         let s = &self.settings;
-        let connected = connect(addr, &self.tls, s.connect_timeout, s.handshake_timeout).await;
-        // Only failures to reach the address count against it; a TLS or identity failure is the
-        // pod's or the config's, and ejecting the gateway address would not help.
-        self.gateway.record(
-            addr,
-            !matches!(
+        // A gateway address that refuses or does not answer is skipped for the next one (and
+        // counted towards its ejection), so one dead LB node costs a retry, not a failed request.
+        let tries = self.gateway.addrs().len().clamp(1, 4);
+        let mut attempt = 0;
+        let (addr, conn) = loop {
+            attempt += 1;
+            let addr = self
+                .gateway
+                .pick()
+                .ok_or_else(|| UpstreamError::Unresolved(self.gateway.target().to_string()))?;
+            let connected = connect(addr, &self.tls, s.connect_timeout, s.handshake_timeout).await;
+            // Only failures to reach the address count against it; a TLS or identity failure is
+            // the pod's or the config's, and another gateway address would not help.
+            let unreachable = matches!(
                 connected,
                 Err(UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. })
-            ),
-        );
-        let conn = connected?;
+            );
+            self.gateway.record(addr, !unreachable);
+            match connected {
+                Err(e) if unreachable && attempt < tries => {
+                    tracing::debug!(service = %self.service.name, error = %e, "gateway address unreachable; trying the next one");
+                }
+                other => break (addr, other?),
+            }
+        };
         let want = self.service.protocol;
         let speaks_h2 = match conn.alpn.as_deref() {
             Some(b"h2") => true,

@@ -94,6 +94,8 @@ pub struct EnvBuilder {
     identity: Option<IdentityFn>,
     /// Overrides the gateway address meshgate is given (default: the mesh's gateway).
     gateway: Option<String>,
+    /// Extra gateway addresses listed before the mesh's own.
+    gateway_also: Vec<String>,
     /// Extra top-level YAML (admin, drain, reload, ...).
     extra: String,
     /// Extra keys for the `vm` listener (indented by four spaces).
@@ -108,6 +110,7 @@ impl Default for EnvBuilder {
             upstream: "upstream:\n  connect_timeout: 2s\n  handshake_timeout: 5s\n  request_timeout: 20s\n".into(),
             identity: None,
             gateway: None,
+            gateway_also: Vec::new(),
             extra: String::new(),
             listener_extra: String::new(),
         }
@@ -143,6 +146,11 @@ impl EnvBuilder {
         self.extra.push_str(yaml);
         self
     }
+    /// Lists another gateway address (`host:port`) before the mesh's own.
+    pub fn gateway_also(mut self, addr: &str) -> Self {
+        self.gateway_also.push(addr.to_string());
+        self
+    }
     /// Points meshgate at another gateway address (`host:port`).
     pub fn gateway(mut self, addr: &str) -> Self {
         self.gateway = Some(addr.to_string());
@@ -169,7 +177,11 @@ impl EnvBuilder {
         std::fs::write(dir.path().join("root-cert.pem"), root)?;
         let config = format!(
             "listeners:\n  - name: vm\n    bind: 127.0.0.1:0\n    protocol: http\n{lx}mesh:\n  trust_domain: {TD}\n  gateway: {gw}\n  identity:\n    cert_chain: cert-chain.pem\n    key: key.pem\n    root_cert: root-cert.pem\n{body}{up}{extra}",
-            gw = self.gateway.unwrap_or_else(|| mesh.gateway_addr().to_string()),
+            gw = self.gateway.unwrap_or_else(|| {
+                let mut all = self.gateway_also.clone();
+                all.push(mesh.gateway_addr().to_string());
+                format!("[{}]", all.join(", "))
+            }),
             body = self.body,
             up = self.upstream,
             extra = self.extra,

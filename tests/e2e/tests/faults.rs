@@ -281,7 +281,52 @@ async fn sidecar_goaway_under_load_fails_no_request() {
         unexpected: failures,
     };
     report.print("GOAWAY from every pod under load");
-    assert!(report.unexpected.is_empty(), "{:?}", &report.unexpected[..report.unexpected.len().min(5)]);
+    assert!(
+        report.unexpected.is_empty(),
+        "{:?}",
+        &report.unexpected[..report.unexpected.len().min(5)]
+    );
     // The pool replaced the connections that went away.
-    assert!(env.mesh.stats().gateway_routed > routed_before, "no new upstream connection after GOAWAY");
+    assert!(
+        env.mesh.stats().gateway_routed > routed_before,
+        "no new upstream connection after GOAWAY"
+    );
+}
+
+#[tokio::test]
+async fn dead_gateway_address_is_skipped_and_ejected_without_failing_requests() {
+    // Two gateway addresses; the first refuses connections (a dead LB node).
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let env = EnvBuilder::default()
+        .admin()
+        .gateway_also(&dead.to_string())
+        // Eight connections for one service: enough dials for the dead address to fail three
+        // times in a row.
+        .upstream("upstream:\n  min_connections: 8\n  max_connections: 8\n")
+        .start()
+        .await
+        .unwrap();
+    let mut report = Report::default();
+    for _ in 0..40 {
+        report.sent += 1;
+        let r = env.get(BILLING_IP, &host("reviews"), "/", &[]).await.unwrap();
+        if r.status == 200 {
+            report.ok += 1;
+        } else {
+            report.unexpected.push(format!("{} {}", r.status, r.text()));
+        }
+    }
+    report.print("one dead gateway address");
+    eventually(Duration::from_secs(10), "the pool to fill", || async {
+        env.gate.app.proxy().upstream.pools()[0].stats().connections.len() == 8
+    })
+    .await;
+    assert!(report.unexpected.is_empty(), "{:?}", report.unexpected);
+    let (_, pool) = env.admin_get("/pool").await.unwrap();
+    let pool: serde_json::Value = serde_json::from_str(&pool).unwrap();
+    let ejected = pool["pools"][0]["gateway_ejected"].as_array().unwrap().clone();
+    assert_eq!(ejected, vec![serde_json::Value::String(dead.to_string())], "{pool}");
 }
