@@ -385,3 +385,52 @@ async fn idle_keep_alive_connections_are_closed() {
     let closed = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut rest)).await;
     assert!(closed.is_ok(), "idle keep-alive connection held open");
 }
+
+#[tokio::test]
+async fn http2_rapid_reset_closes_the_attacking_connection_only() {
+    // CVE-2023-44487: open streams and reset them at once, as fast as possible, on one h2c
+    // connection. The server must cut that connection instead of doing work for each stream.
+    let env = Env::start().await.unwrap();
+    let io = connect_from(env.addr(), BILLING_IP.parse().unwrap()).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(io).await.unwrap();
+    let conn_task = tokio::spawn(conn);
+    let mut sent = 0u64;
+    let mut refused_at = None;
+    for i in 0..5000u64 {
+        let req = Request::get(format!("http://{}/?delay_ms=2000", host("reviews")))
+            .body(())
+            .unwrap();
+        let ready = match tokio::time::timeout(CLIENT_TIMEOUT, client.clone().ready()).await {
+            Ok(Ok(c)) => c,
+            _ => {
+                refused_at = Some(i);
+                break;
+            }
+        };
+        client = ready;
+        match client.send_request(req, true) {
+            Ok((_resp, mut stream)) => {
+                stream.send_reset(h2::Reason::CANCEL);
+                sent += 1;
+            }
+            Err(_) => {
+                refused_at = Some(i);
+                break;
+            }
+        }
+    }
+    // The connection is torn down by the server (GOAWAY / error), within a bounded wait, while
+    // the client still holds it open.
+    let ended = tokio::time::timeout(Duration::from_secs(20), conn_task).await;
+    let reached = env.mesh.stats().pods_total(|p| p.app_requests);
+    eprintln!("rapid reset: {sent} streams opened and reset; refused at {refused_at:?}; connection: {ended:?}; {reached} reached the app");
+    let result = ended.expect("the attacking connection was not closed").unwrap();
+    let err = result.expect_err("the server closed the connection without an error code");
+    assert!(err.is_go_away() || err.is_io() || err.reason().is_some(), "{err:?}");
+    drop(client);
+    // Far fewer requests than resets did any work upstream.
+    assert!(reached < sent / 2, "{reached} of {sent} reset streams reached the app");
+    // Everyone else is served.
+    let r = env.get(BILLING_IP, &host("reviews"), "/", &[]).await.unwrap();
+    assert_eq!(r.status, 200);
+}
