@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
@@ -92,22 +91,7 @@ pub struct GroupConfig {
 // ---------------------------------------------------------------------------------------------
 // Errors
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub file: PathBuf,
-    /// 1-based; None when not tied to a line.
-    pub line: Option<u64>,
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.line {
-            Some(l) => write!(f, "{}:{}: {}", self.file.display(), l, self.message),
-            None => write!(f, "{}: {}", self.file.display(), self.message),
-        }
-    }
-}
+pub use yamlconf::ConfigError;
 
 /// Every problem found, in file order.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -152,36 +136,7 @@ fn spanned<T>(v: T) -> Spanned<T> {
 // ---------------------------------------------------------------------------------------------
 // Schema
 
-/// A duration such as `250ms`, `5s`, `2m` or `1h` (the same syntax as meshgate's config).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dur(pub Duration);
-
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 250ms, 5s, 2m, 1h"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("invalid duration {s:?}: unit must be ms, s, m or h")),
-    };
-    if !secs.is_finite() || !(0.0..=86400.0 * 365.0).contains(&secs) {
-        return Err(format!("invalid duration {s:?}: out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        parse_duration(&s).map(Dur).map_err(de::Error::custom)
-    }
-}
+pub use yamlconf::{parse_duration, Dur};
 
 fn dur(secs: f64) -> Spanned<Dur> {
     spanned(Dur(Duration::from_secs_f64(secs)))
@@ -362,25 +317,6 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     parse(path, &text)
 }
 
-fn yaml_error(file: &Path, e: &serde_saphyr::Error) -> ConfigError {
-    let line = e.location().map(|l| l.line()).filter(|l| *l > 0);
-    let rendered = e.without_snippet().to_string();
-    let mut message = rendered.lines().next().unwrap_or("invalid YAML").trim().to_string();
-    for cut in [" at line ", ", set DuplicateKeyPolicy"] {
-        if let Some(idx) = message.find(cut) {
-            message.truncate(idx);
-        }
-    }
-    if message.is_empty() {
-        message = "invalid YAML".into();
-    }
-    ConfigError {
-        file: file.to_owned(),
-        line,
-        message,
-    }
-}
-
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
@@ -390,7 +326,8 @@ fn valid_name(s: &str) -> bool {
 
 /// Parses config text; `path` is only used in errors and to resolve relative paths.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
-    let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| ConfigErrors(vec![yaml_error(path, &e)]))?;
+    let raw: RawConfig =
+        serde_saphyr::from_str(text).map_err(|e| ConfigErrors(vec![yamlconf::yaml_error(path, &e)]))?;
     let mut errs = Errors {
         file: path,
         list: Vec::new(),

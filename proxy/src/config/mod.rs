@@ -20,23 +20,7 @@ use crate::identity::{ExpectedServer, Identity};
 use crate::policy::Tenants;
 use crate::route::RouteTable;
 
-/// One problem in a config file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub file: PathBuf,
-    /// 1-based; `None` when the problem is not tied to a line (e.g. the file cannot be read).
-    pub line: Option<u64>,
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.line {
-            Some(line) => write!(f, "{}:{}: {}", self.file.display(), line, self.message),
-            None => write!(f, "{}: {}", self.file.display(), self.message),
-        }
-    }
-}
+pub use yamlconf::ConfigError;
 
 /// All the problems found in a config file, in file order.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -492,28 +492,17 @@ impl<'de> Deserialize<'de> for Cidr {
     }
 }
 
-/// A duration such as `250ms`, `5s`, `2m` or `1h`.
+/// A duration such as `250ms`, `5s`, `2m` or `1h` (the shared syntax), which must be positive:
+/// every duration in meshgate's config is a timeout or an interval.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dur(pub Duration);
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 250ms, 5s, 2m, 1h"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("invalid duration {s:?}: unit must be ms, s, m or h")),
-    };
-    if !secs.is_finite() || secs <= 0.0 || secs > 86400.0 * 365.0 {
-        return Err(format!("invalid duration {s:?}: must be positive"));
+    let d = yamlconf::parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("invalid duration {:?}: must be positive", s.trim()));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(d)
 }
 
 impl<'de> Deserialize<'de> for Dur {

@@ -57,27 +57,6 @@ fn valid_hostname(s: &str) -> bool {
         })
 }
 
-/// The message of a YAML/serde error, without the location the library appends (we print our own).
-fn yaml_error(file: &Path, e: &serde_saphyr::Error) -> ConfigError {
-    let line = e.location().map(|l| l.line()).filter(|l| *l > 0);
-    let rendered = e.without_snippet().to_string();
-    let mut message = rendered.lines().next().unwrap_or("invalid YAML").trim().to_string();
-    // "… at line 3, column 5" → "…": the line goes in front, the column is noise for a config.
-    for cut in [" at line ", ", set DuplicateKeyPolicy"] {
-        if let Some(idx) = message.find(cut) {
-            message.truncate(idx);
-        }
-    }
-    if message.is_empty() {
-        message = "invalid YAML".into();
-    }
-    ConfigError {
-        file: file.to_owned(),
-        line,
-        message,
-    }
-}
-
 /// Paths in the config are relative to the config file's directory.
 fn resolve_path(config: &Path, p: &str) -> PathBuf {
     let p = Path::new(p);
@@ -89,7 +68,8 @@ fn resolve_path(config: &Path, p: &str) -> PathBuf {
 }
 
 pub(super) fn parse(path: &Path, text: &str, now: SystemTime) -> Result<Snapshot, ConfigErrors> {
-    let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| ConfigErrors(vec![yaml_error(path, &e)]))?;
+    let raw: RawConfig =
+        serde_saphyr::from_str(text).map_err(|e| ConfigErrors(vec![yamlconf::yaml_error(path, &e)]))?;
     let mut errs = Errors {
         file: path,
         list: Vec::new(),
