@@ -29,6 +29,56 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// All the problems found in a config file, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Collects the errors of one file while validating it, so all of them are reported at once.
+pub struct Collector<'a> {
+    pub file: &'a Path,
+    pub list: Vec<ConfigError>,
+}
+
+impl<'a> Collector<'a> {
+    pub fn new(file: &'a Path) -> Self {
+        Collector { file, list: Vec::new() }
+    }
+
+    pub fn at(&mut self, line: Option<u64>, message: impl Into<String>) {
+        self.list.push(ConfigError {
+            file: self.file.to_owned(),
+            line,
+            message: message.into(),
+        });
+    }
+
+    /// The errors sorted by line (those without a line last).
+    pub fn into_errors(mut self) -> ConfigErrors {
+        self.list.sort_by_key(|e| e.line.unwrap_or(u64::MAX));
+        ConfigErrors(self.list)
+    }
+}
+
+/// The 1-based line of a spanned value, if known.
+pub fn line_of<T>(s: &serde_saphyr::Spanned<T>) -> Option<u64> {
+    let l = s.referenced.line();
+    (l > 0).then_some(l)
+}
+
 /// A YAML or type error as a [`ConfigError`]: the line from the parser, the message without the
 /// location and advice the library appends (the line goes in front; the column is noise).
 pub fn yaml_error(file: &Path, e: &serde_saphyr::Error) -> ConfigError {

@@ -2,7 +2,6 @@
 //! validation into an immutable [`Config`]. Every error names the file and line, like meshgate's.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -91,43 +90,8 @@ pub struct GroupConfig {
 // ---------------------------------------------------------------------------------------------
 // Errors
 
-pub use yamlconf::ConfigError;
-
-/// Every problem found, in file order.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
-
-struct Errors<'a> {
-    file: &'a Path,
-    list: Vec<ConfigError>,
-}
-
-impl Errors<'_> {
-    fn at(&mut self, line: Option<u64>, message: impl Into<String>) {
-        self.list.push(ConfigError {
-            file: self.file.to_owned(),
-            line,
-            message: message.into(),
-        });
-    }
-}
-
-fn line<T>(s: &Spanned<T>) -> Option<u64> {
-    let l = s.referenced.line();
-    (l > 0).then_some(l)
-}
+use yamlconf::{line_of as line, Collector};
+pub use yamlconf::{ConfigError, ConfigErrors};
 
 fn spanned<T>(v: T) -> Spanned<T> {
     Spanned::new(v, serde_saphyr::Location::UNKNOWN, serde_saphyr::Location::UNKNOWN)
@@ -328,27 +292,22 @@ fn valid_name(s: &str) -> bool {
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     let raw: RawConfig =
         serde_saphyr::from_str(text).map_err(|e| ConfigErrors(vec![yamlconf::yaml_error(path, &e)]))?;
-    let mut errs = Errors {
-        file: path,
-        list: Vec::new(),
-    };
+    let mut errs = Collector::new(path);
     let config = build(path, raw, &mut errs);
     if errs.list.is_empty() {
         return Ok(config);
     }
-    let mut list = errs.list;
-    list.sort_by_key(|e| e.line.unwrap_or(u64::MAX));
-    Err(ConfigErrors(list))
+    Err(errs.into_errors())
 }
 
-fn positive(errs: &mut Errors, what: &str, d: &Spanned<Dur>) -> Duration {
+fn positive(errs: &mut Collector, what: &str, d: &Spanned<Dur>) -> Duration {
     if d.value.0.is_zero() {
         errs.at(line(d), format!("{what} must be positive"));
     }
     d.value.0
 }
 
-fn check_url(errs: &mut Errors, what: &str, u: &Spanned<String>) {
+fn check_url(errs: &mut Collector, what: &str, u: &Spanned<String>) {
     match u.value.parse::<http::Uri>() {
         Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {}
         _ => errs.at(
@@ -358,7 +317,7 @@ fn check_url(errs: &mut Errors, what: &str, u: &Spanned<String>) {
     }
 }
 
-fn build(path: &Path, raw: RawConfig, errs: &mut Errors) -> Config {
+fn build(path: &Path, raw: RawConfig, errs: &mut Collector) -> Config {
     check_url(errs, "prometheus.url", &raw.prometheus.url);
     if let Some(e) = &raw.aws.endpoint_url {
         check_url(errs, "aws.endpoint_url", e);
@@ -394,7 +353,7 @@ fn build(path: &Path, raw: RawConfig, errs: &mut Errors) -> Config {
             query: g.query.value.clone(),
             target: g.target.value,
         }];
-        let check_signal = |errs: &mut Errors, query: &Spanned<String>, target: &Spanned<f64>| {
+        let check_signal = |errs: &mut Collector, query: &Spanned<String>, target: &Spanned<f64>| {
             if query.value.trim().is_empty() {
                 errs.at(line(query), "query must not be empty");
             }

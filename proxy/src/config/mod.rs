@@ -6,7 +6,6 @@
 pub mod schema;
 mod validate;
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,25 +19,7 @@ use crate::identity::{ExpectedServer, Identity};
 use crate::policy::Tenants;
 use crate::route::RouteTable;
 
-pub use yamlconf::ConfigError;
-
-/// All the problems found in a config file, in file order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
+pub use yamlconf::{ConfigError, ConfigErrors};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Listener {

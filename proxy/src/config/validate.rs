@@ -7,34 +7,14 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use http::HeaderName;
-use serde_saphyr::Spanned;
 
 use super::schema::{RawConfig, RawDrain, RawUpstream};
-use super::{sni_for, ConfigError, ConfigErrors, Listener, Service, Snapshot, UpstreamSettings};
+use super::{sni_for, ConfigErrors, Listener, Service, Snapshot, UpstreamSettings};
 use crate::identity::{ExpectedServer, Identity, IdentityFile, IdentityPaths};
 use crate::policy::keys::parse_key_hash;
 use crate::policy::{Allow, Tenant, Tenants};
 use crate::route::RouteTable;
-
-struct Errors<'a> {
-    file: &'a Path,
-    list: Vec<ConfigError>,
-}
-
-fn line<T>(s: &Spanned<T>) -> Option<u64> {
-    let l = s.referenced.line();
-    (l > 0).then_some(l)
-}
-
-impl Errors<'_> {
-    fn at(&mut self, line: Option<u64>, message: impl Into<String>) {
-        self.list.push(ConfigError {
-            file: self.file.to_owned(),
-            line,
-            message: message.into(),
-        });
-    }
-}
+use yamlconf::{line_of as line, Collector};
 
 /// Names that become metric label values and log fields: keep them boring.
 fn valid_name(s: &str) -> bool {
@@ -70,22 +50,17 @@ fn resolve_path(config: &Path, p: &str) -> PathBuf {
 pub(super) fn parse(path: &Path, text: &str, now: SystemTime) -> Result<Snapshot, ConfigErrors> {
     let raw: RawConfig =
         serde_saphyr::from_str(text).map_err(|e| ConfigErrors(vec![yamlconf::yaml_error(path, &e)]))?;
-    let mut errs = Errors {
-        file: path,
-        list: Vec::new(),
-    };
+    let mut errs = Collector::new(path);
     let snapshot = build(path, raw, now, &mut errs);
     if errs.list.is_empty() {
         if let Some(s) = snapshot {
             return Ok(s);
         }
     }
-    let mut list = errs.list;
-    list.sort_by_key(|e| e.line.unwrap_or(u64::MAX));
-    Err(ConfigErrors(list))
+    Err(errs.into_errors())
 }
 
-fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Errors) -> Option<Snapshot> {
+fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> Option<Snapshot> {
     // Listeners.
     if raw.listeners.is_empty() {
         errs.at(None, "at least one listener is required");
