@@ -81,6 +81,8 @@ pub struct ConnInfo {
     /// Requests seen, and whether they came as HTTP/2 (which drains with GOAWAY instead).
     pub requests: AtomicU64,
     pub is_h2: std::sync::atomic::AtomicBool,
+    /// What the HTTP/1 framing watcher saw, request by request.
+    pub framing: Arc<crate::listener::framing::Verdicts>,
 }
 
 impl ConnInfo {
@@ -92,6 +94,7 @@ impl ConnInfo {
             closing: Default::default(),
             requests: AtomicU64::new(0),
             is_h2: Default::default(),
+            framing: Default::default(),
         }
     }
 }
@@ -413,6 +416,7 @@ pub async fn handle(
     proxy.metrics.requests_in_flight.inc();
     conn.requests.fetch_add(1, Ordering::Relaxed);
     let h1 = req.version() < Version::HTTP_2;
+    let ambiguous = h1 && conn.framing.next_is_ambiguous();
     if !h1 {
         conn.is_h2.store(true, Ordering::Relaxed);
     }
@@ -440,7 +444,13 @@ pub async fn handle(
         reused: None,
         slot: None,
     });
-    let result = forward(&proxy, &conn, req, request_id, &mut log).await;
+    let result = if ambiguous {
+        Err(ProxyError::Malformed(
+            "both Content-Length and Transfer-Encoding (ambiguous framing)",
+        ))
+    } else {
+        forward(&proxy, &conn, req, request_id, &mut log).await
+    };
     let mut resp = match result {
         Ok((resp, lease)) => {
             log.reused = Some(lease.reused);

@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 use crate::app::App;
 use crate::forward::{self, ConnInfo};
 use crate::lifecycle::{CloseSignal, ListenerState};
+use crate::listener::framing;
 use crate::listener::proxy_protocol::{self, Mode};
 
 /// How long a trusted peer has to send its PROXY header.
@@ -117,6 +118,7 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, app: Arc<App>, mut clo
                 }
                 let _ = stream.set_nodelay(true);
                 let builder = builder(limits);
+                let (max_head, max_headers) = (limits.max_header_bytes, limits.max_headers);
                 let app2 = app.clone();
                 let name2 = name.clone();
                 let mut close = close.clone();
@@ -153,7 +155,10 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, app: Arc<App>, mut clo
                     let info = Arc::new(ConnInfo::new(name2, client, vpce));
                     let conn_info = info.clone();
                     let svc = service_fn(move |req| forward::handle(app2.proxy(), conn_info.clone(), req));
-                    let io = TokioIo::new(proxy_protocol::Prefixed::new(prefix, stream));
+                    let scanner = framing::Scanner::new(max_head, max_headers);
+                    // The watcher must see the bytes read along with the PROXY header too.
+                    let stream = proxy_protocol::Prefixed::new(prefix, stream);
+                    let io = TokioIo::new(framing::Watched::new(stream, scanner, info.framing.clone()));
                     let conn = builder.serve_connection(io, svc).into_owned();
                     tokio::pin!(conn);
                     let asked = async {

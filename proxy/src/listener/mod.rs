@@ -1,4 +1,5 @@
 //! Accept loops for VM-facing listeners. `http.rs` serves HTTP/1.1 and h2c on one port.
 
+pub mod framing;
 pub mod http;
 pub mod proxy_protocol;

@@ -303,29 +303,44 @@ async fn connection_limit_closes_excess_connections() {
 }
 
 #[tokio::test]
-async fn content_length_with_chunked_cannot_smuggle_a_request() {
-    // hyper (RFC 9112 §6.3) drops Content-Length when Transfer-Encoding: chunked is present,
-    // frames the body as chunked, and closes the connection after the response. So the bytes a
-    // CL-framing peer would take as a second request are never parsed as one.
+async fn content_length_with_chunked_is_refused_and_cannot_smuggle_a_request() {
+    // A front end framing by Content-Length would take the bytes after the empty chunk as a
+    // second request; meshgate refuses the ambiguous request with 400, closes, and the
+    // "smuggled" bytes are never parsed. Both header orders, after a good keep-alive request.
     let env = Env::start().await.unwrap();
     let h = host("reviews");
     let smuggled = format!("GET /smuggled HTTP/1.1\r\nHost: {h}\r\n\r\n");
-    let req = format!(
-        "POST /first HTTP/1.1\r\nHost: {h}\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}",
-        5 + smuggled.len()
-    );
-    let mut s = connect_from(env.addr(), BILLING_IP.parse().unwrap()).await.unwrap();
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(CLIENT_TIMEOUT, s.read_to_end(&mut out))
-        .await
-        .expect("connection not closed")
-        .unwrap();
-    let text = String::from_utf8_lossy(&out);
-    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
-    assert!(text.contains("\"path\":\"/first\""), "{text}");
-    assert!(!text.contains("/smuggled"), "{text}");
-    assert_eq!(env.mesh.stats().pods_total(|p| p.app_requests), 1);
+    let first = format!("GET /good HTTP/1.1\r\nHost: {h}\r\n\r\n");
+    let heads = [
+        format!("Content-Length: {}\r\nTransfer-Encoding: chunked", 5 + smuggled.len()),
+        format!("Transfer-Encoding: chunked\r\nContent-Length: {}", 5 + smuggled.len()),
+    ];
+    for framing in heads {
+        let before = env.mesh.stats().pods_total(|p| p.app_requests);
+        let req = format!("{first}POST /ambiguous HTTP/1.1\r\nHost: {h}\r\n{framing}\r\n\r\n0\r\n\r\n{smuggled}");
+        let mut s = connect_from(env.addr(), BILLING_IP.parse().unwrap()).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(CLIENT_TIMEOUT, s.read_to_end(&mut out))
+            .await
+            .expect("connection not closed")
+            .unwrap();
+        let text = String::from_utf8_lossy(&out);
+        assert_eq!(text.matches("HTTP/1.1 ").count(), 2, "{text}");
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        let second = &text[text.rfind("HTTP/1.1 ").unwrap()..];
+        assert!(second.starts_with("HTTP/1.1 400"), "{second}");
+        assert!(
+            second.contains("meshgate: malformed request: both Content-Length and Transfer-Encoding"),
+            "{second}"
+        );
+        assert!(!text.contains("/smuggled") && !text.contains("/ambiguous"), "{text}");
+        assert_eq!(
+            env.mesh.stats().pods_total(|p| p.app_requests) - before,
+            1,
+            "only the good request reached the app"
+        );
+    }
 }
 
 #[tokio::test]
