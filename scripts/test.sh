@@ -9,6 +9,8 @@ need_apt=()
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 # The real Prometheus server and promtool: the dashboards and rules are checked against them.
 { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || need_apt+=(prometheus)
+# HAProxy: the load tests' smoke run compares meshgate with it (loadtest/tests/smoke.rs).
+{ command -v haproxy || [ -x /usr/sbin/haproxy ]; } >/dev/null 2>&1 || need_apt+=(haproxy)
 # moto's AWS server (PyPI moto[server]) for the autoscaler's end-to-end tests, in a venv under
 # target/ (the tests look there first, then on PATH); Debian's python3 needs python3-venv for it.
 venv=target/tools-venv
@@ -27,6 +29,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   # theirs on loopback ports, so stop the one we just installed.
   if [[ " ${need_apt[*]} " == *" prometheus "* ]]; then
     service prometheus stop >/dev/null 2>&1 || pkill -x -u prometheus prometheus 2>/dev/null || true
+  fi
+  if [[ " ${need_apt[*]} " == *" haproxy "* ]]; then
+    service haproxy stop >/dev/null 2>&1 || pkill -x haproxy 2>/dev/null || true
   fi
 fi
 
