@@ -44,3 +44,27 @@ fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+
+# Deployment checks (terraform/tests, infra/istio/tests), after the Rust tests so that
+# target/debug/meshgate and meshgate-autoscaler exist. pytest, python-hcl2 and PyYAML go into the
+# same venv as moto; checkov into a venv of its own: it depends on bc-python-hcl2, which installs a
+# module named `hcl2` like python-hcl2 does, and on its own boto3. Each is (re)installed only when
+# missing or when its pinned requirements changed; a failed install fails the run.
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || {
+  echo "python3 venv support missing (Debian: apt-get install python3-venv)" >&2
+  exit 1
+}
+req=terraform/tests/requirements.txt
+if ! cmp -s "$req" "$venv/.deploy-tests-requirements.txt"; then
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$req"
+  cp "$req" "$venv/.deploy-tests-requirements.txt"
+fi
+checkov_venv=target/checkov-venv
+req=terraform/tests/requirements-checkov.txt
+if [ ! -x "$checkov_venv/bin/checkov" ] || ! cmp -s "$req" "$checkov_venv/.requirements.txt"; then
+  rm -rf "$checkov_venv"
+  python3 -m venv "$checkov_venv"
+  "$checkov_venv/bin/pip" install --quiet --disable-pip-version-check -r "$req"
+  cp "$req" "$checkov_venv/.requirements.txt"
+fi
+PYTHONDONTWRITEBYTECODE=1 "$venv/bin/python" -m pytest -p no:cacheprovider -q terraform/tests infra/istio/tests

@@ -1,0 +1,234 @@
+"""The Istio manifests parse, carry the fields Istio requires, use the wire forms of
+shared/reference/istio-wire.md (SNI outbound_.PORT_.SUBSET_.HOST, port 15443, principals
+TRUST_DOMAIN/ns/NS/sa/SA), and agree with the Terraform example (trust domain, meshgate's SPIFFE
+ID, the exposed services, the identity secret format)."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ISTIO = Path(__file__).resolve().parents[1]
+REPO = ISTIO.parents[1]
+sys.path.insert(0, str(REPO / "terraform" / "tests"))
+
+import tfeval  # noqa: E402
+
+NETWORKING = {"Gateway", "ServiceEntry", "WorkloadEntry", "DestinationRule", "VirtualService"}
+SECURITY = {"PeerAuthentication", "AuthorizationPolicy", "RequestAuthentication"}
+API_GROUPS = {
+    **{k: ("networking.istio.io", {"v1", "v1beta1", "v1alpha3"}) for k in NETWORKING},
+    **{k: ("security.istio.io", {"v1", "v1beta1"}) for k in SECURITY},
+    "IstioOperator": ("install.istio.io", {"v1alpha1"}),
+    "Certificate": ("cert-manager.io", {"v1"}),
+    "PushSecret": ("external-secrets.io", {"v1alpha1"}),
+}
+HELM_VALUES = {"helm-values.yaml"}
+PRINCIPAL = re.compile(r"^[a-z0-9.-]+/ns/[a-z0-9-]+/sa/[a-z0-9-]+$")
+SNI = re.compile(r"^outbound_\.(\d+)_\.([a-z0-9-]*)_\.([a-z0-9.-]+)$")
+
+
+def manifest_files():
+    return sorted(p for p in ISTIO.rglob("*.yaml") if "tests" not in p.parts)
+
+
+def objects():
+    out = []
+    for p in manifest_files():
+        if p.name in HELM_VALUES:
+            continue
+        for doc in yaml.safe_load_all(p.read_text()):
+            out.append((p, doc))
+    return out
+
+
+def of_kind(kind):
+    return [(p, d) for p, d in objects() if d["kind"] == kind]
+
+
+def one(kind):
+    (item,) = of_kind(kind)
+    return item[1]
+
+
+def example():
+    raw = tfeval.load_hcl(REPO / "terraform/examples/complete/terraform.tfvars")
+    scope = tfeval.Scope({}, REPO)
+    return {k: tfeval.evaluate(tfeval.parse_expr(tfeval.expr_source(v)), scope) for k, v in raw.items() if not k.startswith("__")}
+
+
+def test_every_directory_has_manifests_and_a_readme():
+    for d in ("eastwest-gateway", "peer-authentication", "authorization", "reverse", "identity"):
+        assert (ISTIO / d / "README.md").is_file(), d
+        assert list((ISTIO / d).glob("*.yaml")), d
+    assert (ISTIO / "README.md").is_file()
+
+
+@pytest.mark.parametrize("path", manifest_files(), ids=lambda p: str(p.relative_to(ISTIO)))
+def test_manifest_parses_with_required_fields(path):
+    docs = list(yaml.safe_load_all(path.read_text()))
+    assert docs and all(isinstance(d, dict) for d in docs), path
+    if path.name in HELM_VALUES:
+        return
+    for d in docs:
+        kind = d.get("kind")
+        assert kind in API_GROUPS, f"{path}: unexpected kind {kind}"
+        group, versions = API_GROUPS[kind]
+        g, _, v = d["apiVersion"].partition("/")
+        assert g == group and v in versions, (path, d["apiVersion"])
+        meta = d.get("metadata") or {}
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", meta.get("name", "")), (path, meta)
+        assert meta.get("namespace"), f"{path}: {kind} {meta.get('name')} needs a namespace"
+        assert isinstance(d.get("spec"), dict) and d["spec"], f"{path}: {kind} needs a spec"
+
+
+def test_gateway_auto_passthrough_on_15443():
+    gw = one("Gateway")
+    spec = gw["spec"]
+    assert spec["selector"] == {"istio": "eastwestgateway"}
+    (server,) = spec["servers"]
+    assert server["port"] == {"number": 15443, "name": "tls", "protocol": "TLS"}
+    assert server["tls"] == {"mode": "AUTO_PASSTHROUGH"}
+    assert server["hosts"] == ["*.local"]
+
+
+def test_gateway_deployments_match_the_gateway():
+    selector = one("Gateway")["spec"]["selector"]
+    iop = one("IstioOperator")
+    (gw,) = iop["spec"]["components"]["ingressGateways"]
+    assert gw["enabled"] is True and gw["name"] == "istio-eastwestgateway"
+    assert selector.items() <= gw["label"].items()
+    network = gw["label"]["topology.istio.io/network"]
+    env = {e["name"]: e["value"] for e in gw["k8s"]["env"]}
+    assert env["ISTIO_META_REQUESTED_NETWORK_VIEW"] == network == iop["spec"]["values"]["global"]["network"]
+    ports = {p["name"]: p for p in gw["k8s"]["service"]["ports"]}
+    assert ports["tls"]["port"] == ports["tls"]["targetPort"] == 15443
+    assert gw["k8s"]["serviceAnnotations"]["service.beta.kubernetes.io/aws-load-balancer-scheme"] == "internal"
+
+    values = yaml.safe_load((ISTIO / "eastwest-gateway/helm-values.yaml").read_text())
+    assert selector.items() <= values["labels"].items()
+    assert values["env"]["ISTIO_META_REQUESTED_NETWORK_VIEW"] == values["labels"]["topology.istio.io/network"]
+    ports = {p["name"]: p for p in values["service"]["ports"]}
+    assert ports["tls"]["port"] == ports["tls"]["targetPort"] == 15443 and ports["tls"]["protocol"] == "TCP"
+    assert values["service"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-scheme"] == "internal"
+
+
+def test_example_services_are_exported_by_the_gateway():
+    """Every service the example exposes gets an AUTO_PASSTHROUGH chain: its host matches the
+    Gateway's hosts, and meshgate dials the gateway on 15443."""
+    ex = example()
+    hosts = one("Gateway")["spec"]["servers"][0]["hosts"]
+    for name, s in ex["services"].items():
+        assert any(fnmatch.fnmatchcase(s["host"], h) for h in hosts), (name, s["host"], hosts)
+        sni = f"outbound_.{s['port']}_.{s.get('subset') or ''}_.{s['host']}"
+        assert SNI.fullmatch(sni), sni
+    for g in ex["mesh_gateways"]:
+        assert g.endswith(":15443"), g
+
+
+def test_sni_strings_in_docs_have_the_wire_form():
+    ex = example()
+    services = {(str(s["port"]), s.get("subset") or "", s["host"]) for s in ex["services"].values()}
+    found = []
+    for p in sorted(ISTIO.rglob("*")):
+        if p.suffix in (".md", ".yaml") and "tests" not in p.parts:
+            found += re.findall(r"outbound_\.[^\s`'\",)]+", p.read_text())
+    found = [s for s in found if s != "outbound_.PORT_.SUBSET_.HOST"]  # the form itself
+    assert found
+    for s in found:
+        m = SNI.fullmatch(s)
+        assert m, f"{s!r} is not outbound_.PORT_.SUBSET_.HOST"
+        if m.group(3).endswith(".svc.cluster.local") and m.group(3).split(".")[0] in ("payments", "reviews", "ratings"):
+            assert m.groups() in services, f"{s} names no service of the example"
+
+
+def test_peer_authentication_strict_mesh_wide():
+    pa = one("PeerAuthentication")
+    assert pa["metadata"] == {"name": "default", "namespace": "istio-system"}
+    assert pa["spec"] == {"mtls": {"mode": "STRICT"}}
+
+
+def test_authorization_policies_use_principal_form():
+    ex = example()
+    td = ex["trust_domain"]
+    meshgate_principal = ex["spiffe_id"].removeprefix("spiffe://")
+    policies = of_kind("AuthorizationPolicy")
+    assert len(policies) >= 3
+    principals = set()
+    for path, ap in policies:
+        spec = ap["spec"]
+        assert spec["action"] in ("ALLOW", "DENY", "AUDIT", "CUSTOM"), path
+        assert spec["selector"]["matchLabels"], path
+        assert spec["rules"], path
+        for rule in spec["rules"]:
+            for src in rule["from"]:
+                for pr in src["source"]["principals"]:
+                    assert PRINCIPAL.fullmatch(pr) and not pr.startswith("spiffe://"), f"{path}: {pr}"
+                    assert pr.startswith(td + "/"), f"{path}: {pr} not in trust domain {td}"
+                    principals.add(pr)
+            for to in rule.get("to", []):
+                assert set(to["operation"]) <= {"methods", "paths", "hosts", "notMethods", "notPaths"}, "ports in AuthorizationPolicy are pod ports, not Service ports; left out on purpose"
+    assert meshgate_principal in principals, "allow-meshgate must name the example fleet's identity"
+    tenant_principals = {p for p in principals if p.startswith(f"{td}/ns/meshgate/sa/meshgate-")}
+    assert len(tenant_principals) >= 2, tenant_principals
+
+
+def test_reverse_direction_through_the_vm_load_balancer():
+    se = one("ServiceEntry")
+    we = one("WorkloadEntry")
+    dr = one("DestinationRule")
+    spec = se["spec"]
+    assert spec["hosts"] and spec["location"] == "MESH_INTERNAL"
+    assert spec["resolution"] in ("DNS", "STATIC", "DNS_ROUND_ROBIN")
+    ports = {p["name"]: p for p in spec["ports"]}
+    for p in ports.values():
+        assert 1 <= p["number"] <= 65535 and p["protocol"] in ("HTTP", "HTTPS", "HTTP2", "GRPC", "TCP", "TLS")
+    # workloadSelector picks the WorkloadEntry; its port names exist on the ServiceEntry.
+    assert se["metadata"]["namespace"] == we["metadata"]["namespace"]
+    assert spec["workloadSelector"]["labels"].items() <= we["spec"]["labels"].items()
+    assert set(we["spec"]["ports"]) <= set(ports)
+    # A DNS name as address needs DNS resolution; no sidecar behind it, so no Istio mTLS.
+    if not re.fullmatch(r"[0-9.]+|[0-9a-f:]+", we["spec"]["address"]):
+        assert spec["resolution"] == "DNS"
+    assert we["spec"]["labels"].get("security.istio.io/tlsMode") != "istio"
+    assert dr["spec"]["host"] in spec["hosts"]
+    assert dr["spec"]["trafficPolicy"]["tls"]["mode"] == "DISABLE"
+
+
+def test_identity_recipe_matches_the_fleet():
+    ex = example()
+    cert = one("Certificate")["spec"]
+    assert cert["uris"] == [ex["spiffe_id"]]
+    assert not {"commonName", "dnsNames", "ipAddresses", "emailAddresses"} & set(cert), "Istio-shaped: one URI SAN, no subject"
+    assert {"client auth", "server auth"} <= set(cert["usages"])
+    assert cert["privateKey"]["algorithm"] == "ECDSA"
+    push = one("PushSecret")["spec"]
+    assert push["selector"]["secret"]["name"] == cert["secretName"]
+    pushed = {d["match"]["secretKey"]: d["match"]["remoteRef"]["property"] for d in push["data"]}
+    assert pushed == {"tls.crt": "cert_chain", "tls.key": "key", "ca.crt": "root_cert"}
+    assert len({d["match"]["remoteRef"]["remoteKey"] for d in push["data"]}) == 1
+    # The fleet's fetcher reads exactly these JSON keys.
+    fetcher = (REPO / "terraform/modules/fleet/templates/user_data.sh.tftpl").read_text()
+    for key in pushed.values():
+        assert f'("{key}", ' in fetcher, key
+    # The secret name the example's fleet reads.
+    remote = push["data"][0]["match"]["remoteRef"]["remoteKey"]
+    assert f":secret:{remote}-" in ex["identity_secret_arn"]
+
+
+def test_vault_recipe():
+    script = ISTIO / "identity/vault-pki.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    assert 'allowed_uri_sans="$SPIFFE_ID"' in text and "require_cn=false" in text
+    assert re.search(r"SPIFFE_ID=\$\{SPIFFE_ID:-spiffe://\$TRUST_DOMAIN/ns/[a-z0-9-]+/sa/[a-z0-9-]+\}", text)
+    for f in ("ca-cert.pem", "ca-key.pem", "root-cert.pem", "cert-chain.pem"):
+        assert f"--from-file={f}=" in text, f"cacerts needs {f}"
+    # The Vault paths the recipe creates are the ones its fleet example names.
+    assert "pki_meshgate/issue/meshgate" in text and "pki_root/cert/ca" in text

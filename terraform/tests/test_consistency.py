@@ -1,0 +1,387 @@
+"""Terraform and the binaries it deploys agree: the NLB health check hits what meshgate serves,
+the deregistration delay is meshgate's drain delay, the PROXY protocol setting matches on both
+sides, systemd waits for the drain, the lifecycle hook fits the autoscaler, the autoscaler's
+config is accepted by meshgate-autoscaler and its IAM is exactly the calls its source makes, and
+the security groups open only what the design says. Where it can, a test runs the real meshgate
+on the rendered config."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import tfeval
+from conftest import MODULES, REPO, deployment, heredoc, run
+
+PROXY_V2_LOCAL = b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x20, 0x00, 0x00, 0x00])
+
+
+def seconds(duration: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)", duration)
+    assert m, duration
+    return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def fleet(identity, **overrides):
+    return deployment(module_overrides={"fleet": {"identity_dir": str(identity), **overrides}})
+
+
+def config_of(d) -> dict:
+    return yaml.safe_load(d.local("fleet", "meshgate_config"))
+
+
+def unit_of(d) -> dict:
+    unit = heredoc(d.local("fleet", "user_data"), "MESHGATE_UNIT_EOF")
+    return dict(l.split("=", 1) for l in unit.splitlines() if "=" in l and not l.startswith("#"))
+
+
+def port_of(bind: str) -> int:
+    return int(bind.rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("pp", [False, True], ids=["plain", "proxy-protocol"])
+def test_target_group_matches_meshgate_config(identity, pp):
+    d = fleet(identity, proxy_protocol_v2=pp)
+    cfg = config_of(d)
+    tg = d.resource("fleet", "aws_lb_target_group", "proxy")
+    hc = d.block("fleet", "aws_lb_target_group", "proxy", "health_check")
+    listener = cfg["listeners"][0]
+    # Traffic: the target group port is the proxy listener.
+    assert d.eval_in("fleet", tg["port"]) == port_of(listener["bind"])
+    assert d.eval_in("fleet", tg["protocol"]) == "TCP"
+    # Drain: the NLB stops new flows and keeps old ones for exactly meshgate's drain.delay, and
+    # never cuts connections itself (meshgate's drain closes them).
+    assert d.eval_in("fleet", tg["deregistration_delay"]) == seconds(cfg["drain"]["delay"])
+    assert d.eval_in("fleet", tg["connection_termination"]) is False
+    ths = d.block("fleet", "aws_lb_target_group", "proxy", "target_health_state")
+    assert ths["enable_unhealthy_connection_termination"] is False
+    # The NLB must notice readiness going off within drain.delay.
+    assert hc["interval"] * hc["unhealthy_threshold"] <= seconds(cfg["drain"]["delay"])
+    assert seconds(cfg["drain"]["delay"]) + seconds(cfg["drain"]["spread"]) <= seconds(cfg["drain"]["timeout"])
+    # PROXY protocol: both sides or neither; trusted proxies = the NLB's subnets.
+    assert d.eval_in("fleet", tg["proxy_protocol_v2"]) is pp
+    assert d.eval_in("fleet", tg["preserve_client_ip"]) == ("false" if pp else "true")
+    if pp:
+        assert listener["proxy_protocol"] == "required"
+        assert listener["trusted_proxies"] == sorted(d.subnet_cidrs.values())
+        # meshgate's admin API reads no PROXY header, so the health check goes to the listener.
+        assert (hc["protocol"], hc["port"], hc.get("path")) == ("TCP", port_of(listener["bind"]), None)
+    else:
+        assert listener["proxy_protocol"] == "off" and "trusted_proxies" not in listener
+        assert (hc["protocol"], hc["port"], hc["path"], hc["matcher"]) == ("HTTP", port_of(cfg["admin"]["bind"]), "/readyz", "200")
+
+
+def test_systemd_waits_for_the_drain(identity):
+    d = fleet(identity)
+    unit = unit_of(d)
+    cfg = config_of(d)
+    assert unit["KillSignal"] == "SIGTERM"
+    assert int(unit["TimeoutStopSec"]) > seconds(cfg["drain"]["timeout"])
+    assert unit["Restart"] == "always"
+    assert int(unit["LimitNOFILE"]) >= 65536
+    assert unit["ExecStart"] == "/usr/local/bin/meshgate run -c /etc/meshgate/meshgate.yaml"
+
+
+def test_one_listener_per_service_port(identity):
+    d = fleet(identity)
+    ports = sorted({s["port"] for s in d.inputs("fleet")["services"].values()})
+    assert [int(p) for p in d.for_each_keys("fleet", "aws_lb_listener", "service")] == sorted(ports)
+    listener = d.resource("fleet", "aws_lb_listener", "service")
+    assert tfeval.expr_source(listener["default_action"][0]["target_group_arn"]) == "aws_lb_target_group.proxy.arn"
+    lb = d.resource("fleet", "aws_lb", "this")
+    assert d.eval_in("fleet", lb["internal"]) is True
+    assert d.eval_in("fleet", lb["load_balancer_type"]) == "network"
+    assert d.eval_in("fleet", lb["enable_cross_zone_load_balancing"]) is True
+
+
+def test_lifecycle_hooks_fit_the_autoscaler(identity):
+    d = fleet(identity)
+    hook = {k: d.eval_in("fleet", v) for k, v in d.resource("fleet", "aws_autoscaling_lifecycle_hook", "terminating").items() if not k.startswith("__")}
+    assert hook["lifecycle_transition"] == "autoscaling:EC2_INSTANCE_TERMINATING"
+    assert hook["default_result"] == "CONTINUE"
+    scaler = yaml.safe_load(d.local("autoscaler", "autoscaler_config"))
+    group = scaler["groups"][0]
+    cfg = config_of(d)
+    assert hook["heartbeat_timeout"] > seconds(group["heartbeat_interval"])
+    assert seconds(group["drain_timeout"]) > seconds(cfg["drain"]["timeout"])
+    assert group["admin_port"] == port_of(cfg["admin"]["bind"])
+    asg = d.resource("fleet", "aws_autoscaling_group", "this")
+    assert group["name"] == d.eval_in("fleet", asg["name"])
+    assert d.eval_in("fleet", asg["health_check_type"]) == "ELB"
+    launching = asg["dynamic"][0]['"initial_lifecycle_hook"'] if "dynamic" in asg else None
+    content = launching["content"][0]
+    assert d.eval_in("fleet", content["lifecycle_transition"]) == "autoscaling:EC2_INSTANCE_LAUNCHING"
+    assert d.eval_in("fleet", content["default_result"]) == "CONTINUE"
+    assert d.eval_in("fleet", launching["for_each"]) == ["launching"], "the example enables the Pending:Wait hook"
+    assert "desired_capacity" in tfeval.expr_source(asg["lifecycle"][0]["ignore_changes"])
+
+
+def test_autoscaler_config_passes_check(meshgate_autoscaler, tmp_path):
+    d = deployment()
+    text = heredoc(d.local("autoscaler", "user_data"), "AUTOSCALER_CONFIG_EOF")
+    assert text == d.local("autoscaler", "autoscaler_config") + "\n"
+    (tmp_path / "autoscaler.yaml").write_text(text)
+    out = run([meshgate_autoscaler, "check", "-c", tmp_path / "autoscaler.yaml"])
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "group meshgate" in out.stdout
+    # A variant with every optional key.
+    d = deployment(module_overrides={"autoscaler": {
+        "query": 'sum(meshgate_requests_in_flight{job="meshgate"}) / clamp_min(sum(meshgate_ready{job="meshgate"}), 1)',
+        "extra_signals": [{"name": "cpu", "query": 'avg(rate(process_cpu_seconds_total{job="meshgate"}[2m]))', "target": 0.6}],
+        "admin_token_secret_arn": "arn:aws:secretsmanager:eu-west-1:111122223333:secret:meshgate/admin-XyZ123",
+        "dry_run": True,
+    }})
+    text = d.local("autoscaler", "autoscaler_config").replace("/etc/meshgate-autoscaler/admin-token", str(tmp_path / "token"))
+    (tmp_path / "token").write_text("t\n")
+    (tmp_path / "autoscaler.yaml").write_text(text)
+    out = run([meshgate_autoscaler, "check", "-c", tmp_path / "autoscaler.yaml"])
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "cpu" in out.stdout
+    (tmp_path / "ud.sh").write_text(d.local("autoscaler", "user_data"))
+    assert run(["bash", "-n", tmp_path / "ud.sh"]).returncode == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# IAM
+
+
+def autoscaler_source_calls() -> set[str]:
+    """The AWS API calls in infra/autoscaler/src: SDK client calls (Auto Scaling) and signed
+    query calls (`Action=...` with the service named in signed_query)."""
+    calls = set()
+    for path in sorted((REPO / "infra/autoscaler/src").glob("*.rs")):
+        src = path.read_text()
+        src = src.split("#[cfg(test)]")[0]
+        for m in re.finditer(r"self\.client\s*\.\s*([a-z_]+)\(\)", src):
+            calls.add("autoscaling:" + "".join(w.capitalize() for w in m.group(1).split("_")))
+        for m in re.finditer(r'Action=([A-Za-z]+)', src):
+            service = re.search(r'signed_query\([^;]*?"([a-z0-9]+)"', src, re.S)
+            assert service, f"{path}: Action= without signed_query(..., \"service\", ...)"
+            calls.add(f"{service.group(1)}:{m.group(1)}")
+        # The retry labels name the same operations; a call added without a label is caught too.
+        for m in re.finditer(r'self\.retry\("([A-Za-z]+)"', src):
+            assert any(c.endswith(":" + m.group(1)) for c in calls), m.group(1)
+    return calls
+
+
+def test_autoscaler_source_calls_are_found():
+    calls = autoscaler_source_calls()
+    assert calls == {
+        "autoscaling:DescribeAutoScalingGroups",
+        "autoscaling:SetDesiredCapacity",
+        "autoscaling:DescribeLifecycleHooks",
+        "autoscaling:CompleteLifecycleAction",
+        "autoscaling:RecordLifecycleActionHeartbeat",
+        "ec2:DescribeInstances",
+    }, calls
+    readme = (REPO / "infra/autoscaler/README.md").read_text()
+    for c in calls:
+        assert f"`{c}`" in readme, f"{c} missing from the autoscaler README's IAM list"
+
+
+@pytest.mark.parametrize("variant", [{}, {"binary_s3_uri": None, "binary_url": "https://a.example.com/x"}])
+def test_autoscaler_iam_is_exactly_its_calls(variant):
+    d = deployment(module_overrides={"autoscaler": variant})
+    statements = d.policy_statements("autoscaler", "autoscaler")
+    arn = d.inputs("autoscaler")["group_arn"]
+    granted = {}
+    for st in statements:
+        assert st.get("effect", "Allow") == "Allow"
+        for a in st["actions"]:
+            granted.setdefault(a, set()).update(st["resources"])
+    service_actions = {a for a in granted if a.split(":")[0] in ("autoscaling", "ec2")}
+    assert service_actions == autoscaler_source_calls()
+    # What can be scoped to the group is; the rest has no resource-level permissions in IAM.
+    for a in ("autoscaling:SetDesiredCapacity", "autoscaling:CompleteLifecycleAction", "autoscaling:RecordLifecycleActionHeartbeat"):
+        assert granted[a] == {arn}, (a, granted[a])
+    for a in ("autoscaling:DescribeAutoScalingGroups", "autoscaling:DescribeLifecycleHooks", "ec2:DescribeInstances"):
+        assert granted[a] == {"*"}
+    # Bootstrap reads only: the binary object (when from S3), never a wildcard.
+    others = set(granted) - service_actions
+    assert others <= {"s3:GetObject", "secretsmanager:GetSecretValue"}, others
+    for a in others:
+        assert "*" not in "".join(granted[a]), (a, granted[a])
+    assert ("s3:GetObject" in others) == (variant.get("binary_s3_uri", "set") is not None)
+
+
+@pytest.mark.parametrize("source", ["secretsmanager", "ssm", "vault-agent"])
+def test_instance_iam_is_least_privilege(identity, source):
+    over = {"identity_source": source, "identity_kms_key_arn": "arn:aws:kms:eu-west-1:111122223333:key/0a1b2c3d-0000-4000-8000-000000000000"}
+    if source != "secretsmanager":
+        over["identity_secret_arn"] = None
+    if source == "ssm":
+        over["identity_ssm_prefix"] = "/meshgate/identity"
+    if source == "vault-agent":
+        over["vault"] = {"address": "https://vault.example.internal:8200", "auth_role": "meshgate", "pki_issue_path": "pki/issue/meshgate", "root_ca_path": "pki/cert/ca", "egress_cidrs": ["10.0.50.0/24"]}
+    d = fleet(identity, **over)
+    statements = d.policy_statements("fleet", "instance")
+    granted = {(a, r) for st in statements for a in st["actions"] for r in st["resources"]}
+    expected = {("s3:GetObject", "arn:aws:s3:::example-artifacts/meshgate/0.1.0/meshgate-x86_64-linux")}
+    if source == "secretsmanager":
+        expected.add(("secretsmanager:GetSecretValue", d.inputs("fleet")["identity_secret_arn"]))
+    if source == "ssm":
+        for f in ("cert-chain.pem", "key.pem", "root-cert.pem"):
+            expected.add(("ssm:GetParameter", f"arn:aws:ssm:eu-west-1:111122223333:parameter/meshgate/identity/{f}"))
+    if source != "vault-agent":
+        expected.add(("kms:Decrypt", over["identity_kms_key_arn"]))
+    assert granted == expected
+    for st in statements:
+        if "kms:Decrypt" in st["actions"]:
+            assert st["condition"][0]["variable"] == "kms:ViaService"
+
+
+# ----------------------------------------------------------------------------------------------
+# Security groups (static: who may reach which port)
+
+
+def test_security_groups_open_only_the_design():
+    mod = tfeval.Module(MODULES["fleet"])
+    rules = {name: body for (rtype, name), body in mod.resources.items() if rtype in ("aws_vpc_security_group_ingress_rule", "aws_vpc_security_group_egress_rule")}
+    assert not any(rtype == "aws_security_group_rule" for rtype, _ in mod.resources)
+    for (rtype, name), body in mod.resources.items():
+        if rtype == "aws_security_group":
+            assert "ingress" not in body and "egress" not in body, f"{name}: inline rules"
+    for name, body in rules.items():
+        src = {k: tfeval.expr_source(v) for k, v in body.items() if not k.startswith("__")}
+        assert "description" in src, name
+        assert src.get("ip_protocol") == '"tcp"', name
+        port = src["from_port"]
+        assert src["to_port"] == port, f"{name}: port ranges"
+        if name.startswith(("admin_from", "nlb_health", "admin_client")):
+            assert port == "var.admin_port", name
+            assert "referenced_security_group_id" in src and "cidr_ipv4" not in src, f"{name}: admin port only from security groups"
+        if name in ("proxy_from_vms", "nlb_from_vms"):
+            assert "var.vm_cidrs" in (src.get("for_each", "") + str(body.get("for_each"))), name
+    ingress = [n for (t, n) in mod.resources if t == "aws_vpc_security_group_ingress_rule"]
+    assert sorted(ingress) == sorted(["nlb_from_vms", "proxy_from_nlb", "proxy_from_vms", "admin_from_nlb", "admin_from_admin_client", "admin_from_monitoring"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The real meshgate on the rendered config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(port: int, path: str, prefix: bytes = b"", timeout: float = 2.0):
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(prefix + f"GET {path} HTTP/1.1\r\nHost: health\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ")[1]) if head else None
+    return status, body
+
+
+class Meshgate:
+    def __init__(self, binary, config: Path):
+        self.proc = subprocess.Popen([str(binary), "run", "-c", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def wait_ready(port, path, deadline=15.0):
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            status, _ = http_get(port, path)
+            if status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("meshgate never became ready")
+
+
+@pytest.fixture
+def running(meshgate, identity, tmp_path):
+    started = []
+
+    def start(subnet_cidrs=None, **fleet_overrides):
+        proxy, admin = free_port(), free_port()
+        d = deployment(
+            module_overrides={"fleet": {"identity_dir": str(identity), "proxy_port": proxy, "admin_port": admin, **fleet_overrides}},
+            subnet_cidrs=subnet_cidrs,
+        )
+        cfg = tmp_path / f"meshgate-{len(started)}.yaml"
+        cfg.write_text(heredoc(d.local("fleet", "user_data"), "MESHGATE_CONFIG_EOF"))
+        m = Meshgate(meshgate, cfg)
+        started.append(m)
+        return d, m
+
+    yield start
+    for m in started:
+        m.stop()
+
+
+def test_health_check_and_sigterm_drain_on_the_real_binary(running):
+    # Short drain so the test is quick; the preconditions' production values are tested above.
+    d, m = running(drain_delay_seconds=1, drain_spread_seconds=1, drain_timeout_seconds=5)
+    hc = d.block("fleet", "aws_lb_target_group", "proxy", "health_check")
+    wait_ready(hc["port"], hc["path"])
+    status, body = http_get(hc["port"], hc["path"])
+    assert (status, body.strip()) == (200, b"ready")
+    status, body = http_get(hc["port"], "/metrics")
+    assert status == 200 and b"meshgate_ready 1" in body
+    timeout_stop = int(unit_of(d)["TimeoutStopSec"])
+    t0 = time.monotonic()
+    m.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    status, body = http_get(hc["port"], hc["path"])
+    assert status == 503 and b"not ready" in body, "readiness must turn off at once, so the NLB stops new flows"
+    rc = m.proc.wait(timeout=timeout_stop)
+    elapsed = time.monotonic() - t0
+    assert rc == 0
+    assert 1.0 <= elapsed <= 5 + 2, elapsed
+
+
+def test_proxy_protocol_listener_with_nlb_style_peers(running):
+    """With proxy_protocol_v2 the listener requires a header from trusted_proxies (here the
+    stand-in 'subnet' is loopback): the TCP health check (PROXY LOCAL, then close) is accepted, a
+    trusted peer without a header is disconnected."""
+    d, m = running(subnet_cidrs=["127.0.0.0/8", "10.10.1.0/24", "10.10.2.0/24"], proxy_protocol_v2=True)
+    hc = d.block("fleet", "aws_lb_target_group", "proxy", "health_check")
+    admin = d.inputs("fleet")["admin_port"]
+    wait_ready(admin, "/readyz")
+    assert hc["protocol"] == "TCP"
+    with socket.create_connection(("127.0.0.1", hc["port"]), timeout=2) as s:
+        s.sendall(PROXY_V2_LOCAL)
+    # A request after a LOCAL header is served (routing answers; the peer is no tenant).
+    status, body = http_get(hc["port"], "/", prefix=PROXY_V2_LOCAL)
+    assert status in (403, 404), (status, body)
+    assert body.startswith(b"meshgate: ")
+    # Without the header a trusted peer gets no HTTP answer.
+    try:
+        status, _ = http_get(hc["port"], "/")
+    except (ConnectionResetError, BrokenPipeError):
+        status = None
+    assert status is None, status
+
+
+@pytest.mark.xfail(strict=True, reason="meshgate's admin API does not read PROXY headers; the NLB sends one on health checks "
+                   "when proxy_protocol_v2 is on, so the fleet module then health-checks the proxy listener over TCP instead of "
+                   "/readyz. When this passes, switch the module back to HTTP /readyz for both modes.")
+def test_admin_readyz_accepts_an_nlb_proxy_header(running):
+    d, m = running()
+    admin = d.inputs("fleet")["admin_port"]
+    wait_ready(admin, "/readyz")
+    status, _ = http_get(admin, "/readyz", prefix=PROXY_V2_LOCAL)
+    assert status == 200
