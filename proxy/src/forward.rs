@@ -150,16 +150,20 @@ fn new_request_id() -> HeaderValue {
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut b);
     b[6] = (b[6] & 0x0f) | 0x40; // UUID v4
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(b);
-    let s = format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    );
-    HeaderValue::from_str(&s).expect("hex is a valid header value")
+    // Written in place: this runs for every request that arrives without an id.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 36];
+    let mut o = 0;
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out[o] = b'-';
+            o += 1;
+        }
+        out[o] = HEX[usize::from(byte >> 4)];
+        out[o + 1] = HEX[usize::from(byte & 0x0f)];
+        o += 2;
+    }
+    HeaderValue::from_bytes(&out).expect("hex and dashes are a valid header value")
 }
 
 /// The authority the client asked for: absolute-form URI or `:authority` first, then `Host`.

@@ -5,6 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::SystemTime;
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use meshgate::config::{self, Snapshot};
 use meshgate::identity::rfc3339;
@@ -294,8 +297,14 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("start tokio runtime")
+    // On one CPU (a small instance, or pinned with taskset) work stealing has nothing to steal
+    // from and costs atomics on every wake-up: a single-threaded scheduler does the same work
+    // for less CPU per request (loadtest/RESULTS.md).
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mut b = if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    b.enable_all().build().expect("start tokio runtime")
 }

@@ -109,6 +109,14 @@ impl Scanner {
                             return;
                         }
                     }
+                    if self.buf.is_empty() {
+                        // The usual case: the whole head arrived in one read; look at it in place.
+                        if let Some(end) = find_head_end(data) {
+                            self.head(&data[..end], ambiguous);
+                            data = &data[end..];
+                            continue;
+                        }
+                    }
                     // Look for the blank line ending the head, including one split across reads.
                     let from = self.buf.len().saturating_sub(3);
                     self.buf.extend_from_slice(data);
@@ -177,34 +185,48 @@ impl Scanner {
     }
 
     fn head(&mut self, head: &[u8], ambiguous: &mut impl FnMut(u64)) {
-        let mut headers = vec![httparse::EMPTY_HEADER; self.max_headers.min(1024)];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(head) {
-            Ok(httparse::Status::Complete(_)) => {}
-            // The preface of HTTP/2 prior knowledge lands here too: nothing more to follow.
-            _ => return self.off(),
+        // A line scan rather than a full parse: only the request line's method and version and
+        // three header names matter here, and hyper validates everything else itself.
+        let mut lines = head.split(|b| *b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+        let request_line = lines.next().unwrap_or_default();
+        let version_ok = request_line.ends_with(b" HTTP/1.1") || request_line.ends_with(b" HTTP/1.0");
+        // Anything else (HTTP/2's preface `PRI * HTTP/2.0` among them) is not ours to follow.
+        if !version_ok || request_line.first().is_none_or(|b| !b.is_ascii_alphabetic()) {
+            return self.off();
         }
         let index = self.heads;
         self.heads += 1;
         let mut length: Option<u64> = None;
-        let mut te = None;
+        let mut te: Option<&[u8]> = None;
         let mut upgrade = false;
-        for h in req.headers.iter() {
-            if h.name.eq_ignore_ascii_case("content-length") {
-                let Some(n) = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse().ok()) else {
+        let mut count = 0;
+        for line in lines.take_while(|l| !l.is_empty()) {
+            count += 1;
+            let colon = line.iter().position(|b| *b == b':');
+            // Folded or nameless lines: hyper refuses the request, and we stop following.
+            let (Some(colon), false) = (colon, line[0] == b' ' || line[0] == b'\t') else {
+                return self.off();
+            };
+            let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+            if name.eq_ignore_ascii_case(b"content-length") {
+                let Some(n) = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()) else {
                     return self.off();
                 };
                 length = Some(n);
-            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                te = Some(h.value);
-            } else if h.name.eq_ignore_ascii_case("upgrade") {
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                te = Some(value);
+            } else if name.eq_ignore_ascii_case(b"upgrade") {
                 upgrade = true;
             }
+        }
+        if count > self.max_headers {
+            // hyper refuses it (431) and closes.
+            return self.off();
         }
         if te.is_some() && length.is_some() {
             ambiguous(index);
         }
-        if req.method == Some("CONNECT") || upgrade {
+        if request_line.starts_with(b"CONNECT ") || upgrade {
             // If the upgrade is accepted the stream stops being HTTP/1; if not, hyper answers
             // and (for these rare requests) we simply stop watching.
             return self.off();
