@@ -501,7 +501,12 @@ fn summarize(target: Target, runs: &[RunFigures], peak_rss_kib: Option<u64>) -> 
     }
     let requests: u64 = mine.iter().map(|r| r.answered).sum();
     let seconds: f64 = mine.iter().map(|r| r.seconds).sum();
-    let cpu: Option<f64> = mine.iter().map(|r| r.proxy_cpu_secs).sum();
+    // No runs (the idle scenarios) means no CPU figure, not zero.
+    let cpu: Option<f64> = if mine.is_empty() {
+        None
+    } else {
+        mine.iter().map(|r| r.proxy_cpu_secs).sum()
+    };
     let mut rps: Vec<f64> = mine.iter().map(|r| r.requests_per_sec).collect();
     rps.sort_by(|a, b| a.total_cmp(b));
     let q = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;

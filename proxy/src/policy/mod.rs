@@ -54,8 +54,30 @@ pub enum Deny {
 pub struct Tenants {
     tenants: Vec<Tenant>,
     by_key: HashMap<[u8; 32], TenantId>,
-    /// Key-less tenants' sources, longest prefix first, so the first hit is the best one.
-    keyless: Vec<(IpNet, TenantId)>,
+    /// Key-less tenants' sources by prefix length, longest first, so the first hit is the best
+    /// one: a client costs one hash lookup per distinct prefix length, however many tenants.
+    keyless: Vec<PrefixBucket>,
+}
+
+#[derive(Debug, Clone)]
+struct PrefixBucket {
+    v4: bool,
+    len: u8,
+    /// Network address (as bits) → tenants with that exact network, in config order.
+    nets: HashMap<u128, Vec<TenantId>>,
+}
+
+/// The address bits of `ip` with everything past `len` cleared, and whether it is IPv4.
+fn masked(ip: IpAddr, len: u8) -> (bool, u128) {
+    let (v4, bits, width) = match ip {
+        IpAddr::V4(a) => (true, u128::from(u32::from(a)), 32u8),
+        IpAddr::V6(a) => (false, u128::from(a), 128u8),
+    };
+    let len = len.min(width);
+    if len == 0 {
+        return (v4, 0);
+    }
+    (v4, bits & (u128::MAX << (width - len)))
 }
 
 /// IPv4 clients reach a dual-stack listener as `::ffff:a.b.c.d`; match them as IPv4.
@@ -67,16 +89,31 @@ impl Tenants {
     /// Builds the lookup tables. Callers validate uniqueness of keys and of key-less sources.
     pub fn new(tenants: Vec<Tenant>) -> Tenants {
         let mut by_key = HashMap::new();
-        let mut keyless = Vec::new();
+        let mut keyless: Vec<PrefixBucket> = Vec::new();
         for (id, t) in tenants.iter().enumerate() {
             for k in &t.key_hashes {
                 by_key.insert(*k, id);
             }
             if t.key_hashes.is_empty() {
-                keyless.extend(t.sources.iter().map(|n| (*n, id)));
+                for net in &t.sources {
+                    let (v4, bits) = masked(net.network(), net.prefix_len());
+                    let len = net.prefix_len();
+                    let i = match keyless.iter().position(|b| b.v4 == v4 && b.len == len) {
+                        Some(i) => i,
+                        None => {
+                            keyless.push(PrefixBucket {
+                                v4,
+                                len,
+                                nets: HashMap::new(),
+                            });
+                            keyless.len() - 1
+                        }
+                    };
+                    keyless[i].nets.entry(bits).or_default().push(id);
+                }
             }
         }
-        keyless.sort_by_key(|(net, _)| std::cmp::Reverse(net.prefix_len()));
+        keyless.sort_by_key(|b| std::cmp::Reverse(b.len));
         Tenants {
             tenants,
             by_key,
@@ -118,8 +155,11 @@ impl Tenants {
             None => self
                 .keyless
                 .iter()
-                .find(|(net, id)| net.contains(&client) && vpce_ok(&self.tenants[*id]))
-                .map(|(_, id)| *id)
+                .filter(|b| b.v4 == client.is_ipv4())
+                .find_map(|b| {
+                    let ids = b.nets.get(&masked(client, b.len).1)?;
+                    ids.iter().copied().find(|id| vpce_ok(&self.tenants[*id]))
+                })
                 .ok_or(Deny::UnknownClient),
         }
     }
@@ -259,5 +299,47 @@ mod tests {
         assert!(!t.allows(0, 1));
         assert!(t.allows(2, 1));
         assert!(!t.allows(1, 7));
+    }
+
+    #[test]
+    fn prefix_index_matches_a_longest_prefix_scan() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut seen = std::collections::HashSet::new();
+        let mut tenants = Vec::new();
+        while tenants.len() < 300 {
+            let len = rng.random_range(8..=32u8);
+            let addr = std::net::Ipv4Addr::from(0x0a00_0000 | (rng.random::<u32>() & 0x00ff_ffff));
+            let n = IpNet::new(IpAddr::V4(addr), len).unwrap().trunc();
+            if seen.insert(n) {
+                tenants.push(Tenant {
+                    name: format!("t{}", tenants.len()),
+                    sources: vec![n],
+                    vpce: vec![],
+                    key_hashes: vec![],
+                    allow: Allow::All,
+                    rate_limit: None,
+                    max_concurrent_requests: None,
+                });
+            }
+        }
+        let t = Tenants::new(tenants.clone());
+        for _ in 0..20_000 {
+            let client = IpAddr::V4(std::net::Ipv4Addr::from(
+                0x0a00_0000 | (rng.random::<u32>() & 0x00ff_ffff),
+            ));
+            let expected = tenants
+                .iter()
+                .enumerate()
+                .filter(|(_, x)| x.sources[0].contains(&client))
+                .max_by_key(|(_, x)| x.sources[0].prefix_len())
+                .map(|(id, _)| id);
+            assert_eq!(t.authorize(client, None, None).ok(), expected, "{client}");
+        }
+        assert_eq!(t.authorize(ip("11.0.0.1"), None, None), Err(Deny::UnknownClient));
+        assert_eq!(
+            t.authorize(ip("::ffff:10.0.0.1"), None, None),
+            t.authorize(ip("10.0.0.1"), None, None)
+        );
     }
 }
