@@ -70,7 +70,7 @@ impl Mesh {
                 // The sidecar trusts the mesh root whatever certificate it presents itself.
                 let tls =
                     SidecarTls::new(&cert, ca.root_der()).with_context(|| format!("pod {}: TLS config", p.name))?;
-                let info = Arc::new(PodInfo::new(
+                let mut info = PodInfo::new(
                     &p.name,
                     &svc.name,
                     &svc.namespace,
@@ -80,7 +80,9 @@ impl Mesh {
                     p.allowed_principals.clone(),
                     PodCounters::new(&changes),
                     tls,
-                )?);
+                )?;
+                info.tcp = svc.tcp;
+                let info = Arc::new(info);
                 let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
                 let addr = listener.local_addr()?;
                 let backend = Arc::new(Backend::new(&p.name, addr));

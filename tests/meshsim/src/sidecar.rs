@@ -133,6 +133,8 @@ pub(crate) struct PodInfo {
     /// URI SAN of the sidecar's own certificate: the `By` of the XFCC element.
     pub spiffe_id: Option<String>,
     pub allowed_principals: Option<Vec<String>>,
+    /// The service port is declared TCP: every connection goes to the TCP chain.
+    pub tcp: bool,
     pub counters: PodCounters,
     pub(crate) tls: SidecarTls,
     /// Bumped by [`crate::Mesh::goaway_pod`]: every open connection shuts down gracefully.
@@ -167,6 +169,7 @@ impl PodInfo {
             subset: subset.map(str::to_string),
             spiffe_id,
             allowed_principals,
+            tcp: false,
             counters,
             tls,
             goaway: watch::Sender::new(0),
@@ -278,6 +281,10 @@ pub(crate) async fn serve_connection(pod: Arc<PodInfo>, tcp: TcpStream, peer_add
             .map(|leaf| PeerCert::from_der(leaf))
             .unwrap_or_default(),
     });
+    // STRICT mTLS on a port declared TCP (§2.3): any TLS goes to the TCP chain.
+    if pod.tcp {
+        return serve_tcp(&pod, &conn, tls, peer_addr).await;
+    }
     let h2 = conn.alpn.as_deref() == Some("h2");
 
     let svc = {
@@ -308,6 +315,40 @@ pub(crate) async fn serve_connection(pod: Arc<PodInfo>, tcp: TcpStream, peer_add
     };
     if let Err(e) = result {
         tracing::debug!(pod = %pod.name, %peer_addr, error = %e, "connection ended with error");
+    }
+}
+
+/// Envoy's inbound TCP chain with `tcp_proxy` to an echo app: L4 RBAC on the peer principal,
+/// then every byte received is sent back; the client's half-close (EOF) is passed on as ours
+/// once everything has been echoed.
+async fn serve_tcp<S>(pod: &PodInfo, conn: &ConnInfo, tls: S, peer_addr: SocketAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if let Some(allowed) = &pod.allowed_principals {
+        if !allowed.iter().any(|p| principal_matches(p, &conn.peer.uris)) {
+            pod.counters.rbac_denied.inc();
+            return;
+        }
+    }
+    pod.counters.tcp_connections.inc();
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let mut buf = vec![0u8; 64 * 1024];
+    let result = async {
+        loop {
+            let n = tokio::time::timeout(IDLE_TIMEOUT, rd.read(&mut buf)).await??;
+            if n == 0 {
+                break;
+            }
+            wr.write_all(&buf[..n]).await?;
+            pod.counters.tcp_bytes.add(n as u64);
+        }
+        wr.shutdown().await
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(pod = %pod.name, %peer_addr, error = %e, "TCP connection ended with error");
     }
 }
 

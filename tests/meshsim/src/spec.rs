@@ -145,6 +145,9 @@ pub struct ServiceSpec {
     pub port: u16,
     pub service_account: String,
     pub pods: Vec<PodSpec>,
+    /// The port is declared TCP (`tcp-…` port name or `appProtocol: tcp`): every mTLS connection
+    /// lands on the TCP chain (§2.3) and the app echoes bytes. Otherwise the port is HTTP.
+    pub tcp: bool,
 }
 
 impl ServiceSpec {
@@ -155,7 +158,14 @@ impl ServiceSpec {
             port,
             service_account: service_account.to_string(),
             pods: Vec::new(),
+            tcp: false,
         }
+    }
+
+    /// Builder: declare the port TCP (a TCP echo app behind the sidecar's TCP chain).
+    pub fn tcp(mut self) -> Self {
+        self.tcp = true;
+        self
     }
 
     /// Builder: add a pod.

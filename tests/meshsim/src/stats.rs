@@ -40,8 +40,12 @@ pub struct PodStats {
     pub connections_open: u64,
     /// Requests that reached the echo app.
     pub app_requests: u64,
-    /// Requests answered 403 by the AuthorizationPolicy-like allow list.
+    /// Requests answered 403 (or TCP connections closed) by the AuthorizationPolicy-like allow list.
     pub rbac_denied: u64,
+    /// Connections served by the TCP filter chain (opaque bytes echoed back).
+    pub tcp_connections: u64,
+    /// Bytes the TCP echo app received (and sent back).
+    pub tcp_bytes: u64,
 }
 
 /// Wakes whoever waits for a stats change. Shared by every counter of one mesh.
@@ -73,6 +77,10 @@ impl Counter {
     }
     pub(crate) fn inc(&self) {
         self.value.fetch_add(1, Ordering::SeqCst);
+        self.changes.bump();
+    }
+    pub(crate) fn add(&self, n: u64) {
+        self.value.fetch_add(n, Ordering::SeqCst);
         self.changes.bump();
     }
     pub(crate) fn dec(&self) {
@@ -126,6 +134,8 @@ pub(crate) struct PodCounters {
     pub connections_open: Counter,
     pub app_requests: Counter,
     pub rbac_denied: Counter,
+    pub tcp_connections: Counter,
+    pub tcp_bytes: Counter,
 }
 
 impl PodCounters {
@@ -136,6 +146,8 @@ impl PodCounters {
             connections_open: Counter::new(ch),
             app_requests: Counter::new(ch),
             rbac_denied: Counter::new(ch),
+            tcp_connections: Counter::new(ch),
+            tcp_bytes: Counter::new(ch),
         }
     }
 
@@ -146,6 +158,8 @@ impl PodCounters {
             connections_open: self.connections_open.get(),
             app_requests: self.app_requests.get(),
             rbac_denied: self.rbac_denied.get(),
+            tcp_connections: self.tcp_connections.get(),
+            tcp_bytes: self.tcp_bytes.get(),
         }
     }
 }

@@ -1255,3 +1255,57 @@ async fn dropping_the_mesh_stops_everything() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// (11) A port declared TCP: the TCP chain, opaque bytes echoed, half-close passed on, L4 RBAC.
+
+#[tokio::test]
+async fn tcp_port_echoes_bytes_and_passes_half_close_on() {
+    bounded(async {
+        let spec = MeshSpec::new()
+            .service(
+                ServiceSpec::new("db", "data", 5432, "db")
+                    .tcp()
+                    .pod(PodSpec::new("db-a")),
+            )
+            .service(
+                ServiceSpec::new("queue", "data", 5672, "queue")
+                    .tcp()
+                    .pod(PodSpec::new("queue-a").allow(["cluster.local/ns/other/sa/other"])),
+            );
+        let mesh = Mesh::start(spec).await.unwrap();
+        let me = client_identity(&mesh);
+
+        // ALPN `istio` only, as istio-wire §0 prescribes for opaque TCP.
+        let mut tls = Dial::new(&mesh, service(&mesh, "db"), None, &me)
+            .alpn(&["istio"])
+            .connect(mesh.gateway_addr())
+            .await
+            .unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), None);
+        let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        tls.write_all(&payload).await.unwrap();
+        // Half-close: no more from us, but the echo of everything still comes back, then EOF.
+        tls.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        tls.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, payload);
+        let s = wait(&mesh, |s| s.pods["db-a"].tcp_bytes == payload.len() as u64).await;
+        assert_eq!(s.pods["db-a"].tcp_connections, 1);
+        assert_eq!(s.pods["db-a"].app_requests, 0);
+
+        // L4 RBAC: a principal not allowed gets the connection closed, nothing echoed.
+        let mut tls = Dial::new(&mesh, service(&mesh, "queue"), None, &me)
+            .alpn(&["istio"])
+            .connect(mesh.gateway_addr())
+            .await
+            .unwrap();
+        let _ = tls.write_all(b"ping").await;
+        let mut back = Vec::new();
+        let _ = tls.read_to_end(&mut back).await;
+        assert!(back.is_empty());
+        let s = wait(&mesh, |s| s.pods["queue-a"].rbac_denied == 1).await;
+        assert_eq!(s.pods["queue-a"].tcp_connections, 0);
+    })
+    .await;
+}
