@@ -91,7 +91,7 @@ fn benches(c: &mut Criterion) {
         .find(|s| s.name == "reviews")
         .unwrap()
         .clone();
-    let pool = proxy.upstream.pool(&service).clone();
+    let pool = proxy.upstream.pool(0, &service).clone();
     rt.block_on(async {
         drop(pool.checkout().await.unwrap());
     });

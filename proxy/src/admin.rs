@@ -1,7 +1,7 @@
 //! The admin server (axum), on its own bind, never on a VM-facing listener:
 //! `GET /healthz`, `GET /readyz`, `GET /metrics`, `GET /config`, `GET /pool`,
-//! `POST /reload`, `POST /drain`. The two POSTs require `Authorization: Bearer <token>` when
-//! `admin.token_file` is set.
+//! `POST /reload`, `POST /drain`, `POST /explain`. The POSTs require `Authorization: Bearer <token>`
+//! when `admin.token_file` is set.
 
 use std::sync::Arc;
 
@@ -28,6 +28,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
         .route("/pool", get(pool))
         .route("/reload", post(reload))
         .route("/drain", post(drain))
+        .route("/explain", post(explain))
         .with_state(app);
     if let Err(e) = axum::serve(listener, router).await {
         tracing::error!(error = %e, "admin server stopped");
@@ -105,6 +106,22 @@ async fn drain(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     )
 }
 
+/// A POST with a JSON body rather than a GET, so an API key never lands in a URL (and in access
+/// logs on the way); behind the token because the answer reveals tenants and their sources.
+async fn explain(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    if !authorized(&app, &headers) {
+        return text(StatusCode::UNAUTHORIZED, "admin token required\n".into());
+    }
+    let query: crate::explain::Query = match serde_json::from_slice(&body) {
+        Ok(q) => q,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("invalid explain request: {e}\n")),
+    };
+    match query.answer(&app.proxy().snapshot) {
+        Ok(e) => axum::Json(e).into_response(),
+        Err(e) => text(StatusCode::BAD_REQUEST, format!("invalid explain request: {e}\n")),
+    }
+}
+
 async fn pool(State(app): State<Arc<App>>) -> Response {
     let proxy = app.proxy();
     let pools: Vec<Value> = proxy
@@ -176,6 +193,7 @@ pub fn effective_config(s: &Snapshot) -> Value {
                     "sources": t.sources.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
                     "api_keys": t.key_hashes.iter().map(|_| "<redacted>").collect::<Vec<_>>(),
                     "allow": allow,
+                    "identity": s.identity_at(t.identity).spiffe_id,
                 }),
             )
         })

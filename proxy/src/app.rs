@@ -29,6 +29,7 @@ use crate::upstream::{Gateway, Upstream};
 struct RunningListener {
     name: String,
     bind: SocketAddr,
+    protocol: config::ListenerProtocol,
     addr: SocketAddr,
     close: watch::Sender<ListenerState>,
     task: JoinHandle<()>,
@@ -52,7 +53,8 @@ pub struct App {
     config_path: PathBuf,
     /// Client connections open across all listeners (for `limits.max_connections`).
     pub client_connections: std::sync::atomic::AtomicUsize,
-    identity_watch: std::sync::Mutex<IdentityWatch>,
+    /// Per identity, by its certificate path.
+    identity_watch: std::sync::Mutex<HashMap<std::path::PathBuf, IdentityWatch>>,
     current: ArcSwap<Proxy>,
     pub metrics: Arc<Metrics>,
     pub lifecycle: Lifecycle,
@@ -140,15 +142,15 @@ impl App {
         let addr = tcp.local_addr().unwrap_or(l.bind);
         tracing::info!(listener = %l.name, %addr, "listening");
         let (close, rx) = watch::channel(ListenerState::Serving);
-        let task = tokio::spawn(crate::listener::http::serve(
-            tcp,
-            Arc::from(l.name.as_str()),
-            self.clone(),
-            rx,
-        ));
+        let name = Arc::from(l.name.as_str());
+        let task = match l.protocol {
+            config::ListenerProtocol::Http => tokio::spawn(crate::listener::http::serve(tcp, name, self.clone(), rx)),
+            config::ListenerProtocol::Tcp => tokio::spawn(crate::listener::tcp::serve(tcp, name, self.clone(), rx)),
+        };
         RunningListener {
             name: l.name.clone(),
             bind: l.bind,
+            protocol: l.protocol,
             addr,
             close,
             task,
@@ -156,8 +158,7 @@ impl App {
     }
 
     fn set_identity_metrics(&self, snapshot: &Snapshot) {
-        self.metrics
-            .set_identity(&snapshot.identity.spiffe_id, snapshot.identity.not_after);
+        identity_metrics(&self.metrics, snapshot);
     }
 
     /// Re-reads the config file and applies it, or keeps the running config and returns why not.
@@ -189,6 +190,19 @@ impl App {
         // whole reload and leaves the running config untouched.
         let mut fresh = Vec::new();
         for l in &new.listeners {
+            if let Some(r) = state
+                .listeners
+                .iter()
+                .find(|r| r.name == l.name && r.bind == l.bind && r.protocol != l.protocol)
+            {
+                return Err(bind_error(
+                    &self.config_path,
+                    format!(
+                        "listener {:?} on {}: changing its protocol ({:?} to {:?}) needs a restart; the running config stays",
+                        r.name, r.bind, r.protocol, l.protocol
+                    ),
+                ));
+            }
             let same = state.listeners.iter().any(|r| r.name == l.name && r.bind == l.bind);
             if !same {
                 let tcp = bind(l).await.map_err(|m| bind_error(&self.config_path, m))?;
@@ -254,10 +268,42 @@ impl App {
         let _state = self.state.lock().await;
         let old = self.current.load_full();
         let snap = &old.snapshot;
-        let paths = &snap.identity.paths;
+        let mut new: Option<Snapshot> = None;
+        let mut first_error = None;
+        // The mesh identity and every tenant's: each is watched and rotated on its own.
+        for i in 0..snap.identity_count() {
+            let current = snap.identity_at(i);
+            match self.check_identity_files(current, &snap.trust_domain) {
+                Ok(Some(identity)) => {
+                    tracing::info!(identity = %identity.spiffe_id, not_after = %crate::identity::rfc3339(identity.not_after), "workload identity rotated");
+                    let n = new.get_or_insert_with(|| (**snap).clone());
+                    if i == 0 {
+                        n.identity = Arc::new(identity);
+                    } else {
+                        n.tenant_identities[i - 1] = Arc::new(identity);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        let Some(new) = new else {
+            return first_error.map_or(Ok(false), Err);
+        };
+        self.install(new, old.upstream.gateway.clone(), Some(&old.upstream));
+        Metrics::record_reload(&self.metrics.identity_reloads, true);
+        Ok(true)
+    }
+
+    /// A new identity from `current`'s files if they changed into a valid, different one.
+    fn check_identity_files(&self, current: &Identity, trust_domain: &str) -> Result<Option<Identity>, IdentityError> {
+        let paths = &current.paths;
         let sig = files_signature(&[&paths.cert_chain, &paths.key, &paths.root_cert]);
         {
-            let mut w = self.identity_watch.lock().unwrap_or_else(|e| e.into_inner());
+            let mut all = self.identity_watch.lock().unwrap_or_else(|e| e.into_inner());
+            let w = all.entry(paths.cert_chain.clone()).or_default();
             if w.last_sig == Some(sig) {
                 if w.mismatch_polls > 0 {
                     w.mismatch_polls += 1;
@@ -267,19 +313,17 @@ impl App {
                             "identity key still does not match its certificate; keeping the running identity");
                     }
                 }
-                return Ok(false);
+                return Ok(None);
             }
             w.last_sig = Some(sig);
             w.mismatch_polls = 0;
         }
-        let identity = match Identity::load(paths, &snap.trust_domain, SystemTime::now()) {
+        let identity = match Identity::load(paths, trust_domain, SystemTime::now()) {
             Ok(i) => i,
             Err(e @ IdentityError::KeyMismatch { .. }) => {
                 tracing::debug!(error = %e, "identity files mid-rotation; waiting for a consistent pair");
-                self.identity_watch
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .mismatch_polls = 1;
+                let mut all = self.identity_watch.lock().unwrap_or_else(|e| e.into_inner());
+                all.entry(paths.cert_chain.clone()).or_default().mismatch_polls = 1;
                 return Err(e);
             }
             Err(e) => {
@@ -288,15 +332,10 @@ impl App {
                 return Err(e);
             }
         };
-        if identity.fingerprint == snap.identity.fingerprint {
-            return Ok(false);
+        if identity.fingerprint == current.fingerprint {
+            return Ok(None);
         }
-        let mut new = (**snap).clone();
-        tracing::info!(identity = %identity.spiffe_id, not_after = %crate::identity::rfc3339(identity.not_after), "workload identity rotated");
-        new.identity = Arc::new(identity);
-        self.install(new, old.upstream.gateway.clone(), Some(&old.upstream));
-        Metrics::record_reload(&self.metrics.identity_reloads, true);
-        Ok(true)
+        Ok(Some(identity))
     }
 
     async fn close_listeners(&self, spread: Duration, timeout: Duration) {
@@ -388,6 +427,14 @@ async fn watch_files(app: Arc<App>) {
     }
 }
 
+/// The expiry gauge: the mesh identity and every tenant identity.
+fn identity_metrics(metrics: &Metrics, snapshot: &Snapshot) {
+    metrics.set_identity(&snapshot.identity.spiffe_id, snapshot.identity.not_after);
+    for i in &snapshot.tenant_identities {
+        metrics.add_identity(&i.spiffe_id, i.not_after);
+    }
+}
+
 /// Starts everything for `snapshot`, read from `config_path` (which reloads re-read).
 pub async fn start(snapshot: Snapshot) -> anyhow::Result<Bound> {
     let config_path = snapshot.path.clone();
@@ -398,7 +445,7 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Bound> {
     }
     let metrics = Arc::new(Metrics::new());
     let upstream = Arc::new(Upstream::new(&snapshot, gateway.clone(), metrics.clone(), None));
-    metrics.set_identity(&snapshot.identity.spiffe_id, snapshot.identity.not_after);
+    identity_metrics(&metrics, &snapshot);
     let mut tcp = Vec::new();
     for l in &snapshot.listeners {
         tcp.push(bind(l).await.map_err(anyhow::Error::msg)?);

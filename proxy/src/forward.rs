@@ -517,6 +517,7 @@ async fn forward(
         return Err(Deny::ServiceNotAllowed.into());
     }
     let tenant = snap.tenants.get(tenant_id);
+    let identity = tenant.identity;
     let state = &proxy.tenant_state[tenant_id];
     if let Some(rl) = &tenant.rate_limit {
         state
@@ -566,6 +567,9 @@ async fn forward(
                 .map_err(|_| ProxyError::Malformed("invalid request target"))?;
             parts.version = Version::HTTP_2;
         }
+        UpstreamProtocol::Tcp => {
+            return Err(ProxyError::Malformed("this service is TCP: use its TCP listener"));
+        }
         UpstreamProtocol::Http1 => {
             let host = HeaderValue::from_str(&authority).map_err(|_| ProxyError::Malformed("invalid Host"))?;
             h.insert(header::HOST, host);
@@ -597,7 +601,7 @@ async fn forward(
     });
     let upstream_req = Request::from_parts(parts, body);
 
-    let pool = proxy.upstream.pool(service);
+    let pool = proxy.upstream.pool(identity, service);
     let timeout = snap.upstream.request_timeout;
     // One deadline for the request and its retry.
     let attempt = async {

@@ -10,6 +10,7 @@ pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod error;
+pub mod explain;
 pub mod forward;
 pub mod fuzz_targets;
 pub mod identity;

@@ -1,4 +1,4 @@
-//! The `meshgate` command: run, check, hash-key, demo.
+//! The `meshgate` command: run, check, explain, hash-key, demo.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -47,6 +47,36 @@ enum Cmd {
     Check {
         #[arg(short, long)]
         config: PathBuf,
+    },
+    /// Show what meshgate would do with a request, and why: tenant, decision, route, identities.
+    ///
+    /// Exit status: 0 if the request would be forwarded, 1 if it would be refused, 2 on a usage,
+    /// config or admin API error.
+    #[command(group = clap::ArgGroup::new("source").required(true).args(["config", "admin"]))]
+    Explain {
+        /// Answer from this config file.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Ask a running instance's admin API (HOST:PORT) instead, about its running config.
+        #[arg(long, value_name = "HOST:PORT")]
+        admin: Option<String>,
+        /// The file holding the admin bearer token (`admin.token_file`), for --admin.
+        #[arg(long, requires = "admin")]
+        token_file: Option<PathBuf>,
+        /// The client address the request comes from.
+        #[arg(long)]
+        client: std::net::IpAddr,
+        /// The API key the client presents, if any.
+        #[arg(long)]
+        key: Option<String>,
+        /// The AWS VPC endpoint the client arrives through (from a PROXY v2 header), if any.
+        #[arg(long)]
+        vpce: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// A URL (`http://host[:port]/path`) or a `host[:port]` as the Host header.
+        target: String,
     },
     /// Generate a random API key and print it with the `sha256:` form for the config.
     HashKey {
@@ -115,7 +145,7 @@ fn print_summary(s: &Snapshot) {
             "admin: {}{}",
             a.bind,
             if a.token.is_some() {
-                " (token required for /reload and /drain)"
+                " (token required for /reload, /drain and /explain)"
             } else {
                 ""
             }
@@ -226,6 +256,125 @@ async fn run(snapshot: Snapshot) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+const EXIT_USAGE: u8 = 2;
+
+#[allow(clippy::too_many_arguments)]
+fn explain_cmd(
+    config: Option<PathBuf>,
+    admin: Option<String>,
+    token_file: Option<PathBuf>,
+    client: std::net::IpAddr,
+    key: Option<String>,
+    vpce: Option<String>,
+    json: bool,
+    target: String,
+) -> ExitCode {
+    if key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        eprintln!("error: --key is empty");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let mut query = meshgate::explain::Query {
+        client,
+        target,
+        key: None,
+        key_sha256: None,
+        vpce,
+    };
+    let answer = match (config, admin) {
+        (Some(path), _) => {
+            let Some(snapshot) = load_or_report(&path) else {
+                return ExitCode::from(EXIT_USAGE);
+            };
+            query.key = key;
+            query.answer(&snapshot)
+        }
+        (None, Some(addr)) => {
+            // Only the digest goes over the wire: the admin API may be plain HTTP.
+            query.key_sha256 = key.map(|k| format!("sha256:{}", hex::encode(meshgate::policy::hash_key(k.trim()))));
+            ask_admin(&addr, token_file.as_deref(), &query)
+        }
+        (None, None) => Err("give -c FILE or --admin HOST:PORT".into()),
+    };
+    let e = match answer {
+        Ok(e) => e,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&e).expect("explanations serialise"));
+    } else {
+        print!("{e}");
+    }
+    if e.forwarded() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// `POST /explain` on a running instance's admin API.
+fn ask_admin(
+    addr: &str,
+    token_file: Option<&std::path::Path>,
+    query: &meshgate::explain::Query,
+) -> Result<meshgate::explain::Explanation, String> {
+    use http_body_util::{BodyExt, Full};
+    let token = match token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| format!("cannot read token file {}: {e}", p.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let body = serde_json::to_vec(query).map_err(|e| e.to_string())?;
+    let mut req = http::Request::post("/explain")
+        .header(http::header::HOST, addr)
+        .header(http::header::CONTENT_TYPE, "application/json");
+    if let Some(t) = &token {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = req
+        .body(Full::new(bytes::Bytes::from(body)))
+        .map_err(|e| format!("invalid admin address {addr:?}: {e}"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let call = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("cannot connect to the admin API at {addr}: {e}"))?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("admin API at {addr}: {e}"))?;
+        tokio::spawn(conn);
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| format!("admin API at {addr}: {e}"))?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("admin API at {addr}: {e}"))?
+            .to_bytes();
+        if status != http::StatusCode::OK {
+            return Err(format!(
+                "admin API at {addr} answered {status}: {}",
+                String::from_utf8_lossy(&body).trim()
+            ));
+        }
+        serde_json::from_slice(&body).map_err(|e| format!("unexpected answer from the admin API at {addr}: {e}"))
+    };
+    rt.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(10), call).await })
+        .map_err(|_| format!("admin API at {addr} did not answer within 10s"))?
+}
+
 async fn wait_for_ctrl_c() {
     let _ = tokio::signal::ctrl_c().await;
 }
@@ -240,6 +389,16 @@ fn main() -> ExitCode {
             }
             None => ExitCode::FAILURE,
         },
+        Cmd::Explain {
+            config,
+            admin,
+            token_file,
+            client,
+            key,
+            vpce,
+            json,
+            target,
+        } => explain_cmd(config, admin, token_file, client, key, vpce, json, target),
         Cmd::HashKey { stdin } => {
             if stdin {
                 let mut key = String::new();

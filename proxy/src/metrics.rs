@@ -391,6 +391,11 @@ impl Metrics {
     /// Sets the identity expiry gauge to the current identity only.
     pub fn set_identity(&self, spiffe_id: &str, not_after: std::time::SystemTime) {
         self.identity_expiry.clear();
+        self.add_identity(spiffe_id, not_after);
+    }
+
+    /// Adds one more identity (a tenant's) to the expiry gauge.
+    pub fn add_identity(&self, spiffe_id: &str, not_after: std::time::SystemTime) {
         let secs = not_after
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs_f64())

@@ -412,3 +412,52 @@ fn hash_key_generates_a_key_and_its_config_form() {
     let (_, out2, _) = meshgate(&["hash-key"]);
     assert_ne!(out, out2, "keys must be random");
 }
+
+#[test]
+fn tenant_identity_errors_name_the_tenant_and_its_line() {
+    let f = Fixture::new();
+    // Missing files: the error is at the tenant's cert_chain line (line 24).
+    let text = replace(
+        "    allow: [reviews]\n",
+        "    allow: [reviews]\n    identity:\n      cert_chain: billing/cert-chain.pem\n      key: billing/key.pem\n      root_cert: root-cert.pem\n",
+    );
+    assert_eq!(
+        text.lines().nth(23).unwrap().trim(),
+        "cert_chain: billing/cert-chain.pem"
+    );
+    assert_rejected(&f, &text, 24, "tenant \"billing-vms\" identity: ");
+
+    // A certificate from another trust domain: refused like mesh.identity would be.
+    std::fs::create_dir_all(f.dir.path().join("billing")).unwrap();
+    let mut opts = IssueOptions::workload(TD, "billing", "billing-vm");
+    opts.spiffe_id = Some("spiffe://other.domain/ns/billing/sa/billing-vm".into());
+    let c = f.ca.issue_with(&opts).unwrap();
+    f.write("billing/cert-chain.pem", &c.chain_pem);
+    f.write("billing/key.pem", &c.key_pem);
+    assert_rejected(
+        &f,
+        &text,
+        24,
+        "sa/billing-vm, which is outside trust domain \"cluster.local\"",
+    );
+
+    // A good one is accepted, and check's summary still passes.
+    let c = f.ca.issue("billing", "billing-vm").unwrap();
+    f.write("billing/cert-chain.pem", &c.chain_pem);
+    f.write("billing/key.pem", &c.key_pem);
+    let (code, out, err) = check(&f.config(&text));
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[test]
+fn tcp_listener_errors() {
+    let f = Fixture::new();
+    let text = replace("    protocol: http\n", "    protocol: tcp\n");
+    assert_rejected(&f, &text, 2, "has protocol tcp but no service");
+    let text = replace("    protocol: http\n", "    protocol: http\n    service: reviews\n");
+    assert_rejected(&f, &text, 5, "only tcp listeners have one");
+    let text = replace("    protocol: http\n", "    protocol: tcp\n    service: reviews\n");
+    assert_rejected(&f, &text, 5, "service \"reviews\" is not protocol tcp");
+    let text = replace("    protocol: http\n", "    protocol: tcp\n    service: nope\n");
+    assert_rejected(&f, &text, 5, "unknown service \"nope\"");
+}

@@ -29,6 +29,10 @@ pub struct Listener {
     pub proxy_protocol: crate::listener::proxy_protocol::Mode,
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub max_connections: Option<usize>,
+    /// `protocol: tcp`: the service id every connection goes to.
+    pub service: Option<usize>,
+    /// `protocol: tcp`: idle connections are closed after this.
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -119,12 +123,30 @@ pub struct Snapshot {
     pub gateway: GatewayTarget,
     pub gateway_refresh: Duration,
     pub identity: Arc<Identity>,
+    /// Tenants' own identities, distinct from `identity` and from each other.
+    pub tenant_identities: Vec<Arc<Identity>>,
     pub services: Vec<Arc<Service>>,
     pub routes: RouteTable,
     pub tenants: Tenants,
     pub tenant_names: Vec<String>,
     pub api_key_header: HeaderName,
     pub upstream: UpstreamSettings,
+}
+
+impl Snapshot {
+    /// Identity number `i` as tenants refer to it: 0 is `mesh.identity`.
+    pub fn identity_at(&self, i: usize) -> &Arc<Identity> {
+        if i == 0 {
+            &self.identity
+        } else {
+            &self.tenant_identities[i - 1]
+        }
+    }
+
+    /// How many identities tenants can present (the mesh one included).
+    pub fn identity_count(&self) -> usize {
+        1 + self.tenant_identities.len()
+    }
 }
 
 /// Reads and validates a config file.

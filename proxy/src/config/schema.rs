@@ -130,6 +130,12 @@ pub struct RawListener {
     /// Client connections on this listener at most (also bounded by `limits.max_connections`).
     #[serde(default)]
     pub max_connections: Option<usize>,
+    /// `protocol: tcp` only: the service every connection goes to.
+    #[serde(default)]
+    pub service: Option<Spanned<String>>,
+    /// `protocol: tcp` only: a connection with no byte moving either way for this long is closed.
+    #[serde(default)]
+    pub idle_timeout: Option<Spanned<Dur>>,
 }
 
 pub fn d_proxy_protocol() -> Spanned<crate::listener::proxy_protocol::Mode> {
@@ -145,6 +151,8 @@ pub fn d_proxy_protocol() -> Spanned<crate::listener::proxy_protocol::Mode> {
 pub enum ListenerProtocol {
     /// HTTP/1.1 and h2c with prior knowledge on the same port.
     Http,
+    /// Opaque TCP to one service (`service:`), each connection over its own mTLS connection.
+    Tcp,
 }
 
 #[derive(Debug, Deserialize)]
@@ -200,6 +208,9 @@ pub enum UpstreamProtocol {
     Http1,
     #[serde(rename = "http2")]
     Http2,
+    /// Opaque bytes (databases, queues): reached through `protocol: tcp` listeners, ALPN `istio`.
+    #[serde(rename = "tcp")]
+    Tcp,
 }
 
 #[derive(Debug, Deserialize)]
@@ -220,6 +231,10 @@ pub struct RawTenant {
     /// Requests of this tenant in flight at once. Over it: 429.
     #[serde(default)]
     pub max_concurrent_requests: Option<usize>,
+    /// The tenant's own workload identity, presented upstream instead of `mesh.identity`, so
+    /// the mesh sees a distinct principal per tenant.
+    #[serde(default)]
+    pub identity: Option<Spanned<RawIdentity>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

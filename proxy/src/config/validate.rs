@@ -8,7 +8,11 @@ use std::time::SystemTime;
 
 use http::HeaderName;
 
-use super::schema::{RawConfig, RawDrain, RawUpstream};
+use super::schema::{ListenerProtocol, RawConfig, RawDrain, RawIdentity, RawUpstream, UpstreamProtocol};
+
+/// Idle TCP connections are closed after this unless the listener says otherwise (Envoy's
+/// `tcp_proxy` default is 1 h as well).
+const DEFAULT_TCP_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 use super::{sni_for, ConfigErrors, Listener, Service, Snapshot, UpstreamSettings};
 use crate::identity::{ExpectedServer, Identity, IdentityFile, IdentityPaths};
 use crate::policy::keys::parse_key_hash;
@@ -66,6 +70,7 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
         errs.at(None, "at least one listener is required");
     }
     let mut listeners = Vec::new();
+    let mut listener_services = Vec::new();
     let mut listener_names: HashMap<String, Option<u64>> = HashMap::new();
     let mut binds: HashMap<std::net::SocketAddr, String> = HashMap::new();
     for l in &raw.listeners {
@@ -100,6 +105,24 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
                 "proxy_protocol needs trusted_proxies: the load balancer addresses whose headers are believed",
             );
         }
+        match (l.protocol, &l.service) {
+            (ListenerProtocol::Tcp, None) => errs.at(
+                line(&l.name),
+                format!("listener {name:?} has protocol tcp but no service: name the service its connections go to"),
+            ),
+            (ListenerProtocol::Http, Some(s)) => errs.at(
+                line(s),
+                "service: only tcp listeners have one (http listeners route by Host)",
+            ),
+            _ => {}
+        }
+        if let (ListenerProtocol::Http, Some(t)) = (l.protocol, &l.idle_timeout) {
+            errs.at(
+                line(t),
+                "idle_timeout: only for tcp listeners (http uses limits.header_read_timeout)",
+            );
+        }
+        listener_services.push(l.service.clone());
         listeners.push(Listener {
             name: name.clone(),
             bind: l.bind.value.0,
@@ -107,6 +130,8 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
             proxy_protocol: mode,
             trusted_proxies: l.trusted_proxies.iter().map(|c| c.0).collect(),
             max_connections: l.max_connections,
+            service: None,
+            idle_timeout: l.idle_timeout.as_ref().map_or(DEFAULT_TCP_IDLE_TIMEOUT, |t| t.value.0),
         });
     }
     let admin = raw.admin.as_ref().map(|a| {
@@ -275,6 +300,12 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
             aliases.push(alias.clone());
             names.push((alias, line(a)));
         }
+        // TCP services are reached through their tcp listeners, never by HTTP Host routing.
+        let names = if s.protocol == UpstreamProtocol::Tcp {
+            Vec::new()
+        } else {
+            names
+        };
         for (nm, l) in names {
             if let Some(other) = route_names.insert((nm.clone(), port), n.clone()) {
                 errs.at(
@@ -302,6 +333,21 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
             sni,
         }));
     }
+    // TCP listeners' services, now that services are known.
+    for (l, svc) in listeners.iter_mut().zip(&listener_services) {
+        let Some(svc) = svc else { continue };
+        match service_ids.get(&svc.value) {
+            Some(&id) if services[id].protocol == UpstreamProtocol::Tcp => l.service = Some(id),
+            Some(_) => errs.at(
+                line(svc),
+                format!(
+                    "service {:?} is not protocol tcp, so a tcp listener cannot carry it",
+                    svc.value
+                ),
+            ),
+            None => errs.at(line(svc), format!("unknown service {:?}", svc.value)),
+        }
+    }
     let routes = RouteTable::new(
         route_names
             .iter()
@@ -313,6 +359,7 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
     let mut tenant_names = Vec::new();
     let mut key_owner: HashMap<[u8; 32], String> = HashMap::new();
     let mut keyless_sources: HashMap<(ipnet::IpNet, Vec<String>), String> = HashMap::new();
+    let mut tenant_identity_raw = Vec::new();
     for (name, t) in &raw.tenants.0 {
         let n = &name.value;
         if !valid_name(n) {
@@ -368,6 +415,9 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
                 errs.at(line(a), format!("tenant {n:?} allows unknown service {:?}", a.value));
             }
         }
+        if let Some(idr) = &t.identity {
+            tenant_identity_raw.push((tenants.len(), n.clone(), idr));
+        }
         tenant_names.push(n.clone());
         tenants.push(Tenant {
             name: n.clone(),
@@ -390,6 +440,7 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
                 })
             }),
             max_concurrent_requests: t.max_concurrent_requests,
+            identity: 0,
             key_hashes,
             allow: if allow_all {
                 Allow::All
@@ -480,12 +531,15 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
 
     // Identity, last: it touches files, and its errors are clearer once the rest is right.
     let idr = &raw.mesh.identity;
-    let paths = IdentityPaths {
-        cert_chain: resolve_path(path, &idr.cert_chain.value),
-        key: resolve_path(path, &idr.key.value),
-        root_cert: resolve_path(path, &idr.root_cert.value),
-    };
-    let identity = if td_ok {
+    let load = |idr: &RawIdentity, errs: &mut Collector, what: &str| -> Option<Arc<Identity>> {
+        let paths = IdentityPaths {
+            cert_chain: resolve_path(path, &idr.cert_chain.value),
+            key: resolve_path(path, &idr.key.value),
+            root_cert: resolve_path(path, &idr.root_cert.value),
+        };
+        if !td_ok {
+            return None;
+        }
         match Identity::load(&paths, &td, now) {
             Ok(i) => Some(Arc::new(i)),
             Err(e) => {
@@ -494,13 +548,29 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
                     IdentityFile::Key => line(&idr.key),
                     IdentityFile::RootCert => line(&idr.root_cert),
                 };
-                errs.at(l, e.to_string());
+                errs.at(l, format!("{what}{e}"));
                 None
             }
         }
-    } else {
-        None
     };
+    let identity = load(idr, errs, "");
+    // Tenants' identities: numbered from 1 in first-use order; tenants naming the same
+    // certificate share a number, so they share upstream connections too.
+    let mut tenant_identities: Vec<Arc<Identity>> = Vec::new();
+    for (ti, name, raw_id) in tenant_identity_raw {
+        let Some(i) = load(&raw_id.value, errs, &format!("tenant {name:?} identity: ")) else {
+            continue;
+        };
+        let same_as_mesh = identity.as_ref().is_some_and(|m| m.fingerprint == i.fingerprint);
+        tenants[ti].identity = if same_as_mesh {
+            0
+        } else if let Some(k) = tenant_identities.iter().position(|x| x.fingerprint == i.fingerprint) {
+            k + 1
+        } else {
+            tenant_identities.push(i);
+            tenant_identities.len()
+        };
+    }
 
     Some(Snapshot {
         path: path.to_owned(),
@@ -514,6 +584,7 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
         gateway: super::GatewayTarget(raw.mesh.gateway.value.0.clone()),
         gateway_refresh: raw.mesh.gateway_refresh.0,
         identity: identity?,
+        tenant_identities,
         services,
         routes,
         tenants: Tenants::new(tenants),

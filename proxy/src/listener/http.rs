@@ -20,10 +20,8 @@ use crate::app::App;
 use crate::forward::{self, ConnInfo};
 use crate::lifecycle::{CloseSignal, ListenerState};
 use crate::listener::framing;
-use crate::listener::proxy_protocol::{self, Mode};
+use crate::listener::proxy_protocol;
 
-/// How long a trusted peer has to send its PROXY header.
-const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 use crate::config::Limits;
 use crate::metrics::{ListenerLabels, ListenerReasonLabels};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -125,33 +123,17 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, app: Arc<App>, mut clo
                 conns.spawn(async move {
                     let _guard = guard;
                     let mut stream = stream;
-                    let mut client = peer;
-                    let mut vpce = None;
-                    let mut prefix = bytes::Bytes::new();
-                    let trusted = listener_cfg.as_ref().filter(|l| {
-                        l.proxy_protocol != Mode::Off
-                            && l.trusted_proxies.iter().any(|n| n.contains(&peer.ip().to_canonical()))
-                    });
-                    if let Some(l) = trusted {
-                        let required = l.proxy_protocol == Mode::Required;
-                        match proxy_protocol::read_header(&mut stream, required, PROXY_HEADER_TIMEOUT).await {
-                            Ok((info, rest)) => {
-                                if let Some(info) = info {
-                                    client = info.source.unwrap_or(peer);
-                                    vpce = info.vpce;
-                                }
-                                prefix = rest;
-                            }
-                            Err(e) => {
-                                tracing::warn!(listener = %name2, %peer, error = %e, "PROXY header rejected; closing");
-                                app2.metrics.denied.get_or_create(&ListenerReasonLabels {
-                                    listener: name2.to_string(),
-                                    reason: "bad_proxy_header".into(),
-                                }).inc();
-                                return;
-                            }
+                    let (client, vpce, prefix) = match proxy_protocol::admit(&mut stream, listener_cfg.as_ref(), peer).await {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::warn!(listener = %name2, %peer, error = %e, "PROXY header rejected; closing");
+                            app2.metrics.denied.get_or_create(&ListenerReasonLabels {
+                                listener: name2.to_string(),
+                                reason: "bad_proxy_header".into(),
+                            }).inc();
+                            return;
                         }
-                    }
+                    };
                     let info = Arc::new(ConnInfo::new(name2, client, vpce));
                     let conn_info = info.clone();
                     let svc = service_fn(move |req| forward::handle(app2.proxy(), conn_info.clone(), req));

@@ -421,6 +421,31 @@ pub enum ReadError {
     Io(#[from] std::io::Error),
 }
 
+/// How long a trusted peer has to send its PROXY header.
+pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Who is behind a new connection on `listener`: the TCP peer, or the source a trusted load
+/// balancer's PROXY header names (peers outside `trusted_proxies` are never asked for one, so
+/// they cannot spoof an address). Also the VPC endpoint from the header, and the bytes read past
+/// it, which belong to the application protocol.
+pub async fn admit<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    listener: Option<&crate::config::Listener>,
+    peer: std::net::SocketAddr,
+) -> Result<(std::net::SocketAddr, Option<String>, bytes::Bytes), ReadError> {
+    let trusted = listener.filter(|l| {
+        l.proxy_protocol != Mode::Off && l.trusted_proxies.iter().any(|n| n.contains(&peer.ip().to_canonical()))
+    });
+    let Some(l) = trusted else {
+        return Ok((peer, None, bytes::Bytes::new()));
+    };
+    let (info, rest) = read_header(stream, l.proxy_protocol == Mode::Required, HEADER_TIMEOUT).await?;
+    Ok(match info {
+        Some(info) => (info.source.unwrap_or(peer), info.vpce, rest),
+        None => (peer, None, rest),
+    })
+}
+
 /// Reads the PROXY header, if any, from the start of `stream`. Returns what it says and the bytes
 /// read past it, which belong to the application protocol.
 pub async fn read_header<S: tokio::io::AsyncRead + Unpin>(

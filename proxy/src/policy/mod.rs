@@ -35,6 +35,9 @@ pub struct Tenant {
     pub allow: Allow,
     pub rate_limit: Option<crate::config::RateLimit>,
     pub max_concurrent_requests: Option<usize>,
+    /// Which identity the tenant's requests present upstream: 0 is `mesh.identity`, `k` is the
+    /// snapshot's `tenant_identities[k - 1]` (see `Snapshot::identity_at`).
+    pub identity: usize,
 }
 
 /// Why a client was refused before routing.
@@ -193,6 +196,7 @@ mod tests {
                 allow: Allow::Services(vec![true, false]),
                 rate_limit: None,
                 max_concurrent_requests: None,
+                identity: 0,
             },
             Tenant {
                 name: "billing".into(),
@@ -202,6 +206,7 @@ mod tests {
                 allow: Allow::Services(vec![false, true]),
                 rate_limit: None,
                 max_concurrent_requests: None,
+                identity: 0,
             },
             Tenant {
                 name: "laptops".into(),
@@ -211,6 +216,7 @@ mod tests {
                 allow: Allow::All,
                 rate_limit: None,
                 max_concurrent_requests: None,
+                identity: 0,
             },
             Tenant {
                 name: "ci".into(),
@@ -220,6 +226,7 @@ mod tests {
                 allow: Allow::All,
                 rate_limit: None,
                 max_concurrent_requests: None,
+                identity: 0,
             },
         ])
     }
@@ -284,6 +291,7 @@ mod tests {
             allow: Allow::All,
             rate_limit: None,
             max_concurrent_requests: None,
+            identity: 0,
         });
         let t = Tenants::new(tenants);
         assert_eq!(t.authorize(ip("10.20.5.1"), None, Some("vpce-1")), Ok(4));
@@ -320,6 +328,7 @@ mod tests {
                     allow: Allow::All,
                     rate_limit: None,
                     max_concurrent_requests: None,
+                    identity: 0,
                 });
             }
         }

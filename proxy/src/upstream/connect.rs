@@ -10,8 +10,9 @@ use rustls::ClientConfig;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use super::Gateway;
 use super::UpstreamError;
-use crate::config::{Service, UpstreamProtocol};
+use crate::config::{Service, UpstreamProtocol, UpstreamSettings};
 use crate::identity::verifier::WrongServerIdentity;
 use crate::identity::{ClientCert, Identity, SpiffeServerVerifier};
 
@@ -19,9 +20,11 @@ use crate::identity::{ClientCert, Identity, SpiffeServerVerifier};
 /// there or a PERMISSIVE port passes our TLS bytes to the app (§2.3); the `istio-*` entry makes
 /// auto-detecting STRICT ports treat the stream as HTTP.
 pub fn alpn_for(protocol: UpstreamProtocol) -> Vec<Vec<u8>> {
-    let list: [&[u8]; 3] = match protocol {
-        UpstreamProtocol::Http2 => [b"istio-h2", b"istio", b"h2"],
-        UpstreamProtocol::Http1 => [b"istio-http/1.1", b"istio", b"http/1.1"],
+    let list: &[&[u8]] = match protocol {
+        UpstreamProtocol::Http2 => &[b"istio-h2", b"istio", b"h2"],
+        UpstreamProtocol::Http1 => &[b"istio-http/1.1", b"istio", b"http/1.1"],
+        // Not `istio-peer-exchange`: that would oblige us to speak the TCP metadata exchange (§2.5).
+        UpstreamProtocol::Tcp => &[b"istio"],
     };
     list.iter().map(|p| p.to_vec()).collect()
 }
@@ -119,6 +122,39 @@ pub async fn connect(
     Ok(Connected { stream, alpn })
 }
 
+/// Connects through the gateway: a gateway address that refuses or does not answer is skipped
+/// for the next one (and counted towards its ejection), so one dead LB node costs a retry, not
+/// a failed request or connection.
+pub async fn connect_via(
+    gateway: &Gateway,
+    tls: &TlsParams,
+    settings: &UpstreamSettings,
+    service: &str,
+) -> Result<(SocketAddr, Connected), UpstreamError> {
+    let tries = gateway.addrs().len().clamp(1, 4);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let addr = gateway
+            .pick()
+            .ok_or_else(|| UpstreamError::Unresolved(gateway.target().to_string()))?;
+        let connected = connect(addr, tls, settings.connect_timeout, settings.handshake_timeout).await;
+        // Only failures to reach the address count against it; a TLS or identity failure is
+        // the pod's or the config's, and another gateway address would not help.
+        let unreachable = matches!(
+            connected,
+            Err(UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. })
+        );
+        gateway.record(addr, !unreachable);
+        match connected {
+            Err(e) if unreachable && attempt < tries => {
+                tracing::debug!(%service, error = %e, "gateway address unreachable; trying the next one");
+            }
+            other => return other.map(|c| (addr, c)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,5 +169,6 @@ mod tests {
             alpn_for(UpstreamProtocol::Http1),
             vec![b"istio-http/1.1".to_vec(), b"istio".to_vec(), b"http/1.1".to_vec()]
         );
+        assert_eq!(alpn_for(UpstreamProtocol::Tcp), vec![b"istio".to_vec()]);
     }
 }

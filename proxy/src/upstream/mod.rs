@@ -62,23 +62,28 @@ pub struct PoolKey {
 }
 
 impl PoolKey {
-    pub fn new(snapshot: &Snapshot, service: &Service) -> PoolKey {
+    /// The pool of `service` for the tenants presenting identity number `identity`.
+    pub fn new(snapshot: &Snapshot, service: &Service, identity: usize) -> PoolKey {
         PoolKey {
             service: service.name.clone(),
             sni: service.sni.clone(),
             protocol: service.protocol,
             expected_server: service.expected_server.clone(),
-            identity: snapshot.identity.fingerprint,
+            identity: snapshot.identity_at(identity).fingerprint,
             gateway: snapshot.gateway.clone(),
             settings: snapshot.upstream.clone(),
         }
     }
 }
 
-/// The upstream side of one config snapshot: a gateway resolver and a pool per service.
+/// The upstream side of one config snapshot: a gateway resolver and a pool per service and
+/// client identity. Connections are never shared across identities: a connection's mTLS
+/// handshake fixes the principal the mesh sees for every request on it.
 pub struct Upstream {
     pub gateway: Arc<Gateway>,
+    /// Indexed by `identity * services + service.id`.
     pools: Vec<Arc<Pool>>,
+    services: usize,
 }
 
 impl Upstream {
@@ -91,22 +96,34 @@ impl Upstream {
         metrics: Arc<Metrics>,
         previous: Option<&Upstream>,
     ) -> Upstream {
-        let pools = snapshot
-            .services
-            .iter()
-            .map(|s| {
-                let key = PoolKey::new(snapshot, s);
+        let pools = (0..snapshot.identity_count())
+            .flat_map(|i| snapshot.services.iter().map(move |s| (i, s)))
+            .map(|(i, s)| {
+                let key = PoolKey::new(snapshot, s, i);
                 previous
                     .and_then(|p| p.pools.iter().find(|pool| *pool.key() == key))
                     .cloned()
-                    .unwrap_or_else(|| Pool::new(key, s.clone(), &snapshot.identity, gateway.clone(), metrics.clone()))
+                    .unwrap_or_else(|| {
+                        Pool::new(
+                            key,
+                            s.clone(),
+                            snapshot.identity_at(i),
+                            gateway.clone(),
+                            metrics.clone(),
+                        )
+                    })
             })
             .collect();
-        Upstream { gateway, pools }
+        Upstream {
+            gateway,
+            pools,
+            services: snapshot.services.len(),
+        }
     }
 
-    pub fn pool(&self, service: &Service) -> &Arc<Pool> {
-        &self.pools[service.id]
+    /// The pool for `service` as seen by tenants presenting identity number `identity`.
+    pub fn pool(&self, identity: usize, service: &Service) -> &Arc<Pool> {
+        &self.pools[identity * self.services + service.id]
     }
 
     pub fn pools(&self) -> &[Arc<Pool>] {

@@ -39,7 +39,7 @@ use rand::Rng;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::connect::{connect, TlsParams};
+use super::connect::{connect_via, TlsParams};
 use super::{Gateway, RequestBody, UpstreamError};
 use crate::config::{Service, UpstreamProtocol, UpstreamSettings};
 use crate::identity::Identity;
@@ -290,7 +290,8 @@ impl Pool {
                     }
                 })
             }
-            UpstreamProtocol::Http1 => {
+            // TCP services never take HTTP leases (they are not routed); if one did, HTTP/1.1.
+            UpstreamProtocol::Http1 | UpstreamProtocol::Tcp => {
                 if let Some(mut c) = st.h1_idle.pop() {
                     let reused = c.requests > 0;
                     c.requests += 1;
@@ -391,31 +392,7 @@ impl Pool {
 
     async fn dial(&self) -> Result<Dialed, UpstreamError> {
         let s = &self.settings;
-        // A gateway address that refuses or does not answer is skipped for the next one (and
-        // counted towards its ejection), so one dead LB node costs a retry, not a failed request.
-        let tries = self.gateway.addrs().len().clamp(1, 4);
-        let mut attempt = 0;
-        let (addr, conn) = loop {
-            attempt += 1;
-            let addr = self
-                .gateway
-                .pick()
-                .ok_or_else(|| UpstreamError::Unresolved(self.gateway.target().to_string()))?;
-            let connected = connect(addr, &self.tls, s.connect_timeout, s.handshake_timeout).await;
-            // Only failures to reach the address count against it; a TLS or identity failure is
-            // the pod's or the config's, and another gateway address would not help.
-            let unreachable = matches!(
-                connected,
-                Err(UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. })
-            );
-            self.gateway.record(addr, !unreachable);
-            match connected {
-                Err(e) if unreachable && attempt < tries => {
-                    tracing::debug!(service = %self.service.name, error = %e, "gateway address unreachable; trying the next one");
-                }
-                other => break (addr, other?),
-            }
-        };
+        let (addr, conn) = connect_via(&self.gateway, &self.tls, s, &self.service.name).await?;
         let want = self.service.protocol;
         let speaks_h2 = match conn.alpn.as_deref() {
             Some(b"h2") => true,
@@ -535,6 +512,7 @@ fn protocol_name(p: UpstreamProtocol) -> &'static str {
     match p {
         UpstreamProtocol::Http2 => "http2",
         UpstreamProtocol::Http1 => "http1",
+        UpstreamProtocol::Tcp => "tcp",
     }
 }
 

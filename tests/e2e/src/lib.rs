@@ -100,7 +100,11 @@ pub struct EnvBuilder {
     extra: String,
     /// Extra keys for the `vm` listener (indented by four spaces).
     listener_extra: String,
+    /// Writes more files (tenant identities) into the config directory once the mesh CA exists.
+    files: Option<FilesFn>,
 }
+
+type FilesFn = Box<dyn FnOnce(&meshsim::MeshCa, &std::path::Path) -> anyhow::Result<()>>;
 
 impl Default for EnvBuilder {
     fn default() -> Self {
@@ -113,11 +117,24 @@ impl Default for EnvBuilder {
             gateway_also: Vec::new(),
             extra: String::new(),
             listener_extra: String::new(),
+            files: None,
         }
     }
 }
 
 impl EnvBuilder {
+    /// Writes extra files into the config's directory (relative paths in the YAML find them).
+    pub fn files(mut self, f: impl FnOnce(&meshsim::MeshCa, &std::path::Path) -> anyhow::Result<()> + 'static) -> Self {
+        self.files = Some(Box::new(f));
+        self
+    }
+
+    /// Adds a listener after `vm` (YAML of one list item: `  - name: …`).
+    pub fn listener(mut self, yaml: &str) -> Self {
+        self.listener_extra.push_str(yaml);
+        self
+    }
+
     pub fn mesh(mut self, spec: MeshSpec) -> Self {
         self.spec = spec;
         self
@@ -175,6 +192,9 @@ impl EnvBuilder {
         std::fs::write(dir.path().join("cert-chain.pem"), chain)?;
         std::fs::write(dir.path().join("key.pem"), key)?;
         std::fs::write(dir.path().join("root-cert.pem"), root)?;
+        if let Some(f) = self.files {
+            f(mesh.ca(), dir.path())?;
+        }
         let config = format!(
             "listeners:\n  - name: vm\n    bind: 127.0.0.1:0\n    protocol: http\n{lx}mesh:\n  trust_domain: {TD}\n  gateway: {gw}\n  identity:\n    cert_chain: cert-chain.pem\n    key: key.pem\n    root_cert: root-cert.pem\n{body}{up}{extra}",
             gw = self.gateway.unwrap_or_else(|| {
