@@ -25,6 +25,8 @@ use crate::metrics::Metrics;
 use crate::policy::keys::presented_key;
 use crate::policy::limits::{Slot, TenantState};
 use crate::policy::Deny;
+use crate::route::RouteError;
+use crate::upstream::connect::{connect_via, TlsParams};
 use crate::upstream::{BoxError, Lease, RequestBody, Upstream, UpstreamError};
 
 /// One config generation: what requests share. A reload swaps the whole value.
@@ -456,7 +458,12 @@ pub async fn handle(
         forward(&proxy, &conn, req, request_id, &mut log).await
     };
     let mut resp = match result {
-        Ok((resp, lease)) => {
+        Ok(Forwarded::Tunnel) => {
+            // hyper sends no body with a 2xx to CONNECT and hands the connection to the tunnel.
+            log.status = 200;
+            Response::new(ResponseBody::local(Bytes::new()))
+        }
+        Ok(Forwarded::Upstream(resp, lease)) => {
             log.reused = Some(lease.reused);
             if let Some(service) = &log.service {
                 proxy.metrics.record_upstream_request(service, lease.reused);
@@ -497,10 +504,10 @@ async fn forward(
     req: Request<Incoming>,
     request_id: HeaderValue,
     log: &mut AccessLog,
-) -> Result<(Response<Incoming>, Lease), ProxyError> {
+) -> Result<Forwarded, ProxyError> {
     let snap = &proxy.snapshot;
     if req.method() == Method::CONNECT {
-        return Err(ProxyError::Malformed("CONNECT is not supported on this listener"));
+        return tunnel(proxy, conn, req, log).await.map(|()| Forwarded::Tunnel);
     }
     let authority = authority_of(&req)?;
     log.authority = authority.chars().take(255).collect();
@@ -634,7 +641,90 @@ async fn forward(
     strip_hop_by_hop(h);
     h.remove(&MESH_ONLY[1]);
     h.remove(&MESH_ONLY[2]);
-    Ok((resp, lease))
+    Ok(Forwarded::Upstream(resp, lease))
+}
+
+/// What became of a request that was not refused.
+// The large variant is the common one: boxing it would add an allocation to every request.
+#[allow(clippy::large_enum_variant)]
+enum Forwarded {
+    Upstream(Response<Incoming>, Lease),
+    /// A CONNECT tunnel is set up; it runs once the client's connection is upgraded.
+    Tunnel,
+}
+
+/// A tunnel's idle limit: Envoy's `tcp_proxy` default, as for TCP listeners.
+const TUNNEL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// `CONNECT host:port` (an `HTTPS_PROXY` client, a database tool through a proxy): the same
+/// tenant rules as any request, then an opaque mTLS connection to that mesh service. Only
+/// configured services are reachable (never an open proxy); the upstream connection is made
+/// before answering, so failures are proper 502/503s rather than a dead tunnel.
+async fn tunnel(
+    proxy: &Proxy,
+    conn: &ConnInfo,
+    mut req: Request<Incoming>,
+    log: &mut AccessLog,
+) -> Result<(), ProxyError> {
+    let snap = &proxy.snapshot;
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .ok_or(ProxyError::Malformed("CONNECT needs a host:port target"))?;
+    log.authority = authority.chars().take(255).collect();
+    let (host, port) = crate::route::split_authority(&authority)?;
+    let port = port.ok_or(ProxyError::Malformed("CONNECT target needs a port"))?;
+    let key = presented_key(req.headers(), &snap.api_key_header)?;
+    let tenant_id = snap
+        .tenants
+        .authorize(conn.client.ip(), key.as_ref().map(|k| &k.0), conn.vpce.as_deref())?;
+    let tenant = snap.tenants.get(tenant_id);
+    log.tenant = Some(tenant.name.clone());
+    // HTTP services by their routes; TCP services (never HTTP-routed) by host or alias and port.
+    let service_id = match snap.routes.resolve(&authority) {
+        Ok(id) => id,
+        Err(RouteError::UnknownHost) => snap
+            .services
+            .iter()
+            .find(|s| {
+                s.protocol == UpstreamProtocol::Tcp && s.port == port && (s.host == host || s.aliases.contains(&host))
+            })
+            .map(|s| s.id)
+            .ok_or(RouteError::UnknownHost)?,
+        Err(e) => return Err(e.into()),
+    };
+    let service = &snap.services[service_id];
+    log.service = Some(service.name.clone());
+    if !snap.tenants.allows(tenant_id, service_id) {
+        return Err(Deny::ServiceNotAllowed.into());
+    }
+    if let Some(rl) = &tenant.rate_limit {
+        proxy.tenant_state[tenant_id]
+            .take_token(rl, std::time::Instant::now())
+            .map_err(|wait| ProxyError::RateLimited {
+                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+            })?;
+    }
+    let tls = TlsParams::opaque(snap.identity_at(tenant.identity), service);
+    let (_, upstream) = connect_via(&proxy.upstream.gateway, &tls, &snap.upstream, &service.name).await?;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let metrics = proxy.metrics.clone();
+    let name = service.name.clone();
+    let client = conn.client;
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let io = hyper_util::rt::TokioIo::new(upgraded);
+                let (result, sent, received) =
+                    crate::listener::tcp::splice(io, upstream.stream, TUNNEL_IDLE_TIMEOUT).await;
+                crate::listener::tcp::count_bytes_to(&metrics, &name, sent, received);
+                tracing::debug!(service = %name, %client, result, sent, received, "CONNECT tunnel closed");
+            }
+            Err(e) => tracing::debug!(service = %name, %client, error = %e, "CONNECT upgrade failed"),
+        }
+    });
+    Ok(())
 }
 
 #[cfg(test)]

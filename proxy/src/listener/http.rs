@@ -141,7 +141,8 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, app: Arc<App>, mut clo
                     // The watcher must see the bytes read along with the PROXY header too.
                     let stream = proxy_protocol::Prefixed::new(prefix, stream);
                     let io = TokioIo::new(framing::Watched::new(stream, scanner, info.framing.clone()));
-                    let conn = builder.serve_connection(io, svc).into_owned();
+                    // With upgrades: CONNECT tunnels take the connection over after their 200.
+                    let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
                     tokio::pin!(conn);
                     let asked = async {
                         let (spread, deadline) = closing(&mut close).await;

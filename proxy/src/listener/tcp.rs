@@ -175,32 +175,52 @@ async fn handle(app: &App, name: &str, cfg: Option<crate::config::Listener>, mut
             return;
         }
     };
+    let (result, sent, received) = splice(Prefixed::new(prefix, stream), upstream, idle).await;
+    log.result = result;
+    log.sent = sent;
+    log.received = received;
+    count_bytes(app, &service.name, sent, received);
+}
+
+/// Adds a connection's bytes to `meshgate_bytes_total` (upstream = towards the mesh).
+pub(crate) fn count_bytes(app: &App, service: &str, sent: u64, received: u64) {
+    count_bytes_to(&app.metrics, service, sent, received);
+}
+
+pub(crate) fn count_bytes_to(metrics: &crate::metrics::Metrics, service: &str, sent: u64, received: u64) {
+    for (direction, n) in [("upstream", sent), ("downstream", received)] {
+        metrics
+            .bytes
+            .get_or_create(&BytesLabels {
+                service: service.to_string(),
+                direction: direction.into(),
+            })
+            .inc_by(n);
+    }
+}
+
+/// Copies bytes both ways, passing each side's EOF on as a half-close, until both directions
+/// are done or nothing has moved for `idle`. Returns how it ended and the bytes sent to the
+/// upstream and to the client.
+pub(crate) async fn splice<C, U>(client: C, upstream: U, idle: Duration) -> (&'static str, u64, u64)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
     let activity = Arc::new(Activity::new());
-    let mut down = Counted::new(Prefixed::new(prefix, stream), activity.clone());
+    let mut down = Counted::new(client, activity.clone());
     let mut up = Counted::new(upstream, activity.clone());
-    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
     let result = tokio::select! {
-        r = copy => match r {
+        r = tokio::io::copy_bidirectional(&mut down, &mut up) => match r {
             Ok(_) => "closed",
             Err(e) => {
-                tracing::debug!(listener = %name, %client, error = %e, "TCP connection ended with error");
+                tracing::debug!(error = %e, "TCP stream ended with error");
                 "error"
             }
         },
         _ = activity.idle_for(idle) => "idle_timeout",
     };
-    log.result = result;
-    log.sent = up.written;
-    log.received = down.written;
-    for (direction, n) in [("upstream", up.written), ("downstream", down.written)] {
-        app.metrics
-            .bytes
-            .get_or_create(&BytesLabels {
-                service: service.name.clone(),
-                direction: direction.into(),
-            })
-            .inc_by(n);
-    }
+    (result, up.written, down.written)
 }
 
 /// One access-log line per TCP connection, whatever way it ended.

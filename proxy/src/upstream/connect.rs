@@ -37,6 +37,16 @@ pub struct TlsParams {
 }
 
 impl TlsParams {
+    /// For a byte tunnel to `service` (CONNECT): ALPN `istio` alone, whatever the service's
+    /// own protocol, because the bytes are the client's, not ours to frame.
+    pub fn opaque(identity: &Identity, service: &Service) -> TlsParams {
+        let mut p = TlsParams::new(identity, service);
+        let mut config = (*p.config).clone();
+        config.alpn_protocols = alpn_for(UpstreamProtocol::Tcp);
+        p.config = Arc::new(config);
+        p
+    }
+
     pub fn new(identity: &Identity, service: &Service) -> TlsParams {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verifier = SpiffeServerVerifier::new(

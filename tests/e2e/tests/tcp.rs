@@ -137,3 +137,120 @@ async fn idle_connections_are_closed() {
     assert!(closed.is_ok(), "idle TCP connection held open");
     assert!(rest.is_empty());
 }
+
+/// Sends `CONNECT target` (plus `extra` header lines) and returns the response head and the
+/// stream, positioned after it.
+async fn connect_via_proxy(env: &Env, src: &str, target: &str, extra: &str) -> (String, tokio::net::TcpStream) {
+    let mut s = connect_from(env.addr(), src.parse().unwrap()).await.unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{extra}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(CLIENT_TIMEOUT, s.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n == 1, "connection closed before the response head ended: {head:?}");
+        head.push(b[0]);
+    }
+    (String::from_utf8(head).unwrap(), s)
+}
+
+#[tokio::test]
+async fn connect_opens_a_tunnel_to_a_tcp_service_and_to_an_http_service() {
+    let env = env("").await;
+    // A TCP service: bytes echoed, half-close passed on.
+    let (head, s) = connect_via_proxy(&env, BILLING_IP, "db.data.svc.cluster.local:5432", "").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+    let (mut rd, mut wr) = s.into_split();
+    let p2 = payload.clone();
+    let w = tokio::spawn(async move {
+        wr.write_all(&p2).await.unwrap();
+        wr.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    tokio::time::timeout(CLIENT_TIMEOUT, rd.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    w.await.unwrap();
+    assert_eq!(back, payload);
+
+    // An HTTP service through a tunnel (a client that always tunnels, like many HTTPS_PROXY
+    // users): the sidecar sees meshgate's identity and answers the client's own HTTP/1.1.
+    let key = format!("Proxy-Authorization: Bearer {LAPTOP_KEY}\r\n");
+    let target = format!("{}:9080", host("details"));
+    let (head, mut s) = connect_via_proxy(&env, STRANGER_IP, &target, &key).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s.write_all(
+        format!(
+            "GET /inside HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            host("details")
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut resp = Vec::new();
+    tokio::time::timeout(CLIENT_TIMEOUT, s.read_to_end(&mut resp))
+        .await
+        .unwrap()
+        .unwrap();
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("\"path\":\"/inside\""), "{resp}");
+    assert!(
+        resp.contains("spiffe://cluster.local/ns/meshgate/sa/meshgate"),
+        "{resp}"
+    );
+}
+
+#[tokio::test]
+async fn connect_is_never_an_open_proxy() {
+    let env = env("").await;
+    let cases = [
+        (BILLING_IP, "example.com:443", "404", "unknown host"),
+        (BILLING_IP, "127.0.0.1:22", "404", "unknown host"),
+        (BILLING_IP, "db.data.svc.cluster.local:5433", "404", "unknown host"),
+        (BILLING_IP, "db.data.svc.cluster.local", "400", "malformed"),
+        (
+            STRANGER_IP,
+            "db.data.svc.cluster.local:5432",
+            "403",
+            "client address is not in any tenant",
+        ),
+        (
+            "127.40.0.5",
+            "db.data.svc.cluster.local:5432",
+            "403",
+            "service not allowed",
+        ),
+    ];
+    for (src, target, status, why) in cases {
+        let (head, mut s) = connect_via_proxy(&env, src, target, "").await;
+        assert!(head.starts_with(&format!("HTTP/1.1 {status}")), "{target}: {head}");
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or_else(|| panic!("no content-length: {head}"));
+        let mut body = vec![0u8; len];
+        tokio::time::timeout(CLIENT_TIMEOUT, s.read_exact(&mut body))
+            .await
+            .unwrap()
+            .unwrap();
+        let body = String::from_utf8_lossy(&body);
+        assert!(body.contains(why), "{target}: {body}");
+    }
+    assert_eq!(
+        env.mesh.stats().pods["db-a"].tcp_connections,
+        0,
+        "nothing reached the mesh"
+    );
+}
