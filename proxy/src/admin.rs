@@ -1,7 +1,8 @@
 //! The admin server (axum), on its own bind, never on a VM-facing listener:
 //! `GET /healthz`, `GET /readyz`, `GET /metrics`, `GET /config`, `GET /pool`,
-//! `POST /reload`, `POST /drain`, `POST /explain`. The POSTs require `Authorization: Bearer <token>`
-//! when `admin.token_file` is set.
+//! `POST /reload`, `POST /drain`, `POST /explain`. The POSTs require `Authorization: Bearer
+//! <token>` when `admin.token_file` is set. Connections from a listener's `trusted_proxies` may
+//! start with a PROXY header (load balancer health checks).
 
 use std::sync::Arc;
 
@@ -29,9 +30,49 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
         .route("/reload", post(reload))
         .route("/drain", post(drain))
         .route("/explain", post(explain))
-        .with_state(app);
+        .with_state(app.clone());
+    let listener = AdminListener { inner: listener, app };
     if let Err(e) = axum::serve(listener, router).await {
         tracing::error!(error = %e, "admin server stopped");
+    }
+}
+
+/// The admin socket. A load balancer that sends PROXY protocol v2 to the proxy listeners (AWS
+/// NLB with proxy protocol on) sends it on its health checks too, including to another port:
+/// so connections from the listeners' `trusted_proxies` may start with a PROXY header, which is
+/// read and dropped (optional, never required: Prometheus and operators connect without one).
+struct AdminListener {
+    inner: TcpListener,
+    app: Arc<App>,
+}
+
+impl axum::serve::Listener for AdminListener {
+    type Io = crate::listener::proxy_protocol::Prefixed<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use crate::listener::proxy_protocol::{read_header, Mode, Prefixed, HEADER_TIMEOUT};
+        loop {
+            let (mut stream, peer) = axum::serve::Listener::accept(&mut self.inner).await;
+            let proxy = self.app.proxy();
+            let ip = peer.ip().to_canonical();
+            let trusted = proxy
+                .snapshot
+                .listeners
+                .iter()
+                .any(|l| l.proxy_protocol != Mode::Off && l.trusted_proxies.iter().any(|n| n.contains(&ip)));
+            if !trusted {
+                return (Prefixed::new(bytes::Bytes::new(), stream), peer);
+            }
+            match read_header(&mut stream, false, HEADER_TIMEOUT).await {
+                Ok((_, rest)) => return (Prefixed::new(rest, stream), peer),
+                Err(e) => tracing::warn!(%peer, error = %e, "admin: PROXY header rejected; closing"),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
     }
 }
 

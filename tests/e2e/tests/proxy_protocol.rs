@@ -141,3 +141,52 @@ async fn vpce_tlv_selects_the_privatelink_tenant() {
     let (status, _) = get_with_prefix(&env, LB, &other, &host("details")).await.unwrap();
     assert_eq!(status, 403);
 }
+
+#[tokio::test]
+async fn lb_health_checks_with_a_proxy_header_reach_the_admin_readyz() {
+    // An NLB with proxy protocol v2 puts a header on its health checks too, even to the admin
+    // port: /readyz must answer them, and still answer Prometheus or an operator without one.
+    let listeners = format!("    proxy_protocol: required\n    trusted_proxies: [{LB}/32]\n");
+    let env = EnvBuilder::default()
+        .listener_extra(&listeners)
+        .admin()
+        .start()
+        .await
+        .unwrap();
+    let admin = env.admin_addr();
+    for (src, prefix) in [
+        (LB, encode_v2(None, admin, None)),
+        (LB, encode_v2(Some("127.20.0.5:40000".parse().unwrap()), admin, None)),
+        (LB, Vec::new()),
+        ("127.0.0.1", Vec::new()),
+    ] {
+        let mut s = connect_from(admin, src.parse().unwrap()).await.unwrap();
+        s.write_all(&prefix).await.unwrap();
+        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(CLIENT_TIMEOUT, s.read_to_end(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        let out = String::from_utf8_lossy(&out);
+        assert!(
+            out.starts_with("HTTP/1.1 200"),
+            "{src} with {} header bytes: {out}",
+            prefix.len()
+        );
+        assert!(out.ends_with("ready\n"), "{out}");
+    }
+    // A peer outside trusted_proxies sending a header gets no special treatment: it is not HTTP.
+    let mut s = connect_from(admin, "127.0.0.1".parse().unwrap()).await.unwrap();
+    s.write_all(&encode_v2(None, admin, None)).await.unwrap();
+    s.write_all(b"GET /readyz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(CLIENT_TIMEOUT, s.read_to_end(&mut out))
+        .await
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+}
