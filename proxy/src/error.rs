@@ -55,6 +55,27 @@ impl ProxyError {
         }
     }
 
+    /// The gRPC status code for a refusal of a gRPC request (the codes Envoy and grpc-go use
+    /// for the same HTTP statuses, finer where the reason says more).
+    pub fn grpc_status(&self) -> u32 {
+        const INVALID_ARGUMENT: u32 = 3;
+        const DEADLINE_EXCEEDED: u32 = 4;
+        const PERMISSION_DENIED: u32 = 7;
+        const RESOURCE_EXHAUSTED: u32 = 8;
+        const UNIMPLEMENTED: u32 = 12;
+        const UNAVAILABLE: u32 = 14;
+        const UNAUTHENTICATED: u32 = 16;
+        match self.status() {
+            StatusCode::BAD_REQUEST => INVALID_ARGUMENT,
+            StatusCode::UNAUTHORIZED => UNAUTHENTICATED,
+            StatusCode::FORBIDDEN => PERMISSION_DENIED,
+            StatusCode::NOT_FOUND => UNIMPLEMENTED,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::PAYLOAD_TOO_LARGE => RESOURCE_EXHAUSTED,
+            StatusCode::GATEWAY_TIMEOUT => DEADLINE_EXCEEDED,
+            _ => UNAVAILABLE,
+        }
+    }
+
     /// The metric and access-log label.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -123,6 +144,15 @@ mod tests {
                 "upstream_timeout",
             ),
         ];
+        assert_eq!(ProxyError::Policy(Deny::UnknownClient).grpc_status(), 7);
+        assert_eq!(ProxyError::Policy(Deny::BadKey).grpc_status(), 16);
+        assert_eq!(ProxyError::Route(RouteError::UnknownHost).grpc_status(), 12);
+        assert_eq!(ProxyError::RateLimited { retry_after_secs: 1 }.grpc_status(), 8);
+        assert_eq!(
+            ProxyError::Upstream(UpstreamError::RequestTimeout(std::time::Duration::from_secs(1))).grpc_status(),
+            4
+        );
+        assert_eq!(ProxyError::Upstream(UpstreamError::Overloaded).grpc_status(), 14);
         for (e, status, reason) in cases {
             assert_eq!(e.status().as_u16(), status, "{e}");
             assert_eq!(e.reason(), reason);

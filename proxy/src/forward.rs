@@ -422,6 +422,7 @@ pub async fn handle(
     proxy.metrics.requests_in_flight.inc();
     conn.requests.fetch_add(1, Ordering::Relaxed);
     let h1 = req.version() < Version::HTTP_2;
+    let grpc = is_grpc(req.headers());
     let ambiguous = h1 && conn.framing.next_is_ambiguous();
     if !h1 {
         conn.is_h2.store(true, Ordering::Relaxed);
@@ -485,7 +486,11 @@ pub async fn handle(
             if e.status().is_server_error() {
                 tracing::warn!(service = log.service.as_deref().unwrap_or("-"), error = %e, "upstream request failed");
             }
-            local_response(&e)
+            if grpc {
+                grpc_local_response(&e)
+            } else {
+                local_response(&e)
+            }
         }
     };
     resp.body_mut().log = Some(log);
@@ -606,10 +611,12 @@ async fn forward(
             parts.headers.clone(),
         )
     });
+    // A gRPC client's deadline bounds our wait too (it is forwarded as well, for the server).
+    let timeout =
+        grpc_timeout(&parts.headers).map_or(snap.upstream.request_timeout, |d| d.min(snap.upstream.request_timeout));
     let upstream_req = Request::from_parts(parts, body);
 
     let pool = proxy.upstream.pool(identity, service);
-    let timeout = snap.upstream.request_timeout;
     // One deadline for the request and its retry.
     let attempt = async {
         match pool.send(upstream_req).await {
@@ -642,6 +649,62 @@ async fn forward(
     h.remove(&MESH_ONLY[1]);
     h.remove(&MESH_ONLY[2]);
     Ok(Forwarded::Upstream(resp, lease))
+}
+
+/// `grpc-timeout` (gRPC over HTTP/2: at most 8 digits and a unit H, M, S, m, u or n).
+fn grpc_timeout(h: &HeaderMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let v = h.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// A refusal as a gRPC client understands it: HTTP 200, no body, and the status in
+/// `grpc-status` / `grpc-message` (a "trailers-only" response).
+fn grpc_local_response(e: &ProxyError) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::local(Bytes::new()));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from(e.grpc_status()));
+    let msg = format!("meshgate: {e}");
+    h.insert(
+        "grpc-message",
+        HeaderValue::from_str(&percent_encode(&msg)).unwrap_or(HeaderValue::from_static("meshgate")),
+    );
+    if let ProxyError::RateLimited { retry_after_secs } = e {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+    }
+    resp
+}
+
+/// `grpc-message` is percent-encoded: everything outside printable ASCII, and `%` itself.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// What became of a request that was not refused.
@@ -754,6 +817,26 @@ mod tests {
         h.insert(header::TE, "trailers, gzip".parse().unwrap());
         strip_hop_by_hop(&mut h);
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
+    }
+
+    #[test]
+    fn grpc_timeouts_and_messages() {
+        let t = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-timeout", HeaderValue::from_str(v).unwrap());
+            grpc_timeout(&h)
+        };
+        use std::time::Duration;
+        assert_eq!(t("300m"), Some(Duration::from_millis(300)));
+        assert_eq!(t("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(t("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(t("1M"), Some(Duration::from_secs(60)));
+        assert_eq!(t("10u"), Some(Duration::from_micros(10)));
+        assert_eq!(t("10n"), Some(Duration::from_nanos(10)));
+        for bad in ["", "m", "5", "5s", "123456789S", "-1S", "1.5S"] {
+            assert_eq!(t(bad), None, "{bad:?}");
+        }
+        assert_eq!(percent_encode("a b%c\u{e9}\n"), "a b%25c%C3%A9%0A");
     }
 
     #[test]

@@ -35,7 +35,7 @@ const MAX_PATTERN_BYTES: u64 = 4 * 1024 * 1024 * 1024;
 const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The response body type of the echo app (and of the sidecar's own replies).
-pub type EchoBody = Either<Full<Bytes>, PatternBody>;
+pub type EchoBody = Either<Full<Bytes>, Either<PatternBody, GrpcEcho>>;
 
 /// The fault the `reset` knobs inject. hyper answers a service or body error with RST_STREAM
 /// (INTERNAL_ERROR) on HTTP/2 and by closing the connection on HTTP/1.1.
@@ -210,6 +210,13 @@ pub(crate) async fn serve(
     req: Request<Incoming>,
 ) -> Result<Response<EchoBody>, EchoReset> {
     pod.counters.app_requests.inc();
+    let grpc = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc {
+        return Ok(grpc_echo(pod, conn, req).await);
+    }
     let (parts, mut body) = req.into_parts();
 
     // Read the whole request body, hashing as it streams.
@@ -265,7 +272,7 @@ pub(crate) async fn serve(
         if let Some(at) = knobs.reset_after {
             body = body.reset_at(at);
         }
-        let mut resp = Response::new(Either::Right(body));
+        let mut resp = Response::new(Either::Right(Either::Left(body)));
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         h.insert("x-body-sha256", hv(&pattern_sha256(n)));
@@ -377,5 +384,78 @@ mod tests {
         assert_eq!(n, 70_000);
         // A reset point at or past the end is no reset.
         assert!(PatternBody::new(10).reset_at(10).reset_at.is_none());
+    }
+}
+
+/// The gRPC echo service: every request message comes back as it arrives (length-prefixed
+/// frames are echoed byte for byte, so unary, client, server and bidirectional streaming all
+/// work), then trailers `grpc-status: 0` and `x-echo-pod`. Metadata `echo-delay-ms: N` delays
+/// the response headers (deadline tests); `echo-status: N` ends with that grpc-status instead.
+pub(crate) async fn grpc_echo(pod: &PodInfo, conn: &ConnInfo, req: Request<Incoming>) -> Response<EchoBody> {
+    let (parts, body) = req.into_parts();
+    let num = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    if let Some(ms) = num("echo-delay-ms") {
+        tokio::time::sleep(Duration::from_millis(ms.min(30_000))).await;
+    }
+    let status = num("echo-status").unwrap_or(0);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from(status));
+    if status != 0 {
+        trailers.insert("grpc-message", HeaderValue::from_static("echo-status%20requested"));
+    }
+    trailers.insert(
+        "x-echo-pod",
+        HeaderValue::from_str(&pod.name).unwrap_or(HeaderValue::from_static("-")),
+    );
+    if let Some(p) = conn.peer.uris.first() {
+        if let Ok(v) = HeaderValue::from_str(p) {
+            trailers.insert("x-echo-peer", v);
+        }
+    }
+    let mut resp = Response::new(Either::Right(Either::Right(GrpcEcho {
+        body,
+        trailers: Some(trailers),
+    })));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    resp
+}
+
+/// Streams the request body back, then the trailers.
+#[derive(Debug)]
+pub struct GrpcEcho {
+    body: Incoming,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl Body for GrpcEcho {
+    type Data = Bytes;
+    type Error = EchoReset;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, EchoReset>>> {
+        loop {
+            if self.trailers.is_none() {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(f))) => match f.into_data() {
+                    Ok(d) => return Poll::Ready(Some(Ok(Frame::data(d)))),
+                    // Request trailers (rare in gRPC) are not echoed.
+                    Err(_) => continue,
+                },
+                Poll::Ready(Some(Err(_))) => return Poll::Ready(Some(Err(EchoReset))),
+                Poll::Ready(None) => {
+                    let t = self.trailers.take().expect("checked above");
+                    return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                }
+            }
+        }
     }
 }
