@@ -459,6 +459,18 @@ pub async fn handle(
         forward(&proxy, &conn, req, request_id, &mut log).await
     };
     let mut resp = match result {
+        Ok(Forwarded::Upgraded(resp)) => {
+            log.status = resp.status().as_u16();
+            let (parts, body) = resp.into_parts();
+            Response::from_parts(
+                parts,
+                ResponseBody {
+                    inner: Inner::Upstream(body),
+                    lease: None,
+                    log: None,
+                },
+            )
+        }
         Ok(Forwarded::Tunnel) => {
             // hyper sends no body with a 2xx to CONNECT and hands the connection to the tunnel.
             log.status = 200;
@@ -547,9 +559,23 @@ async fn forward(
         }
     }
 
+    // HTTP/1.1 Upgrade (WebSocket): needs an HTTP/1.1 service and a connection of its own.
+    let mut req = req;
+    let upgrade = requested_upgrade(&req);
+    if upgrade.is_some() && service.protocol != UpstreamProtocol::Http1 {
+        return Err(ProxyError::Malformed(
+            "Upgrade (WebSocket) needs an http1 service; HTTP/2 extended CONNECT is not supported yet",
+        ));
+    }
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+
     let (mut parts, body) = req.into_parts();
     let h = &mut parts.headers;
     strip_hop_by_hop(h);
+    if let Some(protocol) = &upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, protocol.clone());
+    }
     h.remove(&snap.api_key_header);
     for n in &MESH_ONLY {
         h.remove(n);
@@ -615,6 +641,9 @@ async fn forward(
     let timeout =
         grpc_timeout(&parts.headers).map_or(snap.upstream.request_timeout, |d| d.min(snap.upstream.request_timeout));
     let upstream_req = Request::from_parts(parts, body);
+    if let Some(client_upgrade) = client_upgrade {
+        return upgraded(proxy, service, identity, upstream_req, client_upgrade, timeout).await;
+    }
 
     let pool = proxy.upstream.pool(identity, service);
     // One deadline for the request and its retry.
@@ -649,6 +678,71 @@ async fn forward(
     h.remove(&MESH_ONLY[1]);
     h.remove(&MESH_ONLY[2]);
     Ok(Forwarded::Upstream(resp, lease))
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` + `Upgrade: X`).
+fn requested_upgrade(req: &Request<Incoming>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let asks = req.headers().get_all(header::CONNECTION).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+    });
+    asks.then(|| req.headers().get(header::UPGRADE).cloned()).flatten()
+}
+
+/// An Upgrade request (WebSocket) goes on an upstream HTTP/1.1 connection of its own: after a
+/// `101` that connection carries the new protocol and can never return to the pool. Both sides
+/// are then spliced as bytes, like a CONNECT tunnel.
+async fn upgraded(
+    proxy: &Proxy,
+    service: &crate::config::Service,
+    identity: usize,
+    req: Request<RequestBody>,
+    client_upgrade: hyper::upgrade::OnUpgrade,
+    timeout: std::time::Duration,
+) -> Result<Forwarded, ProxyError> {
+    let snap = &proxy.snapshot;
+    let tls = TlsParams::new(snap.identity_at(identity), service);
+    let (_, c) = connect_via(&proxy.upstream.gateway, &tls, &snap.upstream, &service.name).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(c.stream))
+        .await
+        .map_err(|e| UpstreamError::Http(e.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upgraded upstream connection ended with error");
+        }
+    });
+    let mut resp = tokio::time::timeout(timeout, sender.send_request(req))
+        .await
+        .map_err(|_| UpstreamError::RequestTimeout(timeout))?
+        .map_err(|e| UpstreamError::Http(e.to_string()))?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        let metrics = proxy.metrics.clone();
+        let name = service.name.clone();
+        tokio::spawn(async move {
+            match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                Ok((client, upstream)) => {
+                    let (result, sent, received) = crate::listener::tcp::splice(
+                        hyper_util::rt::TokioIo::new(client),
+                        hyper_util::rt::TokioIo::new(upstream),
+                        TUNNEL_IDLE_TIMEOUT,
+                    )
+                    .await;
+                    crate::listener::tcp::count_bytes_to(&metrics, &name, sent, received);
+                    tracing::debug!(service = %name, result, sent, received, "upgraded connection closed");
+                }
+                Err(e) => tracing::debug!(service = %name, error = %e, "upgrade did not complete"),
+            }
+        });
+    } else {
+        // Declined: an ordinary response on a connection nobody else will use.
+        let h = resp.headers_mut();
+        strip_hop_by_hop(h);
+    }
+    Ok(Forwarded::Upgraded(resp))
 }
 
 /// `grpc-timeout` (gRPC over HTTP/2: at most 8 digits and a unit H, M, S, m, u or n).
@@ -714,6 +808,8 @@ enum Forwarded {
     Upstream(Response<Incoming>, Lease),
     /// A CONNECT tunnel is set up; it runs once the client's connection is upgraded.
     Tunnel,
+    /// The answer to an Upgrade request, from a connection of its own (no pool lease).
+    Upgraded(Response<Incoming>),
 }
 
 /// A tunnel's idle limit: Envoy's `tcp_proxy` default, as for TCP listeners.

@@ -217,6 +217,9 @@ pub(crate) async fn serve(
     if grpc {
         return Ok(grpc_echo(pod, conn, req).await);
     }
+    if let Some(accept) = websocket_accept(&req) {
+        return Ok(websocket_echo(pod, req, accept));
+    }
     let (parts, mut body) = req.into_parts();
 
     // Read the whole request body, hashing as it streams.
@@ -456,6 +459,98 @@ impl Body for GrpcEcho {
                     return Poll::Ready(Some(Ok(Frame::trailers(t))));
                 }
             }
+        }
+    }
+}
+
+/// `Sec-WebSocket-Accept` for a WebSocket opening handshake (RFC 6455 §4.2), or None if this
+/// is not one.
+fn websocket_accept(req: &Request<Incoming>) -> Option<String> {
+    let h = req.headers();
+    let upgrade = h.get(http::header::UPGRADE)?.to_str().ok()?;
+    if !upgrade.eq_ignore_ascii_case("websocket") || req.version() != http::Version::HTTP_11 {
+        return None;
+    }
+    let key = h.get("sec-websocket-key")?.to_str().ok()?;
+    use base64::Engine as _;
+    use sha1::Digest as _;
+    let mut sha = sha1::Sha1::new();
+    sha.update(key.trim().as_bytes());
+    sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    Some(base64::engine::general_purpose::STANDARD.encode(sha.finalize()))
+}
+
+/// Answers 101 and then echoes every data frame (text or binary) back unmasked, answers pings,
+/// and ends with the client's close.
+fn websocket_echo(pod: &PodInfo, mut req: Request<Incoming>, accept: String) -> Response<EchoBody> {
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let name = pod.name.clone();
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                if let Err(e) = ws_echo_loop(hyper_util::rt::TokioIo::new(upgraded)).await {
+                    tracing::debug!(pod = %name, error = %e, "websocket ended with error");
+                }
+            }
+            Err(e) => tracing::debug!(pod = %name, error = %e, "websocket upgrade failed"),
+        }
+    });
+    let mut resp = full(StatusCode::SWITCHING_PROTOCOLS, "text/plain", Bytes::new());
+    let h = resp.headers_mut();
+    h.remove(CONTENT_TYPE);
+    h.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert("sec-websocket-accept", HeaderValue::from_str(&accept).expect("base64"));
+    resp
+}
+
+async fn ws_echo_loop<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let mut head = [0u8; 2];
+        if s.read_exact(&mut head).await.is_err() {
+            return Ok(());
+        }
+        let opcode = head[0] & 0x0f;
+        let masked = head[1] & 0x80 != 0;
+        let mut len = u64::from(head[1] & 0x7f);
+        if len == 126 {
+            len = u64::from(s.read_u16().await?);
+        } else if len == 127 {
+            len = s.read_u64().await?;
+        }
+        if len > 16 << 20 {
+            return Err(std::io::Error::other("frame too large for the echo"));
+        }
+        let mut mask = [0u8; 4];
+        if masked {
+            s.read_exact(&mut mask).await?;
+        }
+        let mut payload = vec![0u8; len as usize];
+        s.read_exact(&mut payload).await?;
+        if masked {
+            for (i, b) in payload.iter_mut().enumerate() {
+                *b ^= mask[i % 4];
+            }
+        }
+        // Server frames are never masked (RFC 6455 §5.1); a ping is answered with a pong.
+        let reply_opcode = if opcode == 0x9 { 0xA } else { opcode };
+        let mut out = vec![0x80 | reply_opcode];
+        match payload.len() {
+            n if n < 126 => out.push(n as u8),
+            n if n <= 0xffff => {
+                out.push(126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&payload);
+        s.write_all(&out).await?;
+        if opcode == 0x8 {
+            return s.shutdown().await;
         }
     }
 }

@@ -310,7 +310,9 @@ pub(crate) async fn serve_connection(pod: Arc<PodInfo>, tcp: TcpStream, peer_add
         drive(conn, |c| c.graceful_shutdown(), goaway, &activity).await
     } else {
         // No timer: hyper would then default to a 30 s head timeout that Envoy does not have.
-        let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, svc);
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, svc)
+            .with_upgrades();
         drive(conn, |c| c.graceful_shutdown(), goaway, &activity).await
     };
     if let Err(e) = result {
