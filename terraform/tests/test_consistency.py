@@ -21,7 +21,15 @@ import yaml
 import tfeval
 from conftest import MODULES, REPO, deployment, heredoc, run
 
-PROXY_V2_LOCAL = b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x20, 0x00, 0x00, 0x00])
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+# LOCAL (version 2, command 0), no address: what an NLB's health checks carry.
+PROXY_V2_LOCAL = PROXY_V2_SIGNATURE + bytes([0x20, 0x00, 0x00, 0x00])
+
+
+def proxy_v2(src: str, src_port: int, dst: str, dst_port: int) -> bytes:
+    """A PROXY v2 header, PROXY command (0x21), TCP over IPv4 (0x11)."""
+    addrs = socket.inet_aton(src) + socket.inet_aton(dst) + src_port.to_bytes(2, "big") + dst_port.to_bytes(2, "big")
+    return PROXY_V2_SIGNATURE + bytes([0x21, 0x11]) + len(addrs).to_bytes(2, "big") + addrs
 
 
 def seconds(duration: str) -> float:
@@ -70,13 +78,21 @@ def test_target_group_matches_meshgate_config(identity, pp):
     assert d.eval_in("fleet", tg["proxy_protocol_v2"]) is pp
     assert d.eval_in("fleet", tg["preserve_client_ip"]) == ("false" if pp else "true")
     if pp:
+        # The NLB's nodes (its subnets) are trusted: their PROXY headers are read on the listener
+        # and, on health checks, on the admin port.
         assert listener["proxy_protocol"] == "required"
         assert listener["trusted_proxies"] == sorted(d.subnet_cidrs.values())
-        # meshgate's admin API reads no PROXY header, so the health check goes to the listener.
-        assert (hc["protocol"], hc["port"], hc.get("path")) == ("TCP", port_of(listener["bind"]), None)
     else:
         assert listener["proxy_protocol"] == "off" and "trusted_proxies" not in listener
-        assert (hc["protocol"], hc["port"], hc["path"], hc["matcher"]) == ("HTTP", port_of(cfg["admin"]["bind"]), "/readyz", "200")
+    # Health check: /readyz on meshgate's admin port, 200 only, in both modes.
+    assert (hc["protocol"], hc["port"], hc["path"], hc["matcher"]) == ("HTTP", port_of(cfg["admin"]["bind"]), "/readyz", "200")
+    assert hc["enabled"] is True
+    # ... and the security groups let the NLB reach that port in both modes.
+    assert d.count("fleet", "aws_vpc_security_group_egress_rule", "nlb_health_check") == 1
+    assert d.count("fleet", "aws_vpc_security_group_ingress_rule", "admin_from_nlb") == 1
+    for rtype, name in (("aws_vpc_security_group_egress_rule", "nlb_health_check"), ("aws_vpc_security_group_ingress_rule", "admin_from_nlb")):
+        rule = d.resource("fleet", rtype, name)
+        assert d.eval_in("fleet", rule["from_port"]) == d.eval_in("fleet", rule["to_port"]) == hc["port"], name
 
 
 def test_systemd_waits_for_the_drain(identity):
@@ -274,8 +290,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http_get(port: int, path: str, prefix: bytes = b"", timeout: float = 2.0):
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+def http_get(port: int, path: str, prefix: bytes = b"", timeout: float = 2.0, source: str | None = None):
+    """GET over one connection to 127.0.0.1:port (from `source`, another loopback address, if
+    given), optionally after `prefix`; (status, body), status None if no response came."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0) if source else None) as s:
         s.sendall(prefix + f"GET {path} HTTP/1.1\r\nHost: health\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while True:
@@ -290,6 +308,7 @@ def http_get(port: int, path: str, prefix: bytes = b"", timeout: float = 2.0):
 
 class Meshgate:
     def __init__(self, binary, config: Path):
+        self.config = config
         self.proc = subprocess.Popen([str(binary), "run", "-c", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def stop(self):
@@ -355,33 +374,68 @@ def test_health_check_and_sigterm_drain_on_the_real_binary(running):
 
 def test_proxy_protocol_listener_with_nlb_style_peers(running):
     """With proxy_protocol_v2 the listener requires a header from trusted_proxies (here the
-    stand-in 'subnet' is loopback): the TCP health check (PROXY LOCAL, then close) is accepted, a
-    trusted peer without a header is disconnected."""
-    d, m = running(subnet_cidrs=["127.0.0.0/8", "10.10.1.0/24", "10.10.2.0/24"], proxy_protocol_v2=True)
+    stand-in 'subnets' are loopback): a PROXY LOCAL header, then close, is accepted, a request
+    after one is served, a trusted peer without a header is disconnected."""
+    d, m = running(subnet_cidrs=["127.0.0.0/24", "127.0.1.0/24", "127.0.2.0/24"], proxy_protocol_v2=True)
     hc = d.block("fleet", "aws_lb_target_group", "proxy", "health_check")
-    admin = d.inputs("fleet")["admin_port"]
-    wait_ready(admin, "/readyz")
-    assert hc["protocol"] == "TCP"
-    with socket.create_connection(("127.0.0.1", hc["port"]), timeout=2) as s:
+    wait_ready(hc["port"], hc["path"])
+    port = port_of(config_of(d)["listeners"][0]["bind"])
+    assert port == d.inputs("fleet")["proxy_port"]
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
         s.sendall(PROXY_V2_LOCAL)
     # A request after a LOCAL header is served (routing answers; the peer is no tenant).
-    status, body = http_get(hc["port"], "/", prefix=PROXY_V2_LOCAL)
+    status, body = http_get(port, "/", prefix=PROXY_V2_LOCAL)
     assert status in (403, 404), (status, body)
     assert body.startswith(b"meshgate: ")
     # Without the header a trusted peer gets no HTTP answer.
     try:
-        status, _ = http_get(hc["port"], "/")
+        status, _ = http_get(port, "/")
     except (ConnectionResetError, BrokenPipeError):
         status = None
     assert status is None, status
 
 
-@pytest.mark.xfail(strict=True, reason="meshgate's admin API does not read PROXY headers; the NLB sends one on health checks "
-                   "when proxy_protocol_v2 is on, so the fleet module then health-checks the proxy listener over TCP instead of "
-                   "/readyz. When this passes, switch the module back to HTTP /readyz for both modes.")
-def test_admin_readyz_accepts_an_nlb_proxy_header(running):
-    d, m = running()
-    admin = d.inputs("fleet")["admin_port"]
-    wait_ready(admin, "/readyz")
-    status, _ = http_get(admin, "/readyz", prefix=PROXY_V2_LOCAL)
-    assert status == 200
+# Trusted proxies in the tests are loopback only: 127.0.2.0/24 etc. stand in for the NLB's
+# subnets, 127.0.0.1 (outside them) for any other peer.
+LOOPBACK_SUBNETS = ["127.0.2.0/24", "127.0.3.0/24", "127.0.4.0/24"]
+NLB_NODE = "127.0.2.10"
+
+
+def test_admin_readyz_health_check_through_proxy_protocol(running):
+    """With proxy_protocol_v2 the NLB prefixes its health checks with a PROXY v2 header; the
+    real meshgate on the rendered config answers the target group's health check (port, path)
+    with 200 `ready` after one from a trusted address, and 503 once draining."""
+    d, m = running(subnet_cidrs=LOOPBACK_SUBNETS, proxy_protocol_v2=True,
+                   drain_delay_seconds=1, drain_spread_seconds=1, drain_timeout_seconds=5)
+    cfg = yaml.safe_load(m.config.read_text())
+    assert cfg["listeners"][0]["proxy_protocol"] == "required"
+    assert cfg["listeners"][0]["trusted_proxies"] == LOOPBACK_SUBNETS
+    hc = d.block("fleet", "aws_lb_target_group", "proxy", "health_check")
+    assert d.eval_in("fleet", d.resource("fleet", "aws_lb_target_group", "proxy")["proxy_protocol_v2"]) is True
+    assert (hc["protocol"], hc["port"], hc["path"], hc["matcher"]) == ("HTTP", port_of(cfg["admin"]["bind"]), "/readyz", "200")
+    wait_ready(hc["port"], hc["path"])  # from 127.0.0.1: not trusted, no header
+    headers = {
+        "v2 LOCAL": PROXY_V2_LOCAL,
+        "v2 PROXY": proxy_v2(NLB_NODE, 43210, "127.0.0.1", hc["port"]),
+        "v1": f"PROXY TCP4 {NLB_NODE} 127.0.0.1 43210 {hc['port']}\r\n".encode(),
+    }
+    for name, header in headers.items():
+        status, body = http_get(hc["port"], hc["path"], prefix=header, source=NLB_NODE)
+        assert (status, body.strip()) == (200, b"ready"), (name, status, body)
+    # The header is optional there: a trusted peer without one (a monitor in the NLB's subnets)
+    # is served too.
+    status, body = http_get(hc["port"], hc["path"], source=NLB_NODE)
+    assert (status, body.strip()) == (200, b"ready")
+    # Only trusted peers' headers are read: from elsewhere the bytes reach HTTP as they are.
+    try:
+        status, _ = http_get(hc["port"], hc["path"], prefix=PROXY_V2_LOCAL)
+    except (ConnectionResetError, BrokenPipeError):
+        status = None
+    assert status in (400, None), status
+    # Readiness reaches the NLB in this mode too: draining turns the health check to 503.
+    m.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    for name, header in headers.items():
+        status, body = http_get(hc["port"], hc["path"], prefix=header, source=NLB_NODE)
+        assert status == 503 and b"not ready" in body, (name, status, body)
+    assert m.proc.wait(timeout=int(unit_of(d)["TimeoutStopSec"])) == 0

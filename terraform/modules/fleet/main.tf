@@ -7,7 +7,8 @@ data "aws_region" "current" {}
 data "aws_caller_identity" "current" {}
 
 # The NLB's nodes take their addresses from these subnets: with PROXY protocol they are the peers
-# whose headers meshgate believes (trusted_proxies).
+# whose headers meshgate believes (trusted_proxies), on the proxy listener and on the admin port
+# (health checks).
 data "aws_subnet" "this" {
   for_each = toset(var.subnet_ids)
   id       = each.value
@@ -27,13 +28,6 @@ locals {
   service_names = sort(distinct(flatten([for s in values(var.services) : concat([s.host], s.aliases)])))
 
   gateway_ports = toset([for g in var.mesh_gateways : element(split(":", g), 1)])
-
-  # With PROXY protocol v2 the NLB prefixes health checks with a header too, and meshgate's admin
-  # API does not read PROXY headers: the health check then goes to the proxy listener (TCP),
-  # which does. Without it (the default) it is /readyz on the admin port.
-  health_check_protocol = var.proxy_protocol_v2 ? "TCP" : "HTTP"
-  health_check_port     = var.proxy_protocol_v2 ? var.proxy_port : var.admin_port
-  health_check_path     = var.proxy_protocol_v2 ? null : "/readyz"
 
   # systemd must give meshgate's drain (cut at drain.timeout) time to finish before SIGKILL.
   stop_timeout_seconds = var.drain_timeout_seconds + 30
@@ -120,12 +114,15 @@ resource "aws_lb_target_group" "proxy" {
     enable_unhealthy_connection_termination = false
   }
 
+  # GET /readyz on the admin port, with or without PROXY protocol: with it the NLB prefixes its
+  # health checks with a PROXY v2 header too, which meshgate's admin port reads and drops when it
+  # comes from a listener's trusted_proxies (the subnets' CIDRs, where the NLB's nodes are).
   health_check {
     enabled             = true
-    protocol            = local.health_check_protocol
-    port                = local.health_check_port
-    path                = local.health_check_path
-    matcher             = var.proxy_protocol_v2 ? null : "200"
+    protocol            = "HTTP"
+    port                = var.admin_port
+    path                = "/readyz"
+    matcher             = "200"
     interval            = var.health_check_interval_seconds
     healthy_threshold   = var.health_check_healthy_threshold
     unhealthy_threshold = var.health_check_unhealthy_threshold

@@ -38,8 +38,6 @@ resource "aws_vpc_security_group_egress_rule" "nlb_to_proxy" {
 }
 
 resource "aws_vpc_security_group_egress_rule" "nlb_health_check" {
-  count = var.proxy_protocol_v2 ? 0 : 1
-
   security_group_id            = aws_security_group.nlb.id
   description                  = "NLB health check to meshgate /readyz"
   referenced_security_group_id = aws_security_group.instance.id
@@ -85,8 +83,6 @@ resource "aws_vpc_security_group_ingress_rule" "proxy_from_vms" {
 }
 
 resource "aws_vpc_security_group_ingress_rule" "admin_from_nlb" {
-  count = var.proxy_protocol_v2 ? 0 : 1
-
   security_group_id            = aws_security_group.instance.id
   description                  = "NLB health check to meshgate /readyz"
   referenced_security_group_id = aws_security_group.nlb.id

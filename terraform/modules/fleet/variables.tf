@@ -176,7 +176,7 @@ variable "admin_token_secret_arn" {
 
 variable "proxy_protocol_v2" {
   type        = bool
-  description = "Enable PROXY protocol v2 on the target group (client IP preservation off) and set the meshgate listener to proxy_protocol: required with trusted_proxies = the subnets' CIDRs. Needed for tenants' vpce matching. The NLB also prefixes its health checks with a PROXY header, which meshgate's admin API does not read, so with this on the health check becomes TCP on the proxy port (see README)."
+  description = "Enable PROXY protocol v2 on the target group (client IP preservation off) and set the meshgate listener to proxy_protocol: required with trusted_proxies = the subnets' CIDRs. Needed for tenants' vpce matching. The NLB then prefixes its health checks with a PROXY header too; meshgate's admin port reads it from trusted_proxies, so the health check stays GET /readyz on admin_port."
   default     = false
 }
 
