@@ -31,48 +31,83 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
         .route("/drain", post(drain))
         .route("/explain", post(explain))
         .with_state(app.clone());
-    let listener = AdminListener { inner: listener, app };
+    let listener = AdminListener::new(listener, app);
     if let Err(e) = axum::serve(listener, router).await {
         tracing::error!(error = %e, "admin server stopped");
     }
 }
 
+type AdminIo = crate::listener::proxy_protocol::Prefixed<tokio::net::TcpStream>;
+
 /// The admin socket. A load balancer that sends PROXY protocol v2 to the proxy listeners (AWS
 /// NLB with proxy protocol on) sends it on its health checks too, including to another port:
 /// so connections from the listeners' `trusted_proxies` may start with a PROXY header, which is
 /// read and dropped (optional, never required: Prometheus and operators connect without one).
+/// Headers are read in a task per connection, so a peer that sends nothing holds up no one.
 struct AdminListener {
-    inner: TcpListener,
-    app: Arc<App>,
+    local: std::net::SocketAddr,
+    ready: tokio::sync::mpsc::Receiver<(AdminIo, std::net::SocketAddr)>,
+}
+
+impl AdminListener {
+    fn new(listener: TcpListener, app: Arc<App>) -> AdminListener {
+        use crate::listener::proxy_protocol::{read_header, Mode, Prefixed, HEADER_TIMEOUT};
+        let local = listener.local_addr().unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
+        let (tx, ready) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut listener = listener;
+            loop {
+                // Ends (and unbinds) once the admin server is gone.
+                let (mut stream, peer) = tokio::select! {
+                    accepted = axum::serve::Listener::accept(&mut listener) => accepted,
+                    _ = tx.closed() => return,
+                };
+                let ip = peer.ip().to_canonical();
+                let trusted = app
+                    .proxy()
+                    .snapshot
+                    .listeners
+                    .iter()
+                    .any(|l| l.proxy_protocol != Mode::Off && l.trusted_proxies.iter().any(|n| n.contains(&ip)));
+                let tx = tx.clone();
+                if !trusted {
+                    if tx
+                        .send((Prefixed::new(bytes::Bytes::new(), stream), peer))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
+                tokio::spawn(async move {
+                    match read_header(&mut stream, false, HEADER_TIMEOUT).await {
+                        Ok((_, rest)) => {
+                            let _ = tx.send((Prefixed::new(rest, stream), peer)).await;
+                        }
+                        Err(e) => tracing::warn!(%peer, error = %e, "admin: PROXY header rejected; closing"),
+                    }
+                });
+            }
+        });
+        AdminListener { local, ready }
+    }
 }
 
 impl axum::serve::Listener for AdminListener {
-    type Io = crate::listener::proxy_protocol::Prefixed<tokio::net::TcpStream>;
+    type Io = AdminIo;
     type Addr = std::net::SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        use crate::listener::proxy_protocol::{read_header, Mode, Prefixed, HEADER_TIMEOUT};
-        loop {
-            let (mut stream, peer) = axum::serve::Listener::accept(&mut self.inner).await;
-            let proxy = self.app.proxy();
-            let ip = peer.ip().to_canonical();
-            let trusted = proxy
-                .snapshot
-                .listeners
-                .iter()
-                .any(|l| l.proxy_protocol != Mode::Off && l.trusted_proxies.iter().any(|n| n.contains(&ip)));
-            if !trusted {
-                return (Prefixed::new(bytes::Bytes::new(), stream), peer);
-            }
-            match read_header(&mut stream, false, HEADER_TIMEOUT).await {
-                Ok((_, rest)) => return (Prefixed::new(rest, stream), peer),
-                Err(e) => tracing::warn!(%peer, error = %e, "admin: PROXY header rejected; closing"),
-            }
+        match self.ready.recv().await {
+            Some(conn) => conn,
+            // The accept task only ends with the runtime.
+            None => std::future::pending().await,
         }
     }
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.inner.local_addr()
+        Ok(self.local)
     }
 }
 

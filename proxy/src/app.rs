@@ -292,6 +292,11 @@ impl App {
         let Some(new) = new else {
             return first_error.map_or(Ok(false), Err);
         };
+        if let Some(e) = &first_error {
+            // The others rotate anyway; this one keeps its running identity (logged and
+            // counted where it failed) and is retried at the next poll.
+            tracing::warn!(error = %e, "one identity failed to rotate while another rotated");
+        }
         self.install(new, old.upstream.gateway.clone(), Some(&old.upstream));
         Metrics::record_reload(&self.metrics.identity_reloads, true);
         Ok(true)

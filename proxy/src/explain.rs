@@ -137,7 +137,20 @@ pub fn explain(
     let client = canonical_ip(client);
     let authority = authority_of(target);
     let tenant_id = snapshot.tenants.authorize(client, key_hash, vpce);
-    let route = authority.as_ref().ok().map(|a| snapshot.routes.resolve(a));
+    // A CONNECT (https:// through a proxy) must name the service's own port, as forward.rs's
+    // tunnel requires; plain requests may omit or vary it when the host is unambiguous.
+    let connect = target
+        .trim()
+        .get(..8)
+        .is_some_and(|p| p.eq_ignore_ascii_case("https://"));
+    let route = authority.as_ref().ok().map(|a| {
+        let id = snapshot.routes.resolve(a)?;
+        let port = crate::route::split_authority(a)?.1;
+        if connect && port != Some(snapshot.services[id].port) {
+            return Err(crate::route::RouteError::UnknownHost);
+        }
+        Ok(id)
+    });
 
     // The same order as forward.rs: target, then tenant, then route, then the allow list.
     let refusal: Option<(ProxyError, Option<String>)> = match (&authority, &tenant_id, &route) {
@@ -238,13 +251,14 @@ fn authority_of(target: &str) -> Result<String, &'static str> {
         return Ok(target.to_string());
     }
     let uri: http::Uri = target.parse().map_err(|_| "invalid request target")?;
-    // Clients send https:// through a forward proxy as CONNECT, which forward.rs refuses.
+    let authority = uri.authority().ok_or("invalid request target")?;
+    // Clients send https:// through a forward proxy as `CONNECT host:port` (443 by default),
+    // which forward.rs resolves by host and port like any other request (TCP services, which
+    // CONNECT can reach too, are not modelled here).
     if uri.scheme_str().is_some_and(|s| s.eq_ignore_ascii_case("https")) {
-        return Err("CONNECT is not supported on this listener");
+        return Ok(format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(443)));
     }
-    uri.authority()
-        .map(|a| a.as_str().to_string())
-        .ok_or("invalid request target")
+    Ok(authority.as_str().to_string())
 }
 
 fn allow_names(snapshot: &Snapshot, t: &Tenant) -> Vec<String> {
@@ -714,8 +728,8 @@ tenants:
                 None,
                 "https://reviews.bookinfo.svc.cluster.local/",
             ),
-            400,
-            "malformed_request",
+            404,
+            "unknown_host",
         );
     }
 

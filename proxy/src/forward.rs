@@ -26,7 +26,7 @@ use crate::policy::keys::presented_key;
 use crate::policy::limits::{Slot, TenantState};
 use crate::policy::Deny;
 use crate::route::RouteError;
-use crate::upstream::connect::{connect_via, TlsParams};
+use crate::upstream::connect::connect_via;
 use crate::upstream::{BoxError, Lease, RequestBody, Upstream, UpstreamError};
 
 /// One config generation: what requests share. A reload swaps the whole value.
@@ -85,6 +85,10 @@ pub struct ConnInfo {
     pub is_h2: std::sync::atomic::AtomicBool,
     /// What the HTTP/1 framing watcher saw, request by request.
     pub framing: Arc<crate::listener::framing::Verdicts>,
+    /// Keeps the connection counted (limits, gauges) while a tunnel it became outlives hyper's
+    /// connection task; and the listener's close signal, so drains cut tunnels too.
+    pub lifetime: Option<Arc<dyn std::any::Any + Send + Sync>>,
+    pub close: Option<crate::lifecycle::CloseSignal>,
 }
 
 impl ConnInfo {
@@ -97,6 +101,8 @@ impl ConnInfo {
             requests: AtomicU64::new(0),
             is_h2: Default::default(),
             framing: Default::default(),
+            lifetime: None,
+            close: None,
         }
     }
 }
@@ -458,6 +464,7 @@ pub async fn handle(
     } else {
         forward(&proxy, &conn, req, request_id, &mut log).await
     };
+    let mut refused_malformed = false;
     let mut resp = match result {
         Ok(Forwarded::Upgraded(resp)) => {
             log.status = resp.status().as_u16();
@@ -493,6 +500,7 @@ pub async fn handle(
             )
         }
         Err(e) => {
+            refused_malformed = e.status() == StatusCode::BAD_REQUEST;
             log.status = e.status().as_u16();
             log.reason = e.reason();
             if e.status().is_server_error() {
@@ -508,7 +516,7 @@ pub async fn handle(
     resp.body_mut().log = Some(log);
     // After a malformed request the rest of the connection's bytes cannot be trusted to be
     // framed the way the client meant: close it.
-    if h1 && (conn.closing.load(Ordering::SeqCst) || resp.status() == StatusCode::BAD_REQUEST) {
+    if h1 && (conn.closing.load(Ordering::SeqCst) || refused_malformed) {
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -642,7 +650,18 @@ async fn forward(
         grpc_timeout(&parts.headers).map_or(snap.upstream.request_timeout, |d| d.min(snap.upstream.request_timeout));
     let upstream_req = Request::from_parts(parts, body);
     if let Some(client_upgrade) = client_upgrade {
-        return upgraded(proxy, service, identity, upstream_req, client_upgrade, timeout).await;
+        let slot = log.slot.take();
+        return upgraded(
+            proxy,
+            conn,
+            service,
+            identity,
+            upstream_req,
+            client_upgrade,
+            timeout,
+            slot,
+        )
+        .await;
     }
 
     let pool = proxy.upstream.pool(identity, service);
@@ -695,22 +714,25 @@ fn requested_upgrade(req: &Request<Incoming>) -> Option<HeaderValue> {
 /// An Upgrade request (WebSocket) goes on an upstream HTTP/1.1 connection of its own: after a
 /// `101` that connection carries the new protocol and can never return to the pool. Both sides
 /// are then spliced as bytes, like a CONNECT tunnel.
+#[allow(clippy::too_many_arguments)]
 async fn upgraded(
     proxy: &Proxy,
+    conn: &ConnInfo,
     service: &crate::config::Service,
     identity: usize,
     req: Request<RequestBody>,
     client_upgrade: hyper::upgrade::OnUpgrade,
     timeout: std::time::Duration,
+    slot: Option<Slot>,
 ) -> Result<Forwarded, ProxyError> {
     let snap = &proxy.snapshot;
-    let tls = TlsParams::new(snap.identity_at(identity), service);
-    let (_, c) = connect_via(&proxy.upstream.gateway, &tls, &snap.upstream, &service.name).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(c.stream))
+    let pool = proxy.upstream.pool(identity, service);
+    let (_, c) = connect_via(&proxy.upstream.gateway, pool.tls(), &snap.upstream, &service.name).await?;
+    let (mut sender, upstream_conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(c.stream))
         .await
         .map_err(|e| UpstreamError::Http(e.to_string()))?;
     tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
+        if let Err(e) = upstream_conn.with_upgrades().await {
             tracing::debug!(error = %e, "upgraded upstream connection ended with error");
         }
     });
@@ -718,31 +740,62 @@ async fn upgraded(
         .await
         .map_err(|_| UpstreamError::RequestTimeout(timeout))?
         .map_err(|e| UpstreamError::Http(e.to_string()))?;
+    let h = resp.headers_mut();
+    h.remove(&MESH_ONLY[1]);
+    h.remove(&MESH_ONLY[2]);
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
-        let metrics = proxy.metrics.clone();
-        let name = service.name.clone();
+        let (metrics, name) = (proxy.metrics.clone(), service.name.clone());
+        let (lifetime, close) = (conn.lifetime.clone(), conn.close.clone());
         tokio::spawn(async move {
+            // Counted as the client connection, and as a request of its tenant, until it ends.
+            let _held = (lifetime, slot);
             match tokio::try_join!(client_upgrade, upstream_upgrade) {
                 Ok((client, upstream)) => {
-                    let (result, sent, received) = crate::listener::tcp::splice(
+                    let io = (
                         hyper_util::rt::TokioIo::new(client),
                         hyper_util::rt::TokioIo::new(upstream),
-                        TUNNEL_IDLE_TIMEOUT,
-                    )
-                    .await;
-                    crate::listener::tcp::count_bytes_to(&metrics, &name, sent, received);
-                    tracing::debug!(service = %name, result, sent, received, "upgraded connection closed");
+                    );
+                    run_tunnel(&metrics, &name, io.0, io.1, close).await;
                 }
                 Err(e) => tracing::debug!(service = %name, error = %e, "upgrade did not complete"),
             }
         });
     } else {
         // Declined: an ordinary response on a connection nobody else will use.
-        let h = resp.headers_mut();
-        strip_hop_by_hop(h);
+        strip_hop_by_hop(resp.headers_mut());
     }
     Ok(Forwarded::Upgraded(resp))
+}
+
+/// Splices a tunnel (CONNECT or an upgraded connection) until both sides are done, it idles
+/// out, or the listener's drain deadline passes.
+async fn run_tunnel<C, U>(
+    metrics: &Metrics,
+    service: &str,
+    client: C,
+    upstream: U,
+    close: Option<crate::lifecycle::CloseSignal>,
+) where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let cut = async {
+        match close {
+            Some(mut c) => {
+                let (_, deadline) = crate::listener::http::closing(&mut c).await;
+                tokio::time::sleep_until(deadline).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        (result, sent, received) = crate::listener::tcp::splice(client, upstream, TUNNEL_IDLE_TIMEOUT) => {
+            crate::listener::tcp::count_bytes_to(metrics, service, sent, received);
+            tracing::debug!(%service, result, sent, received, "tunnel closed");
+        }
+        _ = cut => tracing::debug!(%service, "tunnel cut at the drain deadline"),
+    }
 }
 
 /// `grpc-timeout` (gRPC over HTTP/2: at most 8 digits and a unit H, M, S, m, u or n).
@@ -841,9 +894,17 @@ async fn tunnel(
     let tenant = snap.tenants.get(tenant_id);
     log.tenant = Some(tenant.name.clone());
     // HTTP services by their routes; TCP services (never HTTP-routed) by host or alias and port.
-    let service_id = match snap.routes.resolve(&authority) {
-        Ok(id) => id,
-        Err(RouteError::UnknownHost) => snap
+    // Only the service's own port: routing otherwise tolerates any port on an unambiguous
+    // host, which for a tunnel would quietly connect somewhere the client did not name. HTTP
+    // services by their routes; TCP services (never HTTP-routed) by host or alias and port.
+    let http = snap
+        .routes
+        .resolve(&authority)
+        .ok()
+        .filter(|id| snap.services[*id].port == port);
+    let service_id = match http {
+        Some(id) => id,
+        None => snap
             .services
             .iter()
             .find(|s| {
@@ -851,7 +912,6 @@ async fn tunnel(
             })
             .map(|s| s.id)
             .ok_or(RouteError::UnknownHost)?,
-        Err(e) => return Err(e.into()),
     };
     let service = &snap.services[service_id];
     log.service = Some(service.name.clone());
@@ -865,20 +925,37 @@ async fn tunnel(
                 retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
             })?;
     }
-    let tls = TlsParams::opaque(snap.identity_at(tenant.identity), service);
-    let (_, upstream) = connect_via(&proxy.upstream.gateway, &tls, &snap.upstream, &service.name).await?;
+    let slot = match tenant.max_concurrent_requests {
+        Some(max) => Some(
+            proxy.tenant_state[tenant_id]
+                .enter(max)
+                .ok_or(ProxyError::ConcurrencyLimited)?,
+        ),
+        None => None,
+    };
+    let pool = proxy.upstream.pool(tenant.identity, service);
+    let (_, upstream) = connect_via(
+        &proxy.upstream.gateway,
+        pool.opaque_tls(),
+        &snap.upstream,
+        &service.name,
+    )
+    .await?;
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let metrics = proxy.metrics.clone();
-    let name = service.name.clone();
-    let client = conn.client;
+    let (metrics, name, client) = (proxy.metrics.clone(), service.name.clone(), conn.client);
+    let (lifetime, close) = (conn.lifetime.clone(), conn.close.clone());
     tokio::spawn(async move {
+        let _held = (lifetime, slot);
         match on_upgrade.await {
             Ok(upgraded) => {
-                let io = hyper_util::rt::TokioIo::new(upgraded);
-                let (result, sent, received) =
-                    crate::listener::tcp::splice(io, upstream.stream, TUNNEL_IDLE_TIMEOUT).await;
-                crate::listener::tcp::count_bytes_to(&metrics, &name, sent, received);
-                tracing::debug!(service = %name, %client, result, sent, received, "CONNECT tunnel closed");
+                run_tunnel(
+                    &metrics,
+                    &name,
+                    hyper_util::rt::TokioIo::new(upgraded),
+                    upstream.stream,
+                    close,
+                )
+                .await;
             }
             Err(e) => tracing::debug!(service = %name, %client, error = %e, "CONNECT upgrade failed"),
         }

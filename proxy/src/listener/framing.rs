@@ -7,8 +7,9 @@
 //! The watcher only reads the bytes hyper is about to parse: it finds each request head, notes
 //! whether its framing is ambiguous, and skips the body by the same rules hyper applies
 //! (chunked wins over length). Anything it does not understand (HTTP/2's preface, a malformed
-//! head, an upgraded connection) makes it stop watching: hyper rejects the malformed input
-//! itself, and nothing after an upgrade is HTTP/1.
+//! head, the bytes after an upgrade) makes it stop following; every later HTTP/1 request on
+//! that connection is then refused too, since nothing vouches for its framing. hyper rejects
+//! the malformed input itself, and parses no request after an upgrade.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +25,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub struct Verdicts {
     /// Index of the first request with ambiguous framing (hyper closes after it), or `u64::MAX`.
     ambiguous: AtomicU64,
+    /// From this request on the watcher could not follow the framing, so it cannot vouch for
+    /// any later request on the connection either; `u64::MAX` while it follows.
+    stopped: AtomicU64,
     handled: AtomicU64,
 }
 
@@ -31,16 +35,24 @@ impl Default for Verdicts {
     fn default() -> Self {
         Verdicts {
             ambiguous: AtomicU64::new(u64::MAX),
+            stopped: AtomicU64::new(u64::MAX),
             handled: AtomicU64::new(0),
         }
     }
 }
 
 impl Verdicts {
-    /// Called once per HTTP/1 request, in order: whether this one was ambiguous.
+    /// Called once per HTTP/1 request, in order: whether this one must be refused, because its
+    /// framing was ambiguous or because the watcher lost track before it.
     pub fn next_is_ambiguous(&self) -> bool {
         let n = self.handled.fetch_add(1, Ordering::Relaxed);
-        self.ambiguous.load(Ordering::Acquire) == n
+        self.ambiguous.load(Ordering::Acquire) == n || n >= self.stopped.load(Ordering::Acquire)
+    }
+
+    fn stop(&self, index: u64) {
+        let _ = self
+            .stopped
+            .compare_exchange(u64::MAX, index, Ordering::AcqRel, Ordering::Relaxed);
     }
 
     fn mark(&self, index: u64) {
@@ -50,8 +62,8 @@ impl Verdicts {
     }
 }
 
-/// Longest chunk-size line we follow (extensions included); hyper refuses far shorter ones.
-const MAX_CHUNK_LINE: usize = 4096;
+/// Longest chunk-size line we follow (extensions included); hyper allows 16 KiB of extensions.
+const MAX_CHUNK_LINE: usize = 20 * 1024;
 
 #[derive(Debug, PartialEq)]
 enum State {
@@ -196,9 +208,10 @@ impl Scanner {
         }
         let index = self.heads;
         self.heads += 1;
-        let mut length: Option<u64> = None;
+        // hyper skips a Content-Length after a Transfer-Encoding without even parsing it, so
+        // any Content-Length at all next to a Transfer-Encoding is the ambiguity, valid or not.
+        let mut length: Option<Option<u64>> = None;
         let mut te: Option<&[u8]> = None;
-        let mut upgrade = false;
         let mut count = 0;
         for line in lines.take_while(|l| !l.is_empty()) {
             count += 1;
@@ -209,14 +222,9 @@ impl Scanner {
             };
             let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
             if name.eq_ignore_ascii_case(b"content-length") {
-                let Some(n) = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()) else {
-                    return self.off();
-                };
-                length = Some(n);
+                length = Some(std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()));
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 te = Some(value);
-            } else if name.eq_ignore_ascii_case(b"upgrade") {
-                upgrade = true;
             }
         }
         if count > self.max_headers {
@@ -226,16 +234,15 @@ impl Scanner {
         if te.is_some() && length.is_some() {
             ambiguous(index);
         }
-        if request_line.starts_with(b"CONNECT ") || upgrade {
-            // If the upgrade is accepted the stream stops being HTTP/1; if not, hyper answers
-            // and (for these rare requests) we simply stop watching.
-            return self.off();
-        }
+        // CONNECT and Upgrade requests are followed like any other: if the connection is
+        // taken over, what follows is not HTTP/1 and the watcher stops on it, harmlessly, as
+        // hyper parses no request after an upgrade.
         self.state = match (te, length) {
             (Some(v), _) if ends_chunked(v) => State::ChunkSize,
             (Some(_), _) => return self.off(),
-            (None, Some(0)) | (None, None) => State::Head,
-            (None, Some(n)) => State::Body(n),
+            (None, Some(None)) => return self.off(),
+            (None, Some(Some(0))) | (None, None) => State::Head,
+            (None, Some(Some(n))) => State::Body(n),
         };
     }
 }
@@ -266,10 +273,18 @@ fn ends_chunked(v: &[u8]) -> bool {
 fn chunk_size(line: &[u8]) -> Option<u64> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let size = line.split(|b| *b == b';').next()?.trim_ascii();
-    if size.is_empty() || size.len() > 16 {
+    if size.is_empty() {
         return None;
     }
-    u64::from_str_radix(std::str::from_utf8(size).ok()?, 16).ok()
+    // Leading zeros are allowed and do not count towards the 16 hex digits of a u64.
+    let digits = std::str::from_utf8(size).ok()?.trim_start_matches('0');
+    if digits.is_empty() {
+        return Some(0);
+    }
+    if digits.len() > 16 {
+        return None;
+    }
+    u64::from_str_radix(digits, 16).ok()
 }
 
 /// The client stream as hyper reads it, with the scanner looking on.
@@ -298,6 +313,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
             if this.scanner.state != State::Off {
                 let verdicts = &this.verdicts;
                 this.scanner.feed(&buf.filled()[before..], &mut |i| verdicts.mark(i));
+                if this.scanner.state == State::Off {
+                    verdicts.stop(this.scanner.heads);
+                }
             }
         }
         res
@@ -382,12 +400,41 @@ mod tests {
     #[test]
     fn stops_watching_what_it_cannot_follow() {
         assert!(all_steps(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").2, "h2 preface");
-        assert!(all_steps(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\nbinary").2);
+        // After an upgrade the bytes are frames, not heads: the watcher stops there.
+        let up = all_steps(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n\x81\x85frame\r\n\r\n");
+        assert!(up.2 && up.1 == 1, "{up:?}");
         assert!(all_steps(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").2);
         assert!(all_steps(b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n").2);
         let mut s = Scanner::new(100, 100);
         s.feed(&[b'a'; 200], &mut |_| {});
         assert_eq!(s.state, State::Off, "an endless head");
+    }
+
+    #[test]
+    fn any_content_length_next_to_transfer_encoding_is_flagged() {
+        // hyper ignores a Content-Length after Transfer-Encoding without parsing it.
+        for cl in ["5, 5", "5x", "", "5"] {
+            let input = format!(
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: {cl}\r\n\r\n0\r\n\r\nGET / HTTP/1.1\r\n\r\n"
+            );
+            assert_eq!(all_steps(input.as_bytes()), (vec![0], 2, false), "{cl:?}");
+        }
+    }
+
+    #[test]
+    fn chunk_sizes_with_leading_zeros_are_followed() {
+        let input = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n000000000000000000005\r\nhello\r\n0\r\n\r\nGET / HTTP/1.1\r\n\r\n";
+        assert_eq!(all_steps(input), (vec![], 2, false));
+    }
+
+    #[test]
+    fn requests_after_the_watcher_stopped_are_refused() {
+        let v = Verdicts::default();
+        v.stop(2);
+        assert_eq!(
+            (0..4).map(|_| v.next_is_ambiguous()).collect::<Vec<_>>(),
+            vec![false, false, true, true]
+        );
     }
 
     #[test]

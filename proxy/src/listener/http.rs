@@ -48,7 +48,7 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     b
 }
 
-async fn closing(rx: &mut CloseSignal) -> (Duration, tokio::time::Instant) {
+pub(crate) async fn closing(rx: &mut CloseSignal) -> (Duration, tokio::time::Instant) {
     match rx.wait_for(|s| matches!(s, ListenerState::Closing { .. })).await {
         Ok(s) => match *s {
             ListenerState::Closing { spread, deadline } => (spread, deadline),
@@ -121,7 +121,8 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, app: Arc<App>, mut clo
                 let name2 = name.clone();
                 let mut close = close.clone();
                 conns.spawn(async move {
-                    let _guard = guard;
+                    // Shared with any tunnel this connection becomes (CONNECT, WebSocket).
+                    let guard = Arc::new(guard);
                     let mut stream = stream;
                     let (client, vpce, prefix) = match proxy_protocol::admit(&mut stream, listener_cfg.as_ref(), peer).await {
                         Ok(x) => x,
@@ -134,7 +135,10 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, app: Arc<App>, mut clo
                             return;
                         }
                     };
-                    let info = Arc::new(ConnInfo::new(name2, client, vpce));
+                    let mut info = ConnInfo::new(name2, client, vpce);
+                    info.lifetime = Some(guard.clone());
+                    info.close = Some(close.clone());
+                    let info = Arc::new(info);
                     let conn_info = info.clone();
                     let svc = service_fn(move |req| forward::handle(app2.proxy(), conn_info.clone(), req));
                     let scanner = framing::Scanner::new(max_head, max_headers);

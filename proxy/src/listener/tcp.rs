@@ -24,7 +24,7 @@ use crate::error::ProxyError;
 use crate::lifecycle::{CloseSignal, ListenerState};
 use crate::listener::proxy_protocol::{self, Prefixed};
 use crate::metrics::{BytesLabels, ListenerLabels, ListenerReasonLabels, ServiceReasonLabels};
-use crate::upstream::connect::{connect_via, TlsParams};
+use crate::upstream::connect::connect_via;
 
 /// Serves `listener` until told to close; connections still open at the drain deadline are cut
 /// (a byte stream has no way to ask the client to finish).
@@ -64,7 +64,7 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, app: Arc<App>, mut clo
                 let (app2, name2) = (app.clone(), name.clone());
                 conns.spawn(async move {
                     let _guard = guard;
-                    handle(&app2, &name2, cfg, stream, peer).await;
+                    handle(&app2, &proxy, &name2, cfg, stream, peer).await;
                 });
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -114,7 +114,16 @@ fn deny(app: &App, listener: &str, reason: &str) {
         .inc();
 }
 
-async fn handle(app: &App, name: &str, cfg: Option<crate::config::Listener>, mut stream: TcpStream, peer: SocketAddr) {
+/// `proxy` is the config current at accept time: the listener's service index belongs to it,
+/// so a reload while the PROXY header is read cannot point the connection elsewhere.
+async fn handle(
+    app: &App,
+    proxy: &crate::forward::Proxy,
+    name: &str,
+    cfg: Option<crate::config::Listener>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) {
     let started = Instant::now();
     let (client, vpce, prefix) = match proxy_protocol::admit(&mut stream, cfg.as_ref(), peer).await {
         Ok(x) => x,
@@ -124,8 +133,6 @@ async fn handle(app: &App, name: &str, cfg: Option<crate::config::Listener>, mut
             return;
         }
     };
-    // The config current at accept time decides everything about this connection.
-    let proxy = app.proxy();
     let snap = &proxy.snapshot;
     let Some(service_id) = cfg.as_ref().and_then(|l| l.service) else {
         return;
@@ -158,8 +165,8 @@ async fn handle(app: &App, name: &str, cfg: Option<crate::config::Listener>, mut
     };
     let tenant = snap.tenants.get(tenant_id);
     log.tenant = &tenant.name;
-    let tls = TlsParams::new(snap.identity_at(tenant.identity), service);
-    let upstream = match connect_via(&proxy.upstream.gateway, &tls, &snap.upstream, &service.name).await {
+    let tls = proxy.upstream.pool(tenant.identity, service).tls();
+    let upstream = match connect_via(&proxy.upstream.gateway, tls, &snap.upstream, &service.name).await {
         Ok((_, c)) => c.stream,
         Err(e) => {
             let reason = ProxyError::Upstream(e.clone()).reason();

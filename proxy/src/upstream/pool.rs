@@ -111,6 +111,8 @@ pub struct Pool {
     service: Arc<Service>,
     metrics: Arc<Metrics>,
     tls: TlsParams,
+    /// The same identity and server check with ALPN `istio` alone, for CONNECT tunnels.
+    opaque_tls: TlsParams,
     gateway: Arc<Gateway>,
     settings: UpstreamSettings,
     state: Mutex<State>,
@@ -157,18 +159,30 @@ impl Pool {
         metrics: Arc<Metrics>,
     ) -> Arc<Pool> {
         let tls = TlsParams::new(identity, &service);
+        let opaque_tls = TlsParams::opaque(identity, &service);
         Arc::new(Pool {
             settings: key.settings.clone(),
             key,
             service,
             metrics,
             tls,
+            opaque_tls,
             gateway,
             state: Mutex::new(State::default()),
             waiters: AtomicUsize::new(0),
             changed: Notify::new(),
             retry_tenths: AtomicUsize::new(RETRY_CAP),
         })
+    }
+
+    /// TLS settings for a connection of this pool's identity to its service.
+    pub fn tls(&self) -> &TlsParams {
+        &self.tls
+    }
+
+    /// The same with ALPN `istio` alone, for opaque byte tunnels.
+    pub fn opaque_tls(&self) -> &TlsParams {
+        &self.opaque_tls
     }
 
     pub fn key(&self) -> &super::PoolKey {

@@ -215,6 +215,13 @@ async fn connect_is_never_an_open_proxy() {
         (BILLING_IP, "example.com:443", "404", "unknown host"),
         (BILLING_IP, "127.0.0.1:22", "404", "unknown host"),
         (BILLING_IP, "db.data.svc.cluster.local:5433", "404", "unknown host"),
+        // An HTTP service only on its own port (reviews is 9080).
+        (
+            BILLING_IP,
+            "reviews.bookinfo.svc.cluster.local:22",
+            "404",
+            "unknown host",
+        ),
         (BILLING_IP, "db.data.svc.cluster.local", "400", "malformed"),
         (
             STRANGER_IP,
@@ -253,4 +260,43 @@ async fn connect_is_never_an_open_proxy() {
         0,
         "nothing reached the mesh"
     );
+}
+
+#[tokio::test]
+async fn tunnels_count_against_connection_limits_and_are_cut_by_a_drain() {
+    // One client connection at most on the HTTP listener; a short drain.
+    let env = EnvBuilder::default()
+        .mesh(spec())
+        .listener_extra("    max_connections: 1\n")
+        .services_and_tenants(&tcp_config())
+        .extra("drain:\n  delay: 1ms\n  spread: 1ms\n  timeout: 1s\n")
+        .start()
+        .await
+        .unwrap();
+    let (head, mut tunnel) = connect_via_proxy(&env, BILLING_IP, "db.data.svc.cluster.local:5432", "").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    tunnel.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    tunnel.read_exact(&mut b).await.unwrap();
+    // hyper is done with the connection, but the tunnel still holds the listener's one slot.
+    let mut other = connect_from(env.addr(), BILLING_IP.parse().unwrap()).await.unwrap();
+    let _ = other
+        .write_all(format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", host("reviews")).as_bytes())
+        .await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(CLIENT_TIMEOUT, other.read_to_end(&mut out))
+        .await
+        .unwrap();
+    assert!(
+        out.is_empty(),
+        "a second connection was served: {}",
+        String::from_utf8_lossy(&out)
+    );
+
+    // A drain cuts the tunnel at its deadline (a bounded wait for the verdict).
+    let app = env.gate.app.clone();
+    tokio::spawn(async move { app.drain().await });
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(15), tunnel.read_to_end(&mut rest)).await;
+    assert!(r.is_ok(), "tunnel outlived the drain");
 }
