@@ -548,19 +548,8 @@ async fn forward(
     if !snap.tenants.allows(tenant_id, service_id) {
         return Err(Deny::ServiceNotAllowed.into());
     }
-    let tenant = snap.tenants.get(tenant_id);
-    let identity = tenant.identity;
-    let state = &proxy.tenant_state[tenant_id];
-    if let Some(rl) = &tenant.rate_limit {
-        state
-            .take_token(rl, std::time::Instant::now())
-            .map_err(|wait| ProxyError::RateLimited {
-                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
-            })?;
-    }
-    if let Some(max) = tenant.max_concurrent_requests {
-        log.slot = Some(state.enter(max).ok_or(ProxyError::ConcurrencyLimited)?);
-    }
+    let identity = snap.tenants.get(tenant_id).identity;
+    log.slot = tenant_limits(proxy, tenant_id)?;
     if let (Some(limit), Some(len)) = (snap.limits.max_request_body, declared_length(&req)) {
         if len > limit {
             return Err(ProxyError::BodyTooLarge);
@@ -783,7 +772,7 @@ async fn run_tunnel<C, U>(
     let cut = async {
         match close {
             Some(mut c) => {
-                let (_, deadline) = crate::listener::http::closing(&mut c).await;
+                let (_, deadline) = crate::listener::closing(&mut c).await;
                 tokio::time::sleep_until(deadline).await;
             }
             None => std::future::pending().await,
@@ -854,6 +843,24 @@ fn percent_encode(s: &str) -> String {
     out
 }
 
+/// The tenant's rate limit and concurrency limit for one request or tunnel; the slot returned
+/// counts it as in flight until dropped.
+fn tenant_limits(proxy: &Proxy, tenant_id: usize) -> Result<Option<Slot>, ProxyError> {
+    let tenant = proxy.snapshot.tenants.get(tenant_id);
+    let state = &proxy.tenant_state[tenant_id];
+    if let Some(rl) = &tenant.rate_limit {
+        state
+            .take_token(rl, std::time::Instant::now())
+            .map_err(|wait| ProxyError::RateLimited {
+                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+            })?;
+    }
+    match tenant.max_concurrent_requests {
+        Some(max) => Ok(Some(state.enter(max).ok_or(ProxyError::ConcurrencyLimited)?)),
+        None => Ok(None),
+    }
+}
+
 /// What became of a request that was not refused.
 // The large variant is the common one: boxing it would add an allocation to every request.
 #[allow(clippy::large_enum_variant)]
@@ -918,21 +925,7 @@ async fn tunnel(
     if !snap.tenants.allows(tenant_id, service_id) {
         return Err(Deny::ServiceNotAllowed.into());
     }
-    if let Some(rl) = &tenant.rate_limit {
-        proxy.tenant_state[tenant_id]
-            .take_token(rl, std::time::Instant::now())
-            .map_err(|wait| ProxyError::RateLimited {
-                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
-            })?;
-    }
-    let slot = match tenant.max_concurrent_requests {
-        Some(max) => Some(
-            proxy.tenant_state[tenant_id]
-                .enter(max)
-                .ok_or(ProxyError::ConcurrencyLimited)?,
-        ),
-        None => None,
-    };
+    let slot = tenant_limits(proxy, tenant_id)?;
     let pool = proxy.upstream.pool(tenant.identity, service);
     let (_, upstream) = connect_via(
         &proxy.upstream.gateway,

@@ -18,13 +18,14 @@ use tokio::task::JoinSet;
 
 use crate::app::App;
 use crate::forward::{self, ConnInfo};
-use crate::lifecycle::{CloseSignal, ListenerState};
+use crate::lifecycle::CloseSignal;
 use crate::listener::framing;
 use crate::listener::proxy_protocol;
+use crate::listener::{admit_connection, closing, deny};
 
 use crate::config::Limits;
-use crate::metrics::{ListenerLabels, ListenerReasonLabels};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::metrics::ListenerLabels;
+use std::sync::atomic::AtomicUsize;
 
 fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
@@ -46,32 +47,6 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
     b
-}
-
-pub(crate) async fn closing(rx: &mut CloseSignal) -> (Duration, tokio::time::Instant) {
-    match rx.wait_for(|s| matches!(s, ListenerState::Closing { .. })).await {
-        Ok(s) => match *s {
-            ListenerState::Closing { spread, deadline } => (spread, deadline),
-            ListenerState::Serving => unreachable!("waited for Closing"),
-        },
-        // The app is gone: close now.
-        Err(_) => (Duration::ZERO, tokio::time::Instant::now()),
-    }
-}
-
-/// Counts a client connection (gauge, listener and global totals) until the task ends.
-struct ConnGauge {
-    gauge: prometheus_client::metrics::gauge::Gauge,
-    listener: Arc<AtomicUsize>,
-    app: Arc<App>,
-}
-
-impl Drop for ConnGauge {
-    fn drop(&mut self) {
-        self.gauge.dec();
-        self.listener.fetch_sub(1, Ordering::SeqCst);
-        self.app.client_connections.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 /// Serves `listener` until told to close.
@@ -100,20 +75,10 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, app: Arc<App>, mut clo
                 let proxy = app.proxy();
                 let limits = &proxy.snapshot.limits;
                 let listener_cfg = proxy.snapshot.listeners.iter().find(|l| *l.name == *name).cloned();
-                let here = open_here.fetch_add(1, Ordering::SeqCst);
-                let total = app.client_connections.fetch_add(1, Ordering::SeqCst);
-                gauge.inc();
-                let guard = ConnGauge { gauge: gauge.clone(), listener: open_here.clone(), app: app.clone() };
-                let listener_max = listener_cfg.as_ref().and_then(|l| l.max_connections).unwrap_or(usize::MAX);
-                if total >= limits.max_connections || here >= listener_max {
-                    // Closing at once is the cheapest answer a flood can get; the LB retries elsewhere.
-                    app.metrics.denied.get_or_create(&ListenerReasonLabels {
-                        listener: name.to_string(),
-                        reason: "connection_limit".into(),
-                    }).inc();
+                let Some(guard) = admit_connection(&app, &name, &open_here, &gauge, &proxy.snapshot) else {
                     drop(stream);
                     continue;
-                }
+                };
                 let _ = stream.set_nodelay(true);
                 let builder = builder(limits);
                 let (max_head, max_headers) = (limits.max_header_bytes, limits.max_headers);
@@ -128,10 +93,7 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, app: Arc<App>, mut clo
                         Ok(x) => x,
                         Err(e) => {
                             tracing::warn!(listener = %name2, %peer, error = %e, "PROXY header rejected; closing");
-                            app2.metrics.denied.get_or_create(&ListenerReasonLabels {
-                                listener: name2.to_string(),
-                                reason: "bad_proxy_header".into(),
-                            }).inc();
+                            deny(&app2, &name2, "bad_proxy_header");
                             return;
                         }
                     };

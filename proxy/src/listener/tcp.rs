@@ -21,9 +21,10 @@ use tokio::task::JoinSet;
 
 use crate::app::App;
 use crate::error::ProxyError;
-use crate::lifecycle::{CloseSignal, ListenerState};
+use crate::lifecycle::CloseSignal;
 use crate::listener::proxy_protocol::{self, Prefixed};
-use crate::metrics::{BytesLabels, ListenerLabels, ListenerReasonLabels, ServiceReasonLabels};
+use crate::listener::{admit_connection, closing, deny};
+use crate::metrics::{BytesLabels, ListenerLabels, ServiceReasonLabels};
 use crate::upstream::connect::connect_via;
 
 /// Serves `listener` until told to close; connections still open at the drain deadline are cut
@@ -51,15 +52,9 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, app: Arc<App>, mut clo
                 };
                 let proxy = app.proxy();
                 let cfg = proxy.snapshot.listeners.iter().find(|l| *l.name == *name).cloned();
-                let here = open_here.fetch_add(1, Ordering::SeqCst);
-                let total = app.client_connections.fetch_add(1, Ordering::SeqCst);
-                gauge.inc();
-                let guard = Guard { gauge: gauge.clone(), here: open_here.clone(), app: app.clone() };
-                let max_here = cfg.as_ref().and_then(|l| l.max_connections).unwrap_or(usize::MAX);
-                if total >= proxy.snapshot.limits.max_connections || here >= max_here {
-                    deny(&app, &name, "connection_limit");
+                let Some(guard) = admit_connection(&app, &name, &open_here, &gauge, &proxy.snapshot) else {
                     continue;
-                }
+                };
                 let _ = stream.set_nodelay(true);
                 let (app2, name2) = (app.clone(), name.clone());
                 conns.spawn(async move {
@@ -68,7 +63,7 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, app: Arc<App>, mut clo
                 });
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            deadline = closing(&mut close) => break deadline,
+            (_, deadline) = closing(&mut close) => break deadline,
         }
     };
     drop(listener);
@@ -78,40 +73,6 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, app: Arc<App>, mut clo
     }
     conns.shutdown().await;
     tracing::info!(listener = %name, "listener closed");
-}
-
-async fn closing(rx: &mut CloseSignal) -> tokio::time::Instant {
-    match rx.wait_for(|s| matches!(s, ListenerState::Closing { .. })).await {
-        Ok(s) => match *s {
-            ListenerState::Closing { deadline, .. } => deadline,
-            ListenerState::Serving => unreachable!("waited for Closing"),
-        },
-        Err(_) => tokio::time::Instant::now(),
-    }
-}
-
-struct Guard {
-    gauge: prometheus_client::metrics::gauge::Gauge,
-    here: Arc<AtomicUsize>,
-    app: Arc<App>,
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        self.gauge.dec();
-        self.here.fetch_sub(1, Ordering::SeqCst);
-        self.app.client_connections.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-fn deny(app: &App, listener: &str, reason: &str) {
-    app.metrics
-        .denied
-        .get_or_create(&ListenerReasonLabels {
-            listener: listener.to_string(),
-            reason: reason.to_string(),
-        })
-        .inc();
 }
 
 /// `proxy` is the config current at accept time: the listener's service index belongs to it,
