@@ -429,7 +429,7 @@ pub async fn handle(
     conn.requests.fetch_add(1, Ordering::Relaxed);
     let h1 = req.version() < Version::HTTP_2;
     let grpc = is_grpc(req.headers());
-    let ambiguous = h1 && conn.framing.next_is_ambiguous();
+    let framing_refusal = if h1 { conn.framing.next_refusal() } else { None };
     if !h1 {
         conn.is_h2.store(true, Ordering::Relaxed);
     }
@@ -457,10 +457,8 @@ pub async fn handle(
         reused: None,
         slot: None,
     });
-    let result = if ambiguous {
-        Err(ProxyError::Malformed(
-            "both Content-Length and Transfer-Encoding (ambiguous framing)",
-        ))
+    let result = if let Some(why) = framing_refusal {
+        Err(ProxyError::Malformed(why))
     } else {
         forward(&proxy, &conn, req, request_id, &mut log).await
     };

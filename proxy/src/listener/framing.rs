@@ -42,11 +42,17 @@ impl Default for Verdicts {
 }
 
 impl Verdicts {
-    /// Called once per HTTP/1 request, in order: whether this one must be refused, because its
-    /// framing was ambiguous or because the watcher lost track before it.
-    pub fn next_is_ambiguous(&self) -> bool {
+    /// Called once per HTTP/1 request, in order: why this one must be refused, if it must (its
+    /// framing was ambiguous, or the watcher lost track before it).
+    pub fn next_refusal(&self) -> Option<&'static str> {
         let n = self.handled.fetch_add(1, Ordering::Relaxed);
-        self.ambiguous.load(Ordering::Acquire) == n || n >= self.stopped.load(Ordering::Acquire)
+        if self.ambiguous.load(Ordering::Acquire) == n {
+            Some("both Content-Length and Transfer-Encoding (ambiguous framing)")
+        } else if n >= self.stopped.load(Ordering::Acquire) {
+            Some("an earlier request on this connection had framing that could not be followed")
+        } else {
+            None
+        }
     }
 
     fn stop(&self, index: u64) {
@@ -432,7 +438,7 @@ mod tests {
         let v = Verdicts::default();
         v.stop(2);
         assert_eq!(
-            (0..4).map(|_| v.next_is_ambiguous()).collect::<Vec<_>>(),
+            (0..4).map(|_| v.next_refusal().is_some()).collect::<Vec<_>>(),
             vec![false, false, true, true]
         );
     }
@@ -443,7 +449,7 @@ mod tests {
         v.mark(2);
         v.mark(5);
         assert_eq!(
-            (0..4).map(|_| v.next_is_ambiguous()).collect::<Vec<_>>(),
+            (0..4).map(|_| v.next_refusal().is_some()).collect::<Vec<_>>(),
             vec![false, false, true, false]
         );
     }

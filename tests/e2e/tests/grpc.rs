@@ -115,15 +115,16 @@ async fn server_status_in_trailers_reaches_the_client() {
 async fn deadline_from_grpc_timeout_ends_the_call_with_deadline_exceeded() {
     let env = Env::start().await.unwrap();
     let mut c = client(&env, BILLING_IP).await;
-    // The server would answer after 5 s; the client allows 300 ms.
+    // The server would answer after 30 s, meshgate's request_timeout is 20 s; the client allows
+    // 300 ms. (A bounded wait well between those, not a timing measurement.)
     let (resp, mut send) = c
         .send_request(
-            call("Slow", &[("grpc-timeout", "300m"), ("echo-delay-ms", "5000")]),
+            call("Slow", &[("grpc-timeout", "300m"), ("echo-delay-ms", "30000")]),
             false,
         )
         .unwrap();
     send.send_data(frame(b"x"), true).unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(4), resp)
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
         .await
         .expect("meshgate did not apply the deadline")
         .unwrap();
