@@ -317,17 +317,22 @@ class Meshgate:
             self.proc.wait(5)
 
 
-def wait_ready(port, path, deadline=15.0):
+def wait_ready(port, path, deadline=15.0, m=None):
     end = time.monotonic() + deadline
+    last = None
     while time.monotonic() < end:
+        if m is not None and m.proc.poll() is not None:
+            out = m.proc.stdout.read().decode(errors="replace")
+            raise AssertionError(f"meshgate exited with {m.proc.returncode} before it was ready:\n{out}")
         try:
             status, _ = http_get(port, path)
             if status == 200:
                 return
-        except OSError:
-            pass
+            last = f"status {status}"
+        except OSError as e:
+            last = repr(e)
         time.sleep(0.1)
-    raise AssertionError("meshgate never became ready")
+    raise AssertionError(f"meshgate never became ready on port {port} (last: {last})")
 
 
 @pytest.fixture
@@ -337,7 +342,17 @@ def running(meshgate, identity, tmp_path):
     def start(subnet_cidrs=None, **fleet_overrides):
         proxy, admin = free_port(), free_port()
         d = deployment(
-            module_overrides={"fleet": {"identity_dir": str(identity), "proxy_port": proxy, "admin_port": admin, **fleet_overrides}},
+            # A loopback gateway: the example's DNS name would make the binary ask a resolver at
+            # start (slow when it times out, and traffic off the machine); nothing is sent to it.
+            module_overrides={
+                "fleet": {
+                    "identity_dir": str(identity),
+                    "proxy_port": proxy,
+                    "admin_port": admin,
+                    "mesh_gateways": ["127.0.0.1:15443"],
+                    **fleet_overrides,
+                }
+            },
             subnet_cidrs=subnet_cidrs,
         )
         cfg = tmp_path / f"meshgate-{len(started)}.yaml"
@@ -355,7 +370,7 @@ def test_health_check_and_sigterm_drain_on_the_real_binary(running):
     # Short drain so the test is quick; the preconditions' production values are tested above.
     d, m = running(drain_delay_seconds=1, drain_spread_seconds=1, drain_timeout_seconds=5)
     hc = d.block("fleet", "aws_lb_target_group", "proxy", "health_check")
-    wait_ready(hc["port"], hc["path"])
+    wait_ready(hc["port"], hc["path"], m=m)
     status, body = http_get(hc["port"], hc["path"])
     assert (status, body.strip()) == (200, b"ready")
     status, body = http_get(hc["port"], "/metrics")
@@ -378,7 +393,7 @@ def test_proxy_protocol_listener_with_nlb_style_peers(running):
     after one is served, a trusted peer without a header is disconnected."""
     d, m = running(subnet_cidrs=["127.0.0.0/24", "127.0.1.0/24", "127.0.2.0/24"], proxy_protocol_v2=True)
     hc = d.block("fleet", "aws_lb_target_group", "proxy", "health_check")
-    wait_ready(hc["port"], hc["path"])
+    wait_ready(hc["port"], hc["path"], m=m)
     port = port_of(config_of(d)["listeners"][0]["bind"])
     assert port == d.inputs("fleet")["proxy_port"]
     with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
@@ -413,7 +428,7 @@ def test_admin_readyz_health_check_through_proxy_protocol(running):
     hc = d.block("fleet", "aws_lb_target_group", "proxy", "health_check")
     assert d.eval_in("fleet", d.resource("fleet", "aws_lb_target_group", "proxy")["proxy_protocol_v2"]) is True
     assert (hc["protocol"], hc["port"], hc["path"], hc["matcher"]) == ("HTTP", port_of(cfg["admin"]["bind"]), "/readyz", "200")
-    wait_ready(hc["port"], hc["path"])  # from 127.0.0.1: not trusted, no header
+    wait_ready(hc["port"], hc["path"], m=m)  # from 127.0.0.1: not trusted, no header
     headers = {
         "v2 LOCAL": PROXY_V2_LOCAL,
         "v2 PROXY": proxy_v2(NLB_NODE, 43210, "127.0.0.1", hc["port"]),
