@@ -285,8 +285,9 @@ def test_security_groups_open_only_the_design():
 
 
 def free_port() -> int:
+    # The rendered config binds 0.0.0.0, so check the port there.
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("0.0.0.0", 0))
         return s.getsockname()[1]
 
 
@@ -340,6 +341,25 @@ def running(meshgate, identity, tmp_path):
     started = []
 
     def start(subnet_cidrs=None, **fleet_overrides):
+        # A port found free may be taken again before the binary binds it (an ephemeral port of
+        # some other connection): then start again on fresh ports.
+        for _ in range(5):
+            d, m = start_once(subnet_cidrs, **fleet_overrides)
+            end = time.monotonic() + 3
+            while m.proc.poll() is None and time.monotonic() < end:
+                try:
+                    http_get(d.block("fleet", "aws_lb_target_group", "proxy", "health_check")["port"], "/healthz")
+                    return d, m
+                except OSError:
+                    time.sleep(0.05)
+            if m.proc.poll() is None:
+                return d, m
+            out = m.proc.stdout.read().decode(errors="replace")
+            if "Address already in use" not in out:
+                raise AssertionError(f"meshgate exited with {m.proc.returncode}:\n{out}")
+        raise AssertionError("no free ports after 5 tries")
+
+    def start_once(subnet_cidrs=None, **fleet_overrides):
         proxy, admin = free_port(), free_port()
         d = deployment(
             # A loopback gateway: the example's DNS name would make the binary ask a resolver at
