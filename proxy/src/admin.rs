@@ -294,6 +294,7 @@ pub fn effective_config(s: &Snapshot) -> Value {
                 "cert_chain": s.identity.paths.cert_chain.display().to_string(),
                 "key": "<redacted>",
                 "root_cert": s.identity.paths.root_cert.display().to_string(),
+                "issuer": s.identity.issuer.as_ref().map(|i| i.describe()),
             },
         },
         "services": services,

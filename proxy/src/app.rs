@@ -21,7 +21,8 @@ use tokio::time::Instant;
 
 use crate::config::{self, ConfigError, ConfigErrors, Snapshot};
 use crate::forward::Proxy;
-use crate::identity::{Identity, IdentityError};
+use crate::identity::issuer::{self, IssuerSpec};
+use crate::identity::{rfc3339, Identity, IdentityError};
 use crate::lifecycle::{Lifecycle, ListenerState};
 use crate::metrics::Metrics;
 use crate::upstream::{Gateway, Upstream};
@@ -43,6 +44,22 @@ struct State {
 /// Polls a key may stay mismatched with its certificate before that counts as a failure.
 pub const MISMATCH_POLLS: u32 = 5;
 
+/// Renewal bookkeeping for one issued identity.
+struct Renewal {
+    spec: Arc<IssuerSpec>,
+    next: SystemTime,
+    failures: u32,
+    last_error: Option<String>,
+}
+
+/// Readiness turns off when an issued certificate has less than this share of its lifetime left
+/// and renewing it keeps failing: the fleet's other instances can take the traffic before this
+/// one's certificate expires.
+const NOT_READY_BELOW_LIFETIME: f64 = 0.1;
+
+/// Issuance attempts at start before giving up (a certificate is needed before serving).
+const START_ATTEMPTS: u32 = 3;
+
 #[derive(Default)]
 struct IdentityWatch {
     last_sig: Option<[u8; 32]>,
@@ -55,6 +72,7 @@ pub struct App {
     pub client_connections: std::sync::atomic::AtomicUsize,
     /// Per identity, by its certificate path.
     identity_watch: std::sync::Mutex<HashMap<std::path::PathBuf, IdentityWatch>>,
+    renewals: std::sync::Mutex<Vec<Renewal>>,
     current: ArcSwap<Proxy>,
     pub metrics: Arc<Metrics>,
     pub lifecycle: Lifecycle,
@@ -134,8 +152,42 @@ impl App {
             return Some("drained".into());
         }
         let proxy = self.current.load();
-        self.lifecycle
-            .not_ready_reason(proxy.snapshot.identity.not_after, SystemTime::now())
+        let s = &proxy.snapshot;
+        let now = SystemTime::now();
+        if let Some(r) = self.lifecycle.not_ready_reason(s.identity.not_after, now) {
+            return Some(r);
+        }
+        for i in 1..s.identity_count() {
+            let id = s.identity_at(i);
+            if now >= id.not_after {
+                return Some(format!(
+                    "workload identity {} expired at {}",
+                    id.spiffe_id,
+                    rfc3339(id.not_after)
+                ));
+            }
+        }
+        let renewals = self.renewals.lock().unwrap_or_else(|e| e.into_inner());
+        for r in renewals.iter().filter(|r| r.failures > 0) {
+            let Some(id) = (0..s.identity_count())
+                .map(|i| s.identity_at(i))
+                .find(|id| id.issuer.as_ref() == Some(&r.spec))
+            else {
+                continue;
+            };
+            let life = id.not_after.duration_since(id.not_before).unwrap_or_default();
+            let left = id.not_after.duration_since(now).unwrap_or_default();
+            if left < life.mul_f64(NOT_READY_BELOW_LIFETIME) {
+                return Some(format!(
+                    "workload identity {} expires at {} and renewal from {} keeps failing: {}",
+                    id.spiffe_id,
+                    rfc3339(id.not_after),
+                    r.spec.describe(),
+                    r.last_error.as_deref().unwrap_or("?")
+                ));
+            }
+        }
+        None
     }
 
     fn spawn_listener(self: &Arc<Self>, l: &config::Listener, tcp: TcpListener) -> RunningListener {
@@ -178,7 +230,7 @@ impl App {
     }
 
     async fn reload_locked(self: &Arc<Self>, state: &mut State) -> Result<(), ConfigErrors> {
-        let new = config::load(&self.config_path)?;
+        let mut new = config::load(&self.config_path)?;
         if self.lifecycle.is_draining() {
             return Err(bind_error(
                 &self.config_path,
@@ -186,6 +238,9 @@ impl App {
             ));
         }
         let old = self.current.load_full();
+        let renewals = obtain_identities(&mut new, Some(&old.snapshot), 1)
+            .await
+            .map_err(|m| bind_error(&self.config_path, m))?;
         // Bind new and moved listeners before anything changes, so a bind failure rejects the
         // whole reload and leaves the running config untouched.
         let mut fresh = Vec::new();
@@ -224,6 +279,10 @@ impl App {
             g
         };
         self.install(new, gateway, Some(&old.upstream));
+        for r in &renewals {
+            record_renewal_metrics(&self.metrics, &r.spec, r.failures == 0, r.failures);
+        }
+        self.renewals.lock().unwrap_or_else(|e| e.into_inner()).extend(renewals);
 
         let snapshot = self.current.load().snapshot.clone();
         let mut keep = Vec::new();
@@ -273,15 +332,15 @@ impl App {
         // The mesh identity and every tenant's: each is watched and rotated on its own.
         for i in 0..snap.identity_count() {
             let current = snap.identity_at(i);
+            if current.issuer.is_some() {
+                // Renewed from its issuer by `renew_due`, not watched on disk.
+                continue;
+            }
             match self.check_identity_files(current, &snap.trust_domain) {
                 Ok(Some(identity)) => {
                     tracing::info!(identity = %identity.spiffe_id, not_after = %crate::identity::rfc3339(identity.not_after), "workload identity rotated");
-                    let n = new.get_or_insert_with(|| (**snap).clone());
-                    if i == 0 {
-                        n.identity = Arc::new(identity);
-                    } else {
-                        n.tenant_identities[i - 1] = Arc::new(identity);
-                    }
+                    new.get_or_insert_with(|| (**snap).clone())
+                        .set_identity_at(i, Arc::new(identity));
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -341,6 +400,84 @@ impl App {
             return Ok(None);
         }
         Ok(Some(identity))
+    }
+
+    /// Renews every issued identity whose time has come; a failure keeps the current certificate
+    /// and schedules a retry (doubling, bounded by the time left).
+    async fn renew_due(self: &Arc<Self>) {
+        let snap = self.current.load().snapshot.clone();
+        let now = SystemTime::now();
+        let mut due = Vec::new();
+        {
+            let mut renewals = self.renewals.lock().unwrap_or_else(|e| e.into_inner());
+            let specs: Vec<Arc<IssuerSpec>> = (0..snap.identity_count())
+                .filter_map(|i| snap.identity_at(i).issuer.clone())
+                .collect();
+            renewals.retain(|r| specs.contains(&r.spec));
+            for i in 0..snap.identity_count() {
+                let id = snap.identity_at(i);
+                let Some(spec) = &id.issuer else { continue };
+                let r = match renewals.iter().position(|r| r.spec == *spec) {
+                    Some(k) => &renewals[k],
+                    None => {
+                        renewals.push(Renewal::scheduled(spec.clone(), id));
+                        renewals.last().expect("just pushed")
+                    }
+                };
+                if r.next <= now && !due.iter().any(|(_, s): &(usize, Arc<IssuerSpec>)| s == spec) {
+                    due.push((i, spec.clone()));
+                }
+            }
+        }
+        for (i, spec) in due {
+            let current = snap.identity_at(i).clone();
+            let result = issuer::obtain(&spec, Some(&current), &snap.trust_domain).await;
+            self.record_renewal(&spec, &current, &result);
+            let Ok(fresh) = result else { continue };
+            tracing::info!(identity = %fresh.spiffe_id, issuer = %spec.describe(), not_after = %rfc3339(fresh.not_after), "workload identity renewed");
+            let _state = self.state.lock().await;
+            // The snapshot may have been reloaded meanwhile: replace wherever this spec is now.
+            let old = self.current.load_full();
+            let mut new = (*old.snapshot).clone();
+            let fresh = Arc::new(fresh);
+            let mut found = false;
+            for k in 0..new.identity_count() {
+                if new.identity_at(k).issuer.as_ref() == Some(&spec) {
+                    new.set_identity_at(k, fresh.clone());
+                    found = true;
+                }
+            }
+            if found {
+                self.install(new, old.upstream.gateway.clone(), Some(&old.upstream));
+            }
+        }
+    }
+
+    fn record_renewal(
+        &self,
+        spec: &Arc<IssuerSpec>,
+        current: &Identity,
+        result: &Result<Identity, issuer::IssueError>,
+    ) {
+        let now = SystemTime::now();
+        let mut renewals = self.renewals.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(r) = renewals.iter_mut().find(|r| r.spec == *spec) else {
+            return;
+        };
+        match result {
+            Ok(fresh) => {
+                *r = Renewal::scheduled(spec.clone(), fresh);
+            }
+            Err(e) => {
+                r.failures += 1;
+                let left = current.not_after.duration_since(now).unwrap_or_default();
+                r.next = now + issuer::retry_delay(r.failures, left);
+                r.last_error = Some(e.to_string());
+                tracing::warn!(identity = %spec.spiffe_id, error = %e, failures = r.failures,
+                    expires = %rfc3339(current.not_after), "certificate renewal failed; keeping the current certificate");
+            }
+        }
+        record_renewal_metrics(&self.metrics, spec, result.is_ok(), r.failures);
     }
 
     async fn close_listeners(&self, spread: Duration, timeout: Duration) {
@@ -432,6 +569,101 @@ async fn watch_files(app: Arc<App>) {
     }
 }
 
+impl Renewal {
+    /// Next renewal of a freshly issued (or carried-over) certificate.
+    fn scheduled(spec: Arc<IssuerSpec>, id: &Identity) -> Renewal {
+        let jitter = rand::random::<f64>() * 2.0 - 1.0;
+        Renewal {
+            spec,
+            next: issuer::renew_at(id.not_before, id.not_after, jitter),
+            failures: 0,
+            last_error: None,
+        }
+    }
+
+    /// A bootstrap certificate whose first issuance failed: retry soon.
+    fn failed(spec: Arc<IssuerSpec>, id: &Identity, error: String) -> Renewal {
+        let left = id.not_after.duration_since(SystemTime::now()).unwrap_or_default();
+        Renewal {
+            spec,
+            next: SystemTime::now() + issuer::retry_delay(1, left),
+            failures: 1,
+            last_error: Some(error),
+        }
+    }
+}
+
+fn record_renewal_metrics(metrics: &Metrics, spec: &IssuerSpec, ok: bool, failures: u32) {
+    metrics
+        .identity_renewals
+        .get_or_create(&crate::metrics::RenewalLabels {
+            identity: spec.spiffe_id.clone(),
+            issuer: spec.kind_name().to_string(),
+            result: if ok { "ok" } else { "error" }.to_string(),
+        })
+        .inc();
+    metrics
+        .identity_renewal_failures
+        .get_or_create(&crate::metrics::IdentityLabels {
+            identity: spec.spiffe_id.clone(),
+        })
+        .set(i64::from(failures));
+}
+
+/// Gives every issued identity of `snapshot` a certificate before it is served: carried over
+/// from `old` when its issuer block is unchanged, otherwise requested now (`attempts` tries).
+/// A pending identity that gets none fails the whole start or reload; a bootstrap certificate
+/// is served meanwhile and retried soon.
+async fn obtain_identities(
+    snapshot: &mut Snapshot,
+    old: Option<&Snapshot>,
+    attempts: u32,
+) -> Result<Vec<Renewal>, String> {
+    let mut renewals = Vec::new();
+    for i in 0..snapshot.identity_count() {
+        let id = snapshot.identity_at(i).clone();
+        let Some(spec) = id.issuer.clone() else { continue };
+        let running = old.and_then(|o| {
+            (0..o.identity_count())
+                .map(|k| o.identity_at(k))
+                .find(|x| x.issuer.as_ref() == Some(&spec) && !x.is_pending())
+        });
+        if let Some(running) = running {
+            snapshot.set_identity_at(i, running.clone());
+            continue;
+        }
+        let mut failures = 0;
+        let outcome = loop {
+            match issuer::obtain(&spec, Some(&id), &snapshot.trust_domain).await {
+                Ok(fresh) => break Ok(fresh),
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(identity = %spec.spiffe_id, error = %e, attempt = failures, "certificate request failed");
+                    if failures >= attempts {
+                        break Err(e);
+                    }
+                    tokio::time::sleep(issuer::retry_delay(failures - 1, Duration::from_secs(60))).await;
+                }
+            }
+        };
+        match outcome {
+            Ok(fresh) => {
+                tracing::info!(identity = %fresh.spiffe_id, issuer = %spec.describe(), not_after = %rfc3339(fresh.not_after), "workload certificate issued");
+                renewals.push(Renewal::scheduled(spec.clone(), &fresh));
+                snapshot.set_identity_at(i, Arc::new(fresh));
+            }
+            Err(e) if id.is_pending() => {
+                return Err(format!("identity {}: no certificate: {e}", spec.spiffe_id));
+            }
+            Err(e) => {
+                tracing::warn!(identity = %spec.spiffe_id, "serving the bootstrap certificate until the issuer answers");
+                renewals.push(Renewal::failed(spec.clone(), &id, e.to_string()));
+            }
+        }
+    }
+    Ok(renewals)
+}
+
 /// The expiry gauge: the mesh identity and every tenant identity.
 fn identity_metrics(metrics: &Metrics, snapshot: &Snapshot) {
     metrics.set_identity(&snapshot.identity.spiffe_id, snapshot.identity.not_after);
@@ -441,8 +673,11 @@ fn identity_metrics(metrics: &Metrics, snapshot: &Snapshot) {
 }
 
 /// Starts everything for `snapshot`, read from `config_path` (which reloads re-read).
-pub async fn start(snapshot: Snapshot) -> anyhow::Result<Bound> {
+pub async fn start(mut snapshot: Snapshot) -> anyhow::Result<Bound> {
     let config_path = snapshot.path.clone();
+    let renewals = obtain_identities(&mut snapshot, None, START_ATTEMPTS)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let gateway = Gateway::new(snapshot.gateway.clone());
     if let Err(e) = gateway.resolve().await {
         // Not fatal: the gateway may come up after us. Requests get 503 until it resolves.
@@ -451,6 +686,9 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Bound> {
     let metrics = Arc::new(Metrics::new());
     let upstream = Arc::new(Upstream::new(&snapshot, gateway.clone(), metrics.clone(), None));
     identity_metrics(&metrics, &snapshot);
+    for r in &renewals {
+        record_renewal_metrics(&metrics, &r.spec, r.failures == 0, r.failures);
+    }
     let mut tcp = Vec::new();
     for l in &snapshot.listeners {
         tcp.push(bind(l).await.map_err(anyhow::Error::msg)?);
@@ -469,6 +707,7 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Bound> {
         config_path,
         client_connections: Default::default(),
         identity_watch: Default::default(),
+        renewals: std::sync::Mutex::new(renewals),
         current: ArcSwap::from_pointee(Proxy::new(Arc::new(snapshot), upstream, metrics.clone(), None)),
         metrics,
         lifecycle: Lifecycle::default(),
@@ -499,6 +738,15 @@ pub async fn start(snapshot: Snapshot) -> anyhow::Result<Bound> {
     if watch {
         app.spawn_background(watch_files(app.clone()));
     }
+    let renewer = app.clone();
+    app.spawn_background(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if !renewer.lifecycle.is_draining() {
+                renewer.renew_due().await;
+            }
+        }
+    });
     let admin = match admin_tcp {
         Some(t) => {
             let addr = t.local_addr()?;

@@ -47,6 +47,7 @@ impl ProxyError {
                 UpstreamError::Tls { .. }
                 | UpstreamError::Identity { .. }
                 | UpstreamError::Protocol { .. }
+                | UpstreamError::Hbone { .. }
                 | UpstreamError::Http(_) => StatusCode::BAD_GATEWAY,
                 UpstreamError::HandshakeTimeout { .. } | UpstreamError::RequestTimeout(_) => {
                     StatusCode::GATEWAY_TIMEOUT
@@ -99,6 +100,7 @@ impl ProxyError {
                 UpstreamError::Http(_) => "upstream_reset",
                 UpstreamError::PoolTimeout(_) => "upstream_pool_timeout",
                 UpstreamError::Overloaded => "upstream_overloaded",
+                UpstreamError::Hbone { .. } => "upstream_hbone",
             },
         }
     }

@@ -116,6 +116,37 @@ pub struct RouteInfo {
     pub alpn: Vec<String>,
     pub gateway: Vec<String>,
     pub expected_server: String,
+    /// Set for `transport: hbone` / `double-hbone`; then `gateway` is the HBONE dial target,
+    /// `sni` is empty (none is sent) and `alpn` is `h2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hbone: Option<HboneInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HboneInfo {
+    pub transport: String,
+    /// `:authority` of the CONNECT (both CONNECTs for double HBONE).
+    pub authority: String,
+    pub gateway_identity: Option<String>,
+    pub network: Option<String>,
+}
+
+impl RouteInfo {
+    /// HBONE services: what the data path sends instead of the sidecar route.
+    fn with_transport(mut self, t: &crate::config::Transport) -> RouteInfo {
+        if let crate::config::Transport::Hbone(h) = t {
+            self.gateway = vec![h.dial.to_string()];
+            self.sni = String::new();
+            self.alpn = vec!["h2".into()];
+            self.hbone = Some(HboneInfo {
+                transport: t.name().into(),
+                authority: h.authority.clone(),
+                gateway_identity: h.gateway.as_ref().map(|g| g.identity.to_string()),
+                network: h.gateway.as_ref().map(|g| g.network.clone()),
+            });
+        }
+        self
+    }
 }
 
 impl Explanation {
@@ -203,20 +234,24 @@ pub fn explain(
     let route = match route {
         Some(Ok(id)) => {
             let s = &snapshot.services[id];
-            Some(RouteInfo {
-                service: s.name.clone(),
-                host: s.host.clone(),
-                port: s.port,
-                protocol: format!("{:?}", s.protocol).to_lowercase(),
-                subset: s.subset.clone(),
-                sni: s.sni.clone(),
-                alpn: alpn_for(s.protocol)
-                    .iter()
-                    .map(|p| String::from_utf8_lossy(p).into_owned())
-                    .collect(),
-                gateway: snapshot.gateway.0.iter().map(|g| g.to_string()).collect(),
-                expected_server: s.expected_server.to_string(),
-            })
+            Some(
+                RouteInfo {
+                    service: s.name.clone(),
+                    host: s.host.clone(),
+                    port: s.port,
+                    protocol: format!("{:?}", s.protocol).to_lowercase(),
+                    subset: s.subset.clone(),
+                    sni: s.sni.clone(),
+                    alpn: alpn_for(s.protocol)
+                        .iter()
+                        .map(|p| String::from_utf8_lossy(p).into_owned())
+                        .collect(),
+                    gateway: snapshot.gateway.0.iter().map(|g| g.to_string()).collect(),
+                    expected_server: s.expected_server.to_string(),
+                    hbone: None,
+                }
+                .with_transport(&s.transport),
+            )
         }
         _ => None,
     };
@@ -428,8 +463,23 @@ impl fmt::Display for Explanation {
                     "service",
                     format!("{} ({} port {}, {}{subset})", r.service, r.host, r.port, r.protocol),
                 )?;
-                row(f, "gateway", r.gateway.join(", "))?;
-                row(f, "sni", &r.sni)?;
+                match &r.hbone {
+                    None => {
+                        row(f, "gateway", r.gateway.join(", "))?;
+                        row(f, "sni", &r.sni)?;
+                    }
+                    Some(h) => {
+                        row(f, "transport", &h.transport)?;
+                        match (&h.gateway_identity, &h.network) {
+                            (Some(id), Some(net)) => {
+                                row(f, "hbone gateway", format!("{} ({id})", r.gateway.join(", ")))?;
+                                row(f, "hbone network", net)?;
+                            }
+                            _ => row(f, "hbone address", r.gateway.join(", "))?,
+                        }
+                        row(f, "connect", format!(":authority {}, no SNI", h.authority))?;
+                    }
+                }
                 row(f, "alpn", r.alpn.join(", "))?;
                 row(f, "server identity", &r.expected_server)?;
             }
@@ -774,5 +824,43 @@ tenants:
             assert!(text.contains(needle), "{needle:?} not in\n{text}");
         }
         assert!(Path::new(&e.config).ends_with("meshgate.yaml"));
+    }
+
+    #[test]
+    fn hbone_routes_show_transport_and_authority() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = meshsim::MeshCa::new("cluster.local").unwrap();
+        ca.issue("meshgate", "meshgate")
+            .unwrap()
+            .write_files(dir.path(), &ca.root_pem())
+            .unwrap();
+        let text = CONFIG.replace(
+            "    subset: v2\n",
+            "    subset: v2\n  details:\n    host: details.bookinfo.svc.cluster.local\n    port: 9080\n    protocol: http2\n    transport: hbone\n    hbone:\n      address: \"[fd00::7]:15008\"\n  remote:\n    host: remote.bookinfo.svc.cluster.local\n    port: 9080\n    protocol: http1\n    transport: double-hbone\n    hbone:\n      gateway: ew.remote.example.com:15008\n      gateway_identity: spiffe://cluster.local/ns/istio-system/sa/istio-eastwestgateway\n      network: vm-net\n",
+        );
+        let s = crate::config::parse(&dir.path().join("m.yaml"), &text, SystemTime::now()).unwrap();
+        let e = ask(&s, "192.168.1.9", Some(KEY), None, "details.bookinfo.svc.cluster.local");
+        let text = e.to_string();
+        assert!(text.contains("transport:       hbone\n"), "{text}");
+        assert!(text.contains("hbone address:   [fd00::7]:15008\n"), "{text}");
+        assert!(
+            text.contains("connect:         :authority [fd00::7]:9080, no SNI\n"),
+            "{text}"
+        );
+        assert!(text.contains("alpn:            h2\n"), "{text}");
+        assert!(!text.contains("sni:"), "{text}");
+        let e = ask(&s, "192.168.1.9", Some(KEY), None, "remote.bookinfo.svc.cluster.local");
+        let h = e.route.as_ref().unwrap().hbone.clone().unwrap();
+        assert_eq!(h.transport, "double-hbone");
+        assert_eq!(h.authority, "remote.bookinfo.svc.cluster.local:9080");
+        assert_eq!(h.network.as_deref(), Some("vm-net"));
+        let text = e.to_string();
+        assert!(
+            text.contains("hbone gateway:   ew.remote.example.com:15008 (spiffe://cluster.local/ns/istio-system/sa/istio-eastwestgateway)"),
+            "{text}"
+        );
+        // The JSON form (admin API) carries it too.
+        let back: Explanation = serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
+        assert_eq!(back, e);
     }
 }

@@ -26,7 +26,7 @@ use crate::policy::keys::presented_key;
 use crate::policy::limits::{Slot, TenantState};
 use crate::policy::Deny;
 use crate::route::RouteError;
-use crate::upstream::connect::connect_via;
+use crate::upstream::hbone::dedicated;
 use crate::upstream::{BoxError, Lease, RequestBody, Upstream, UpstreamError};
 
 /// One config generation: what requests share. A reload swaps the whole value.
@@ -714,8 +714,8 @@ async fn upgraded(
 ) -> Result<Forwarded, ProxyError> {
     let snap = &proxy.snapshot;
     let pool = proxy.upstream.pool(identity, service);
-    let (_, c) = connect_via(&proxy.upstream.gateway, pool.tls(), &snap.upstream, &service.name).await?;
-    let (mut sender, upstream_conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(c.stream))
+    let stream = dedicated(pool, &proxy.upstream.gateway, pool.tls(), &snap.upstream, conn.client).await?;
+    let (mut sender, upstream_conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
         .await
         .map_err(|e| UpstreamError::Http(e.to_string()))?;
     tokio::spawn(async move {
@@ -925,11 +925,12 @@ async fn tunnel(
     }
     let slot = tenant_limits(proxy, tenant_id)?;
     let pool = proxy.upstream.pool(tenant.identity, service);
-    let (_, upstream) = connect_via(
+    let upstream = dedicated(
+        pool,
         &proxy.upstream.gateway,
         pool.opaque_tls(),
         &snap.upstream,
-        &service.name,
+        conn.client,
     )
     .await?;
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -939,14 +940,7 @@ async fn tunnel(
         let _held = (lifetime, slot);
         match on_upgrade.await {
             Ok(upgraded) => {
-                run_tunnel(
-                    &metrics,
-                    &name,
-                    hyper_util::rt::TokioIo::new(upgraded),
-                    upstream.stream,
-                    close,
-                )
-                .await;
+                run_tunnel(&metrics, &name, hyper_util::rt::TokioIo::new(upgraded), upstream, close).await;
             }
             Err(e) => tracing::debug!(service = %name, %client, error = %e, "CONNECT upgrade failed"),
         }

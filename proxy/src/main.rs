@@ -159,12 +159,27 @@ fn print_summary(s: &Snapshot) {
         .duration_since(SystemTime::now())
         .map(human_duration)
         .unwrap_or_else(|_| "expired".into());
-    println!(
-        "identity: {} (valid until {}, {} left)",
-        id.spiffe_id,
-        rfc3339(id.not_after),
-        left
-    );
+    match &id.issuer {
+        Some(issuer) if id.is_pending() => println!(
+            "identity: {} (requested from {} at start, ttl {})",
+            id.spiffe_id,
+            issuer.describe(),
+            human_duration(issuer.ttl)
+        ),
+        Some(issuer) => println!(
+            "identity: {} (bootstrap certificate valid until {}, {} left; renewed from {})",
+            id.spiffe_id,
+            rfc3339(id.not_after),
+            left,
+            issuer.describe()
+        ),
+        None => println!(
+            "identity: {} (valid until {}, {} left)",
+            id.spiffe_id,
+            rfc3339(id.not_after),
+            left
+        ),
+    }
     println!("services:");
     for svc in &s.services {
         println!(

@@ -72,6 +72,13 @@ pub struct IdentityLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RenewalLabels {
+    pub identity: String,
+    pub issuer: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
     pub version: String,
 }
@@ -95,6 +102,8 @@ pub struct Metrics {
     pub config_reloads: Family<ResultLabels, Counter>,
     pub identity_reloads: Family<ResultLabels, Counter>,
     pub identity_expiry: Family<IdentityLabels, Gauge<f64, AtomicU64>>,
+    pub identity_renewals: Family<RenewalLabels, Counter>,
+    pub identity_renewal_failures: Family<IdentityLabels, Gauge>,
     pub draining: Gauge,
     pub drained: Gauge,
     pub ready: Gauge,
@@ -232,6 +241,16 @@ impl Metrics {
             "Unix time at which the workload certificate expires",
             Family::<IdentityLabels, Gauge<f64, AtomicU64>>::default()
         );
+        let identity_renewals = reg!(
+            "meshgate_identity_renewals",
+            "Certificate requests to an issuer (Istio CA, Vault), by identity, issuer kind and result",
+            Family::<RenewalLabels, Counter>::default()
+        );
+        let identity_renewal_failures = reg!(
+            "meshgate_identity_renewal_failures",
+            "Consecutive failed certificate requests for an issued identity (0 once one succeeds)",
+            Family::<IdentityLabels, Gauge>::default()
+        );
         let draining = reg!(
             "meshgate_draining",
             "1 while the instance drains (readiness off, connections being closed)",
@@ -292,6 +311,8 @@ impl Metrics {
             config_reloads,
             identity_reloads,
             identity_expiry,
+            identity_renewals,
+            identity_renewal_failures,
             draining,
             drained,
             ready,

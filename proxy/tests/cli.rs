@@ -461,3 +461,136 @@ fn tcp_listener_errors() {
     let text = replace("    protocol: http\n", "    protocol: tcp\n    service: nope\n");
     assert_rejected(&f, &text, 5, "unknown service \"nope\"");
 }
+
+#[test]
+fn hbone_errors_name_the_line_and_reason() {
+    let f = Fixture::new();
+    let svc = "    protocol: http2\n";
+    // `protocol: http2` of `reviews` is line 18; what is added starts at line 19.
+    let with = |extra: &str| replace(svc, &format!("{svc}{extra}"));
+    assert_rejected(&f, &with("    transport: hbone\n"), 19, "no hbone.address");
+    assert_rejected(
+        &f,
+        &with("    transport: hbone\n    hbone:\n      address: pod.example:15008\n"),
+        21,
+        "invalid hbone.address \"pod.example:15008\": expected IP:PORT",
+    );
+    assert_rejected(
+        &f,
+        &with("    transport: hbone\n    hbone:\n      address: 10.1.2.3:15008\n      network: n1\n"),
+        22,
+        "hbone.network: only for transport double-hbone",
+    );
+    assert_rejected(
+        &f,
+        &with("    transport: double-hbone\n    hbone:\n      gateway: ew.example.com:15008\n"),
+        21,
+        "transport double-hbone needs hbone.gateway_identity, hbone.network",
+    );
+    assert_rejected(
+        &f,
+        &with("    transport: double-hbone\n    hbone:\n      gateway: ew.example.com:15008\n      gateway_identity: ew-gateway\n      network: n1\n"),
+        22,
+        "invalid hbone.gateway_identity",
+    );
+    assert_rejected(
+        &f,
+        &with("    hbone:\n      address: 10.1.2.3:15008\n"),
+        20,
+        "needs transport hbone or double-hbone",
+    );
+    assert_rejected(&f, &with("    transport: ambient\n"), 19, "transport");
+
+    // Both transports, well formed: accepted.
+    let good = with(
+        "    transport: hbone\n    hbone:\n      address: \"[fd00::5]:15008\"\n      target: \"[fd00::5]:9080\"\n  ratings:\n    host: ratings.bookinfo.svc.cluster.local\n    port: 9080\n    protocol: http1\n    identity: spiffe://cluster.local/ns/bookinfo/sa/ratings\n    transport: double-hbone\n    hbone:\n      gateway: ew.remote.example.com:15008\n      gateway_identity: spiffe://cluster.local/ns/istio-system/sa/istio-eastwestgateway\n      network: vm-net\n",
+    );
+    let (code, _, err) = check(&f.config(&good));
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn issuer_identity_config_is_checked_with_lines() {
+    let f = Fixture::new();
+    f.write("istio-token", "token\n");
+    let with = |block: &str| {
+        replace(
+            "  identity:\n    cert_chain: cert-chain.pem\n    key: key.pem\n    root_cert: root-cert.pem\n",
+            &format!("  identity:\n{block}"),
+        )
+    };
+    // A good Istio CA block: accepted; check says the certificate is requested at start.
+    let good = "    spiffe_id: spiffe://cluster.local/ns/vms/sa/meshgate\n    root_cert: root-cert.pem\n    istio_ca:\n      address: 127.0.0.1:15012\n      token_file: istio-token\n";
+    let (code, out, err) = check(&f.config(&with(good)));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(
+            "identity: spiffe://cluster.local/ns/vms/sa/meshgate (requested from istio_ca 127.0.0.1:15012 at start"
+        ),
+        "{out}"
+    );
+    // The identity block starts at line 11; errors about an issuer point at its first key.
+    assert_rejected(
+        &f,
+        &with("    root_cert: root-cert.pem\n    istio_ca:\n      address: 127.0.0.1:15012\n      token_file: istio-token\n"),
+        13,
+        "identity.spiffe_id is required with an issuer",
+    );
+    assert_rejected(
+        &f,
+        &with("    spiffe_id: spiffe://other.domain/ns/vms/sa/x\n    root_cert: root-cert.pem\n    istio_ca:\n      address: 127.0.0.1:15012\n      token_file: istio-token\n"),
+        11,
+        "outside trust domain \"cluster.local\"",
+    );
+    assert_rejected(
+        &f,
+        &with("    spiffe_id: spiffe://cluster.local/ns/vms/sa/x\n    root_cert: root-cert.pem\n    istio_ca:\n      address: 127.0.0.1\n      token_file: istio-token\n"),
+        14,
+        "istio_ca.address \"127.0.0.1\": missing :PORT",
+    );
+    assert_rejected(
+        &f,
+        &with("    spiffe_id: spiffe://cluster.local/ns/vms/sa/x\n    root_cert: root-cert.pem\n    istio_ca:\n      address: 127.0.0.1:15012\n"),
+        14,
+        "istio_ca needs token_file, or cert_chain and key",
+    );
+    assert_rejected(
+        &f,
+        &with("    spiffe_id: spiffe://cluster.local/ns/vms/sa/x\n    root_cert: root-cert.pem\n    istio_ca:\n      address: 127.0.0.1:15012\n      token_file: missing-token\n"),
+        15,
+        "cannot read token_file missing-token",
+    );
+    // A bootstrap certificate must be for the SPIFFE ID requested.
+    assert_rejected(
+        &f,
+        &with("    spiffe_id: spiffe://cluster.local/ns/vms/sa/x\n    cert_chain: cert-chain.pem\n    key: key.pem\n    root_cert: root-cert.pem\n    istio_ca:\n      address: 127.0.0.1:15012\n"),
+        12,
+        "bootstrap certificate is for spiffe://cluster.local/ns/meshgate/sa/meshgate, not identity.spiffe_id",
+    );
+    // Vault: exactly one way to authenticate; not both issuers.
+    assert_rejected(
+        &f,
+        &with("    spiffe_id: spiffe://cluster.local/ns/vms/sa/x\n    root_cert: root-cert.pem\n    vault:\n      address: http://127.0.0.1:8200\n      role: meshgate\n"),
+        14,
+        "vault needs exactly one of token_file and approle",
+    );
+    assert_rejected(
+        &f,
+        &with("    spiffe_id: spiffe://cluster.local/ns/vms/sa/x\n    root_cert: root-cert.pem\n    istio_ca:\n      address: 127.0.0.1:15012\n      token_file: istio-token\n    vault:\n      address: http://127.0.0.1:8200\n      role: r\n      token_file: istio-token\n"),
+        17,
+        "names two issuers",
+    );
+    // Files without an issuer still need cert_chain and key; issuer-only keys are refused.
+    assert_rejected(
+        &f,
+        &with("    root_cert: root-cert.pem\n"),
+        11,
+        "identity needs cert_chain and key files, or an issuer",
+    );
+    assert_rejected(
+        &f,
+        &with("    cert_chain: cert-chain.pem\n    key: key.pem\n    root_cert: root-cert.pem\n    ttl: 1h\n"),
+        14,
+        "identity.ttl is only for an issuer",
+    );
+}

@@ -3,6 +3,7 @@
 //! Every error names the file, the line and the reason. Validation collects all the errors it
 //! can find in one pass, so an operator fixes a file in one round trip instead of five.
 
+pub mod hbone;
 pub mod schema;
 mod validate;
 
@@ -13,6 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use http::HeaderName;
 
+pub use hbone::{HboneGateway, HboneRoute, Transport};
 pub use schema::{GatewayTarget, HostPort, ListenerProtocol, LogFormat, UpstreamProtocol};
 
 use crate::identity::{ExpectedServer, Identity};
@@ -65,6 +67,8 @@ pub struct Service {
     pub expected_server: ExpectedServer,
     /// `outbound_.PORT_.SUBSET_.HOST`, what the gateway routes on.
     pub sni: String,
+    /// Sidecar (through `mesh.gateway`) or HBONE (ambient).
+    pub transport: Transport,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -140,6 +144,15 @@ impl Snapshot {
             &self.identity
         } else {
             &self.tenant_identities[i - 1]
+        }
+    }
+
+    /// Replaces identity number `i` (a rotation or an issuance).
+    pub fn set_identity_at(&mut self, i: usize, identity: Arc<Identity>) {
+        if i == 0 {
+            self.identity = identity;
+        } else {
+            self.tenant_identities[i - 1] = identity;
         }
     }
 

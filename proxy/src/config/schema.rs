@@ -183,9 +183,83 @@ pub fn default_gateway_refresh() -> Dur {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawIdentity {
-    pub cert_chain: Spanned<String>,
-    pub key: Spanned<String>,
+    /// Files: required unless an issuer is named; with an issuer, an optional bootstrap
+    /// certificate (served until the first issuance, and authenticating it to an Istio CA).
+    #[serde(default)]
+    pub cert_chain: Option<Spanned<String>>,
+    #[serde(default)]
+    pub key: Option<Spanned<String>>,
     pub root_cert: Spanned<String>,
+    /// With an issuer: the SPIFFE ID to request.
+    #[serde(default)]
+    pub spiffe_id: Option<Spanned<String>>,
+    /// With an issuer: the certificate lifetime to request.
+    #[serde(default)]
+    pub ttl: Option<Spanned<Dur>>,
+    #[serde(default)]
+    pub istio_ca: Option<Spanned<RawIstioCa>>,
+    #[serde(default)]
+    pub vault: Option<Spanned<RawVault>>,
+}
+
+/// istiod (`:15012`) or cert-manager istio-csr: `CreateCertificate` over gRPC.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIstioCa {
+    pub address: Spanned<String>,
+    #[serde(default)]
+    pub server_name: Option<Spanned<String>>,
+    #[serde(default)]
+    pub ca_cert: Option<Spanned<String>>,
+    #[serde(default)]
+    pub token_file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub cluster_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVault {
+    pub address: Spanned<String>,
+    #[serde(default)]
+    pub ca_cert: Option<Spanned<String>>,
+    #[serde(default = "d_vault_mount")]
+    pub mount: String,
+    pub role: Spanned<String>,
+    /// `issue` (Vault makes the key) or `sign` (our key, our CSR).
+    #[serde(default)]
+    pub method: VaultMethod,
+    #[serde(default)]
+    pub common_name: Option<String>,
+    #[serde(default)]
+    pub token_file: Option<Spanned<String>>,
+    #[serde(default)]
+    pub approle: Option<Spanned<RawAppRole>>,
+}
+
+pub fn d_vault_mount() -> String {
+    "pki".into()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VaultMethod {
+    #[default]
+    Issue,
+    Sign,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAppRole {
+    #[serde(default = "d_approle_mount")]
+    pub mount: String,
+    pub role_id_file: Spanned<String>,
+    pub secret_id_file: Spanned<String>,
+}
+
+pub fn d_approle_mount() -> String {
+    "approle".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -200,6 +274,11 @@ pub struct RawService {
     pub identity: Option<Spanned<OneOrMany<String>>>,
     #[serde(default)]
     pub aliases: Vec<Spanned<String>>,
+    /// `sidecar` (default), `hbone` or `double-hbone` (Istio ambient, see `config/hbone.rs`).
+    #[serde(default)]
+    pub transport: Option<Spanned<String>>,
+    #[serde(default)]
+    pub hbone: Option<Spanned<super::hbone::RawHbone>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use http::HeaderName;
 
@@ -321,6 +321,7 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
                 format!("SNI {sni:?} built from this service is not a valid TLS server name"),
             );
         }
+        let transport = super::hbone::transport(n, s.transport.as_ref(), s.hbone.as_ref(), &host, port, errs);
         services.push(Arc::new(Service {
             id,
             name: n.clone(),
@@ -331,6 +332,7 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
             aliases,
             expected_server,
             sni,
+            transport,
         }));
     }
     // TCP listeners' services, now that services are known.
@@ -532,9 +534,30 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
     // Identity, last: it touches files, and its errors are clearer once the rest is right.
     let idr = &raw.mesh.identity;
     let load = |idr: &RawIdentity, errs: &mut Collector, what: &str| -> Option<Arc<Identity>> {
+        if idr.istio_ca.is_some() || idr.vault.is_some() {
+            return issued_identity(path, idr, errs, what, td_ok.then_some(td.as_str()), now);
+        }
+        for (k, v) in [
+            ("spiffe_id", idr.spiffe_id.as_ref().map(line)),
+            ("ttl", idr.ttl.as_ref().map(line)),
+        ] {
+            if let Some(l) = v {
+                errs.at(
+                    l,
+                    format!("{what}identity.{k} is only for an issuer (istio_ca or vault)"),
+                );
+            }
+        }
+        let (Some(cert_chain), Some(key)) = (&idr.cert_chain, &idr.key) else {
+            errs.at(
+                line(&idr.root_cert),
+                format!("{what}identity needs cert_chain and key files, or an issuer (istio_ca or vault)"),
+            );
+            return None;
+        };
         let paths = IdentityPaths {
-            cert_chain: resolve_path(path, &idr.cert_chain.value),
-            key: resolve_path(path, &idr.key.value),
+            cert_chain: resolve_path(path, &cert_chain.value),
+            key: resolve_path(path, &key.value),
             root_cert: resolve_path(path, &idr.root_cert.value),
         };
         if !td_ok {
@@ -544,8 +567,8 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
             Ok(i) => Some(Arc::new(i)),
             Err(e) => {
                 let l = match e.file() {
-                    IdentityFile::CertChain => line(&idr.cert_chain),
-                    IdentityFile::Key => line(&idr.key),
+                    IdentityFile::CertChain => line(cert_chain),
+                    IdentityFile::Key => line(key),
                     IdentityFile::RootCert => line(&idr.root_cert),
                 };
                 errs.at(l, format!("{what}{e}"));
@@ -592,4 +615,219 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
         api_key_header: api_key_header?,
         upstream,
     })
+}
+
+/// An identity from an issuer: checks the block and returns the bootstrap identity (if files are
+/// given) or a pending stand-in; `app` obtains the real certificate before serving.
+fn issued_identity(
+    path: &Path,
+    idr: &RawIdentity,
+    errs: &mut Collector,
+    what: &str,
+    trust_domain: Option<&str>,
+    now: SystemTime,
+) -> Option<Arc<Identity>> {
+    use crate::identity::issuer::{self, IssuerKind, IssuerSpec, VaultAuth};
+    let before = errs.list.len();
+    let anchor = idr
+        .istio_ca
+        .as_ref()
+        .map(line)
+        .or(idr.vault.as_ref().map(line))
+        .unwrap_or(line(&idr.root_cert));
+    if let (Some(_), Some(v)) = (&idr.istio_ca, &idr.vault) {
+        errs.at(
+            line(v),
+            format!("{what}identity names two issuers (istio_ca and vault); choose one"),
+        );
+    }
+    let spiffe_id = match &idr.spiffe_id {
+        None => {
+            errs.at(anchor, format!("{what}identity.spiffe_id is required with an issuer"));
+            String::new()
+        }
+        Some(id) => {
+            match crate::identity::spiffe_trust_domain(&id.value) {
+                Some(t) if id.value.split('/').count() > 3 && !id.value.contains(char::is_whitespace) => {
+                    if trust_domain.is_some_and(|td| td != t) {
+                        errs.at(
+                            line(id),
+                            format!(
+                                "{what}identity.spiffe_id {:?} is outside trust domain {:?}",
+                                id.value,
+                                trust_domain.unwrap_or("")
+                            ),
+                        );
+                    }
+                }
+                _ => errs.at(
+                    line(id),
+                    format!(
+                        "{what}invalid spiffe_id {:?}: expected spiffe://TRUST_DOMAIN/ns/NS/sa/SA",
+                        id.value
+                    ),
+                ),
+            }
+            id.value.clone()
+        }
+    };
+    let ttl = idr
+        .ttl
+        .as_ref()
+        .map(|t| t.value.0)
+        .unwrap_or(Duration::from_secs(24 * 3600));
+    if let Some(t) = &idr.ttl {
+        if ttl < Duration::from_secs(2) || ttl > Duration::from_secs(90 * 86400) {
+            // istiod refuses more than 90 days (MAX_WORKLOAD_CERT_TTL).
+            errs.at(line(t), format!("{what}identity.ttl must be between 2s and 90 days"));
+        }
+    }
+    let bootstrap = match (&idr.cert_chain, &idr.key) {
+        (Some(c), Some(k)) => Some(IdentityPaths {
+            cert_chain: resolve_path(path, &c.value),
+            key: resolve_path(path, &k.value),
+            root_cert: resolve_path(path, &idr.root_cert.value),
+        }),
+        (None, None) => None,
+        (Some(c), None) => {
+            errs.at(line(c), format!("{what}identity.cert_chain needs identity.key too"));
+            None
+        }
+        (None, Some(k)) => {
+            errs.at(line(k), format!("{what}identity.key needs identity.cert_chain too"));
+            None
+        }
+    };
+    let file = |p: &Option<serde_saphyr::Spanned<String>>| p.as_ref().map(|p| resolve_path(path, &p.value));
+    let readable = |errs: &mut Collector, p: &Option<serde_saphyr::Spanned<String>>, what_file: &str| {
+        if let Some(p) = p {
+            if let Err(e) = std::fs::metadata(resolve_path(path, &p.value)) {
+                errs.at(line(p), format!("{what}cannot read {what_file} {}: {e}", p.value));
+            }
+        }
+    };
+    let kind = if let Some(ca) = &idr.istio_ca {
+        if let Err(e) = issuer::check_address(&ca.value.address.value, true) {
+            errs.at(line(&ca.value.address), format!("{what}istio_ca.address {e}"));
+        }
+        readable(errs, &ca.value.token_file, "token_file");
+        readable(errs, &ca.value.ca_cert, "ca_cert");
+        if ca.value.token_file.is_none() && bootstrap.is_none() {
+            errs.at(
+                line(ca),
+                format!(
+                    "{what}istio_ca needs token_file, or cert_chain and key to authenticate with a mesh certificate"
+                ),
+            );
+        }
+        IssuerKind::IstioCa {
+            address: ca.value.address.value.clone(),
+            server_name: ca
+                .value
+                .server_name
+                .as_ref()
+                .map(|s| s.value.clone())
+                .unwrap_or_else(|| "istiod.istio-system.svc".into()),
+            ca_cert: file(&ca.value.ca_cert),
+            token_file: file(&ca.value.token_file),
+            cluster_id: ca.value.cluster_id.clone(),
+        }
+    } else {
+        let v = idr.vault.as_ref().expect("called with an issuer");
+        let r = &v.value;
+        if let Err(e) = issuer::check_address(&r.address.value, true) {
+            errs.at(line(&r.address), format!("{what}vault.address {e}"));
+        }
+        readable(errs, &r.ca_cert, "ca_cert");
+        readable(errs, &r.token_file, "token_file");
+        let auth = match (&r.token_file, &r.approle) {
+            (Some(t), None) => VaultAuth::TokenFile(resolve_path(path, &t.value)),
+            (None, Some(a)) => {
+                readable(errs, &Some(a.value.role_id_file.clone()), "role_id_file");
+                readable(errs, &Some(a.value.secret_id_file.clone()), "secret_id_file");
+                VaultAuth::AppRole {
+                    mount: a.value.mount.clone(),
+                    role_id_file: resolve_path(path, &a.value.role_id_file.value),
+                    secret_id_file: resolve_path(path, &a.value.secret_id_file.value),
+                }
+            }
+            _ => {
+                errs.at(
+                    line(v),
+                    format!("{what}vault needs exactly one of token_file and approle"),
+                );
+                VaultAuth::TokenFile(PathBuf::new())
+            }
+        };
+        for (name, seg) in [("mount", r.mount.as_str()), ("role", r.role.value.as_str())] {
+            if seg.is_empty() || seg.contains(['?', '#', ' ']) || seg.starts_with('/') {
+                errs.at(
+                    line(&r.role),
+                    format!("{what}vault.{name} {seg:?} is not a Vault path segment"),
+                );
+            }
+        }
+        IssuerKind::Vault {
+            address: r.address.value.clone(),
+            ca_cert: file(&r.ca_cert),
+            mount: r.mount.clone(),
+            role: r.role.value.clone(),
+            sign: r.method == super::schema::VaultMethod::Sign,
+            common_name: r.common_name.clone(),
+            auth,
+        }
+    };
+    let spec = Arc::new(IssuerSpec {
+        spiffe_id,
+        ttl,
+        root_cert: resolve_path(path, &idr.root_cert.value),
+        bootstrap: bootstrap.clone(),
+        kind,
+    });
+    let td = trust_domain?;
+    if errs.list.len() > before {
+        return None;
+    }
+    // A bootstrap certificate is checked like file identities and must be the same SPIFFE ID.
+    if let Some(paths) = &bootstrap {
+        return match Identity::load(paths, td, now) {
+            Ok(mut i) => {
+                if i.spiffe_id != spec.spiffe_id {
+                    errs.at(
+                        line(idr.cert_chain.as_ref().expect("bootstrap has a cert_chain")),
+                        format!(
+                            "{what}bootstrap certificate is for {}, not identity.spiffe_id {}",
+                            i.spiffe_id, spec.spiffe_id
+                        ),
+                    );
+                    return None;
+                }
+                i.issuer = Some(spec);
+                Some(Arc::new(i))
+            }
+            Err(e) => {
+                let l = match e.file() {
+                    IdentityFile::CertChain => line(idr.cert_chain.as_ref().expect("bootstrap")),
+                    IdentityFile::Key => line(idr.key.as_ref().expect("bootstrap")),
+                    IdentityFile::RootCert => line(&idr.root_cert),
+                };
+                errs.at(l, format!("{what}{e}"));
+                None
+            }
+        };
+    }
+    let roots = match Identity::load_roots(&spec.root_cert) {
+        Ok(r) => r,
+        Err(e) => {
+            errs.at(line(&idr.root_cert), format!("{what}{e}"));
+            return None;
+        }
+    };
+    match issuer::pending(spec, roots) {
+        Ok(i) => Some(Arc::new(i)),
+        Err(e) => {
+            errs.at(anchor, format!("{what}{e}"));
+            None
+        }
+    }
 }

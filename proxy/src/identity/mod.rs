@@ -5,6 +5,7 @@
 //! Checking at load time turns a silent mTLS failure in production ("handshake failed" at the
 //! sidecar) into a config error naming the file.
 
+pub mod issuer;
 pub mod verifier;
 
 use std::path::{Path, PathBuf};
@@ -81,7 +82,7 @@ impl IdentityError {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityPaths {
     pub cert_chain: PathBuf,
     pub key: PathBuf,
@@ -100,6 +101,8 @@ pub struct Identity {
     /// SHA-256 over the chain and the trust bundle: equal fingerprints mean the same identity,
     /// so a reload that re-reads unchanged files keeps its pooled connections.
     pub fingerprint: [u8; 32],
+    /// Where renewals come from; `None` for file-based identities (watched instead).
+    pub issuer: Option<Arc<issuer::IssuerSpec>>,
 }
 
 fn read(file: IdentityFile, path: &Path) -> Result<Vec<u8>, IdentityError> {
@@ -195,6 +198,27 @@ impl Identity {
                 format!("no PEM private key (PKCS#8, PKCS#1 or SEC1) found: {e}"),
             )
         })?;
+        Identity::check(chain, key, roots_der, paths, trust_domain, now)
+    }
+
+    /// Reads only the trust bundle (for an identity an issuer will provide).
+    pub fn load_roots(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+        load_certs(IdentityFile::RootCert, path)
+    }
+
+    /// Checks an identity given in memory (an issuer's answer); `paths` name where each part
+    /// came from in error messages.
+    pub fn check(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        roots_der: Vec<CertificateDer<'static>>,
+        paths: &IdentityPaths,
+        trust_domain: &str,
+        now: SystemTime,
+    ) -> Result<Identity, IdentityError> {
+        if chain.is_empty() {
+            return Err(parse_err(IdentityFile::CertChain, &paths.cert_chain, "no certificate"));
+        }
         let signing_key = rustls::crypto::ring::sign::any_supported_type(&key)
             .map_err(|e| parse_err(IdentityFile::Key, &paths.key, format!("unsupported private key: {e}")))?;
         let certified_key = CertifiedKey::new(chain.clone(), signing_key);
@@ -290,7 +314,13 @@ impl Identity {
             not_before,
             not_after,
             paths: paths.clone(),
+            issuer: None,
         })
+    }
+
+    /// Whether this is a stand-in for a certificate an issuer has not delivered yet.
+    pub fn is_pending(&self) -> bool {
+        self.issuer.is_some() && self.not_after == UNIX_EPOCH
     }
 }
 

@@ -25,7 +25,7 @@ use crate::lifecycle::CloseSignal;
 use crate::listener::proxy_protocol::{self, Prefixed};
 use crate::listener::{admit_connection, closing, deny};
 use crate::metrics::{BytesLabels, ListenerLabels, ServiceReasonLabels};
-use crate::upstream::connect::connect_via;
+use crate::upstream::hbone::dedicated;
 
 /// Serves `listener` until told to close; connections still open at the drain deadline are cut
 /// (a byte stream has no way to ask the client to finish).
@@ -126,9 +126,9 @@ async fn handle(
     };
     let tenant = snap.tenants.get(tenant_id);
     log.tenant = &tenant.name;
-    let tls = proxy.upstream.pool(tenant.identity, service).tls();
-    let upstream = match connect_via(&proxy.upstream.gateway, tls, &snap.upstream, &service.name).await {
-        Ok((_, c)) => c.stream,
+    let pool = proxy.upstream.pool(tenant.identity, service);
+    let upstream = match dedicated(pool, &proxy.upstream.gateway, pool.tls(), &snap.upstream, client).await {
+        Ok(io) => io,
         Err(e) => {
             let reason = ProxyError::Upstream(e.clone()).reason();
             tracing::warn!(service = %service.name, error = %e, "upstream connect failed");

@@ -78,7 +78,7 @@ pub struct Connected {
     pub alpn: Option<Vec<u8>>,
 }
 
-fn classify_tls(addr: SocketAddr, e: std::io::Error) -> UpstreamError {
+pub(crate) fn classify_tls(addr: SocketAddr, e: std::io::Error) -> UpstreamError {
     // rustls errors arrive wrapped in io::Error; identity failures are the operator-relevant ones.
     if let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
         if let rustls::Error::InvalidCertificate(ce) = tls {

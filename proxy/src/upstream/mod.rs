@@ -3,6 +3,7 @@
 
 pub mod connect;
 pub mod gateway;
+pub mod hbone;
 pub mod pool;
 
 use std::sync::Arc;
@@ -46,6 +47,12 @@ pub enum UpstreamError {
     PoolTimeout(std::time::Duration),
     #[error("too many requests waiting for this service's upstream connections")]
     Overloaded,
+    #[error("HBONE CONNECT {authority} refused with {status}: {reason}")]
+    Hbone {
+        authority: String,
+        status: u16,
+        reason: &'static str,
+    },
 }
 
 /// Everything that decides what a pooled connection is: two services with equal keys could share
@@ -59,6 +66,7 @@ pub struct PoolKey {
     pub identity: [u8; 32],
     pub gateway: crate::config::GatewayTarget,
     pub settings: crate::config::UpstreamSettings,
+    pub transport: crate::config::Transport,
 }
 
 impl PoolKey {
@@ -72,6 +80,7 @@ impl PoolKey {
             identity: snapshot.identity_at(identity).fingerprint,
             gateway: snapshot.gateway.clone(),
             settings: snapshot.upstream.clone(),
+            transport: service.transport.clone(),
         }
     }
 }

@@ -114,6 +114,9 @@ pub struct Pool {
     /// The same identity and server check with ALPN `istio` alone, for CONNECT tunnels.
     opaque_tls: TlsParams,
     gateway: Arc<Gateway>,
+    /// Set for `transport: hbone` / `double-hbone`: connections are CONNECT streams over a
+    /// shared mTLS connection instead of mTLS connections through `gateway`.
+    hbone: Option<Arc<super::hbone::Connector>>,
     settings: UpstreamSettings,
     state: Mutex<State>,
     waiters: AtomicUsize,
@@ -160,7 +163,17 @@ impl Pool {
     ) -> Arc<Pool> {
         let tls = TlsParams::new(identity, &service);
         let opaque_tls = TlsParams::opaque(identity, &service);
+        let hbone = match &service.transport {
+            crate::config::Transport::Hbone(route) => Some(Arc::new(super::hbone::Connector::new(
+                route,
+                identity,
+                &service,
+                &key.settings,
+            ))),
+            crate::config::Transport::Sidecar => None,
+        };
         Arc::new(Pool {
+            hbone,
             settings: key.settings.clone(),
             key,
             service,
@@ -183,6 +196,11 @@ impl Pool {
     /// The same with ALPN `istio` alone, for opaque byte tunnels.
     pub fn opaque_tls(&self) -> &TlsParams {
         &self.opaque_tls
+    }
+
+    /// The HBONE connector of an ambient service (`None` for sidecar services).
+    pub fn hbone(&self) -> Option<&Arc<super::hbone::Connector>> {
+        self.hbone.as_ref()
     }
 
     pub fn key(&self) -> &super::PoolKey {
@@ -405,6 +423,13 @@ impl Pool {
     }
 
     async fn dial(&self) -> Result<Dialed, UpstreamError> {
+        if let Some(h) = &self.hbone {
+            // The app protocol is the configured one: HBONE's ALPN (h2) belongs to the tunnel.
+            let (addr, stream) = h.open(None).await?;
+            return self
+                .handshake(addr, stream, self.service.protocol == UpstreamProtocol::Http2)
+                .await;
+        }
         let s = &self.settings;
         let (addr, conn) = connect_via(&self.gateway, &self.tls, s, &self.service.name).await?;
         let want = self.service.protocol;
@@ -426,7 +451,15 @@ impl Pool {
                 want: protocol_name(want),
             });
         }
-        let io = TokioIo::new(conn.stream);
+        self.handshake(addr, TokioIo::new(conn.stream), speaks_h2).await
+    }
+
+    /// The app-level HTTP client connection over a connected stream.
+    async fn handshake<IO>(&self, addr: SocketAddr, io: IO, speaks_h2: bool) -> Result<Dialed, UpstreamError>
+    where
+        IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let s = &self.settings;
         let now = Instant::now();
         let id = {
             let mut st = self.lock();

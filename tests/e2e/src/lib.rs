@@ -102,9 +102,14 @@ pub struct EnvBuilder {
     listener_extra: String,
     /// Writes more files (tenant identities) into the config directory once the mesh CA exists.
     files: Option<FilesFn>,
+    /// Writes `services:` and `tenants:` once the mesh runs (addresses known only then).
+    body_fn: Option<BodyFn>,
+    /// Replaces the keys under `mesh.identity:` (indented by four spaces).
+    identity_block: Option<String>,
 }
 
 type FilesFn = Box<dyn FnOnce(&meshsim::MeshCa, &std::path::Path) -> anyhow::Result<()>>;
+type BodyFn = Box<dyn FnOnce(&Mesh) -> String>;
 
 impl Default for EnvBuilder {
     fn default() -> Self {
@@ -118,6 +123,8 @@ impl Default for EnvBuilder {
             extra: String::new(),
             listener_extra: String::new(),
             files: None,
+            body_fn: None,
+            identity_block: None,
         }
     }
 }
@@ -142,6 +149,12 @@ impl EnvBuilder {
     /// Replaces the `services:` and `tenants:` sections.
     pub fn services_and_tenants(mut self, yaml: &str) -> Self {
         self.body = yaml.to_string();
+        self
+    }
+    /// Replaces the `services:` and `tenants:` sections with YAML built from the running mesh
+    /// (e.g. its HBONE endpoint addresses).
+    pub fn services_and_tenants_with(mut self, f: impl FnOnce(&Mesh) -> String + 'static) -> Self {
+        self.body_fn = Some(Box::new(f));
         self
     }
     /// Replaces the `upstream:` section.
@@ -179,8 +192,21 @@ impl EnvBuilder {
         self
     }
 
+    /// Replaces the keys under `mesh.identity:` (e.g. an issuer); the default files
+    /// (cert-chain.pem, key.pem, root-cert.pem) are still written for it to refer to.
+    pub fn identity_block(mut self, yaml: &str) -> Self {
+        self.identity_block = Some(yaml.to_string());
+        self
+    }
+
     pub async fn start(self) -> anyhow::Result<Env> {
-        let mesh = Mesh::start(self.spec).await.context("start meshsim")?;
+        let mesh = Mesh::start(self.spec.clone()).await.context("start meshsim")?;
+        self.start_on(mesh).await
+    }
+
+    /// Starts meshgate in front of a mesh the test already started (to run things that need
+    /// its CA, such as certificate issuers, before meshgate).
+    pub async fn start_on(self, mesh: Mesh) -> anyhow::Result<Env> {
         let dir = tempfile::tempdir()?;
         let (chain, key, root) = match self.identity {
             Some(f) => f(mesh.ca()),
@@ -195,14 +221,21 @@ impl EnvBuilder {
         if let Some(f) = self.files {
             f(mesh.ca(), dir.path())?;
         }
+        let body = match self.body_fn {
+            Some(f) => f(&mesh),
+            None => self.body,
+        };
         let config = format!(
-            "listeners:\n  - name: vm\n    bind: 127.0.0.1:0\n    protocol: http\n{lx}mesh:\n  trust_domain: {TD}\n  gateway: {gw}\n  identity:\n    cert_chain: cert-chain.pem\n    key: key.pem\n    root_cert: root-cert.pem\n{body}{up}{extra}",
+            "listeners:\n  - name: vm\n    bind: 127.0.0.1:0\n    protocol: http\n{lx}mesh:\n  trust_domain: {TD}\n  gateway: {gw}\n  identity:\n{idb}{body}{up}{extra}",
+            idb = self
+                .identity_block
+                .unwrap_or_else(|| "    cert_chain: cert-chain.pem\n    key: key.pem\n    root_cert: root-cert.pem\n".into()),
             gw = self.gateway.unwrap_or_else(|| {
                 let mut all = self.gateway_also.clone();
                 all.push(mesh.gateway_addr().to_string());
                 format!("[{}]", all.join(", "))
             }),
-            body = self.body,
+            body = body,
             up = self.upstream,
             extra = self.extra,
             lx = self.listener_extra,

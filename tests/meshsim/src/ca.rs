@@ -39,6 +39,8 @@ pub struct MeshCa {
     intermediate_not_after: SystemTime,
     // The intermediate signs every workload certificate, like Istio's plug-in `ca-cert.pem`.
     issuer: Issuer<'static, KeyPair>,
+    // Kept to rebuild `issuer` in [`MeshCa::try_clone`] (rcgen's Issuer is not Clone).
+    intermediate_key_pem: String,
 }
 
 impl std::fmt::Debug for MeshCa {
@@ -151,8 +153,54 @@ impl MeshCa {
             root_pem: root_cert.pem(),
             intermediate_pem: int_cert.pem(),
             intermediate_not_after: truncate_to_secs(int_not_after),
+            intermediate_key_pem: int_key.serialize_pem(),
             issuer: Issuer::new(int, int_key),
         })
+    }
+
+    /// The same CA (same keys) as a second value, for servers that sign on their own tasks.
+    pub fn try_clone(&self) -> anyhow::Result<MeshCa> {
+        let key = KeyPair::from_pem(&self.intermediate_key_pem)?;
+        Ok(MeshCa {
+            trust_domain: self.trust_domain.clone(),
+            root_pem: self.root_pem.clone(),
+            intermediate_pem: self.intermediate_pem.clone(),
+            intermediate_not_after: self.intermediate_not_after,
+            issuer: Issuer::from_ca_cert_pem(&self.intermediate_pem, key)?,
+            intermediate_key_pem: self.intermediate_key_pem.clone(),
+        })
+    }
+
+    /// Signs the public key of a PEM CSR (its signature checked) as a workload certificate for
+    /// `spiffe_id` valid for `ttl` (the CSR's own names are not copied: the caller decides,
+    /// as istiod and istio-csr do). Returns the leaf PEM and its not-after.
+    pub fn sign_csr(
+        &self,
+        csr: &rcgen::CertificateSigningRequestParams,
+        spiffe_id: &str,
+        ttl: Duration,
+    ) -> anyhow::Result<(String, SystemTime)> {
+        let now = SystemTime::now();
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.subject_alt_names
+            .push(SanType::URI(spiffe_id.try_into().context("SPIFFE ID is not IA5")?));
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        p.use_authority_key_identifier_extension = true;
+        p.serial_number = Some(random_serial());
+        let not_after = truncate_to_secs((now + ttl).min(self.intermediate_not_after));
+        // istiod backdates by 2 minutes; for the seconds-long certificates of renewal tests
+        // that would put "half the lifetime" a minute away, so short ones backdate a tenth.
+        p.not_before = to_datetime(now - CLOCK_SKEW_GRACE.min(ttl / 10));
+        p.not_after = to_datetime(not_after);
+        let signed = rcgen::CertificateSigningRequestParams {
+            params: p,
+            public_key: csr.public_key.clone(),
+        }
+        .signed_by(&self.issuer)?;
+        Ok((signed.pem(), not_after))
     }
 
     pub fn trust_domain(&self) -> &str {

@@ -10,7 +10,9 @@
 pub mod ca;
 pub mod echo;
 pub mod gateway;
+pub mod hbone;
 pub mod hello;
+pub mod issuers;
 pub mod mesh;
 pub mod sidecar;
 pub mod spec;
@@ -19,6 +21,7 @@ mod tasks;
 
 pub use ca::{IdentityFiles, IssueOptions, MeshCa, WorkloadCert};
 pub use echo::{pattern_byte, pattern_sha256};
+pub use hbone::{ConnectSeen, HboneStats};
 pub use mesh::Mesh;
 pub use spec::{
     demo_spec, outbound_sni, spiffe_id, MeshSpec, PodIdentity, PodSpec, ServiceSpec, ALPN_ISTIO_H2, ALPN_ISTIO_HTTP10,

@@ -33,6 +33,7 @@ pub struct Mesh {
     // Async lock: stop/start of the gateway serialise, and hold it across the awaits.
     gateway_service: tokio::sync::Mutex<Option<Service>>,
     pods: Vec<Pod>,
+    ambient: crate::hbone::Ambient,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -54,6 +55,7 @@ impl Mesh {
         let changes = Arc::new(Changes::default());
 
         let mut pods = Vec::new();
+        let mut ambient = crate::hbone::Ambient::default();
         let mut routes: HashMap<String, Vec<Arc<Backend>>> = HashMap::new();
         for svc in &spec.services {
             // Every service/port has a chain, even with no pods (the gateway then has no endpoint).
@@ -83,6 +85,9 @@ impl Mesh {
                 )?;
                 info.tcp = svc.tcp;
                 let info = Arc::new(info);
+                if svc.ambient {
+                    ambient.add_pod(&spec, svc, info.clone(), &cert, ca.root_der()).await?;
+                }
                 let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
                 let addr = listener.local_addr()?;
                 let backend = Arc::new(Backend::new(&p.name, addr));
@@ -115,6 +120,7 @@ impl Mesh {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
         let gateway_addr = listener.local_addr()?;
         let service = spawn_gateway(listener, gateway.clone());
+        ambient.start_gateway(&spec, &ca).await?;
         Ok(Mesh {
             spec,
             ca,
@@ -124,12 +130,28 @@ impl Mesh {
             gateway_addr,
             gateway_service: tokio::sync::Mutex::new(Some(service)),
             pods,
+            ambient,
         })
     }
 
     /// The AUTO_PASSTHROUGH gateway (what would be port 15443).
     pub fn gateway_addr(&self) -> SocketAddr {
         self.gateway_addr
+    }
+
+    /// Istio ambient: the HBONE endpoints of ambient services' pods and the ambient gateway.
+    pub fn ambient(&self) -> &crate::hbone::Ambient {
+        &self.ambient
+    }
+
+    /// A pod's HBONE endpoint (ztunnel's `POD_IP:15008`), if its service is ambient.
+    pub fn hbone_addr(&self, pod: &str) -> Option<SocketAddr> {
+        self.ambient.hbone_addr(pod)
+    }
+
+    /// The ambient east-west gateway (`:15008`), if any service is ambient.
+    pub fn ambient_gateway_addr(&self) -> Option<SocketAddr> {
+        self.ambient.gateway_addr()
     }
 
     /// The mesh CA: its root is the trust bundle; issue client identities from it.

@@ -148,6 +148,9 @@ pub struct ServiceSpec {
     /// The port is declared TCP (`tcp-…` port name or `appProtocol: tcp`): every mTLS connection
     /// lands on the TCP chain (§2.3) and the app echoes bytes. Otherwise the port is HTTP.
     pub tcp: bool,
+    /// Istio ambient: each pod also gets an HBONE endpoint (ztunnel's port 15008), and the mesh
+    /// an ambient east-west gateway (see [`crate::hbone`]).
+    pub ambient: bool,
 }
 
 impl ServiceSpec {
@@ -159,7 +162,14 @@ impl ServiceSpec {
             service_account: service_account.to_string(),
             pods: Vec::new(),
             tcp: false,
+            ambient: false,
         }
+    }
+
+    /// Builder: put the service in ambient mode (HBONE endpoints for its pods).
+    pub fn ambient(mut self) -> Self {
+        self.ambient = true;
+        self
     }
 
     /// Builder: declare the port TCP (a TCP echo app behind the sidecar's TCP chain).
