@@ -107,6 +107,12 @@ impl Gateway {
         }
     }
 
+    /// Replaces the known addresses (tests: stale addresses a resolution must replace).
+    #[cfg(test)]
+    pub(crate) fn set_addrs(&self, addrs: Vec<SocketAddr>) {
+        *self.addrs.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(addrs);
+    }
+
     /// Addresses currently ejected.
     pub fn ejected(&self) -> Vec<SocketAddr> {
         let now = Instant::now();

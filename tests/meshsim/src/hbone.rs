@@ -13,6 +13,10 @@
 //!
 //! The gateway terminates the outer HBONE with its own identity and forwards the CONNECT stream
 //! of `host:port` opaquely to one pod's HBONE endpoint, so the inner TLS is end to end.
+//!
+//! Each pod's endpoint listens on an address of its own, `127.0.0.N` (N = 2, 3, … in the order
+//! pods are added; loopback only), so the authority check above can fail: a CONNECT naming
+//! another pod's IP is refused with 400, as ztunnel refuses it.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -72,6 +76,10 @@ pub struct HboneStats {
     pub refused_503: u64,
     /// The last CONNECT received, whatever the answer.
     pub last_connect: Option<ConnectSeen>,
+    /// The TLS cipher suite of the last completed handshake, e.g. `TLS13_AES_256_GCM_SHA384`.
+    pub cipher_suite: Option<String>,
+    /// The cipher suites the client offered in the last ClientHello, in its order.
+    pub offered_cipher_suites: Vec<String>,
 }
 
 /// One CONNECT as received.
@@ -94,6 +102,8 @@ struct Counters {
     refused_401: AtomicU64,
     refused_503: AtomicU64,
     last_connect: Mutex<Option<ConnectSeen>>,
+    cipher_suite: Mutex<Option<String>>,
+    offered_cipher_suites: Mutex<Vec<String>>,
 }
 
 impl Counters {
@@ -106,6 +116,12 @@ impl Counters {
             refused_401: self.refused_401.load(Ordering::SeqCst),
             refused_503: self.refused_503.load(Ordering::SeqCst),
             last_connect: self.last_connect.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            cipher_suite: self.cipher_suite.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            offered_cipher_suites: self
+                .offered_cipher_suites
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }
     }
 
@@ -216,14 +232,42 @@ pub(crate) fn uri_sans(der: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// Presents the listener's certificate and notes the cipher suites each ClientHello offers.
+#[derive(Debug)]
+struct RecordingResolver {
+    key: Arc<rustls::sign::CertifiedKey>,
+    counters: Arc<Counters>,
+}
+
+impl rustls::server::ResolvesServerCert for RecordingResolver {
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let offered = hello.cipher_suites().iter().map(|c| format!("{c:?}")).collect();
+        *self
+            .counters
+            .offered_cipher_suites
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = offered;
+        Some(self.key.clone())
+    }
+}
+
 /// ztunnel's server TLS: TLS 1.3 only, ALPN `h2`, required mesh client certificate in the trust
 /// domain, no session resumption.
 fn server_config(
     identity: &WorkloadCert,
     root: CertificateDer<'static>,
     trust_domain: &str,
+    counters: &Arc<Counters>,
 ) -> anyhow::Result<Arc<ServerConfig>> {
     let provider = Arc::new(ring::default_provider());
+    let key = provider
+        .key_provider
+        .load_private_key(identity.key_der()?)
+        .context("server key")?;
+    let resolver = Arc::new(RecordingResolver {
+        key: Arc::new(rustls::sign::CertifiedKey::new(identity.chain_der()?, key)),
+        counters: counters.clone(),
+    });
     let mut roots = RootCertStore::empty();
     roots.add(root).context("mesh root")?;
     let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
@@ -236,8 +280,7 @@ fn server_config(
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(identity.chain_der()?, identity.key_der()?)
-        .context("server certificate")?;
+        .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec()];
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
@@ -267,6 +310,8 @@ async fn accept(
         }
     };
     let session = tls.get_ref().1;
+    let suite = session.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite()));
+    *counters.cipher_suite.lock().unwrap_or_else(|e| e.into_inner()) = suite;
     if session.alpn_protocol() != Some(b"h2") {
         tracing::debug!(%who, %peer_addr, "HBONE client did not negotiate h2");
         counters.tls_failures.fetch_add(1, Ordering::SeqCst);
@@ -290,7 +335,7 @@ pub(crate) struct Endpoint {
     host: String,
     app_port: u16,
     tls: Arc<ServerConfig>,
-    counters: Counters,
+    counters: Arc<Counters>,
 }
 
 impl Endpoint {
@@ -397,7 +442,7 @@ struct AmbientGateway {
     /// `host:port` of each ambient service → its pods' HBONE endpoints.
     routes: HashMap<String, Vec<SocketAddr>>,
     next: AtomicUsize,
-    counters: Counters,
+    counters: Arc<Counters>,
 }
 
 impl AmbientGateway {
@@ -488,15 +533,24 @@ impl Ambient {
         cert: &WorkloadCert,
         root: CertificateDer<'static>,
     ) -> anyhow::Result<()> {
+        // The pod's own IP: 127.0.0.2, 127.0.0.3, … (127.0.0.1 stays the mesh's shared address).
+        let n = u8::try_from(self.endpoints.len() + 2)
+            .ok()
+            .filter(|n| *n < 255)
+            .context("more ambient pods than loopback addresses 127.0.0.2-254")?;
+        let pod_ip = std::net::Ipv4Addr::new(127, 0, 0, n);
+        let counters = Arc::new(Counters::default());
         let endpoint = Arc::new(Endpoint {
             host: svc.host(&spec.cluster_domain),
             app_port: svc.port,
-            tls: server_config(cert, root, &spec.trust_domain)
+            tls: server_config(cert, root, &spec.trust_domain, &counters)
                 .with_context(|| format!("pod {}: HBONE TLS config", pod.name))?,
-            counters: Counters::default(),
+            counters,
             pod,
         });
-        let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
+        let listener = TcpListener::bind((pod_ip, 0))
+            .await
+            .with_context(|| format!("binding the HBONE endpoint of pod {} on {pod_ip}", endpoint.pod.name))?;
         let addr = listener.local_addr()?;
         let ep = endpoint.clone();
         let service = Service::spawn(listener, move |stream, peer| serve_endpoint(ep.clone(), stream, peer));
@@ -520,11 +574,13 @@ impl Ambient {
             let key = format!("{}:{}", e.endpoint.host, e.endpoint.app_port);
             routes.entry(key).or_default().push(e.addr);
         }
+        let counters = Arc::new(Counters::default());
         let gw = Arc::new(AmbientGateway {
-            tls: server_config(&cert, ca.root_der(), &spec.trust_domain).context("ambient gateway TLS config")?,
+            tls: server_config(&cert, ca.root_der(), &spec.trust_domain, &counters)
+                .context("ambient gateway TLS config")?,
             routes,
             next: AtomicUsize::new(0),
-            counters: Counters::default(),
+            counters,
         });
         let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
         let addr = listener.local_addr()?;
@@ -535,7 +591,7 @@ impl Ambient {
         Ok(())
     }
 
-    /// A pod's HBONE endpoint (its `POD_IP:15008`).
+    /// A pod's HBONE endpoint (its `POD_IP:15008`): an address of the pod's own, `127.0.0.N`.
     pub fn hbone_addr(&self, pod: &str) -> Option<SocketAddr> {
         self.endpoints.iter().find(|e| e.pod == pod).map(|e| e.addr)
     }
