@@ -279,6 +279,8 @@ pub fn effective_config(s: &Snapshot) -> Value {
         "path": s.path.display().to_string(),
         "listeners": s.listeners.iter().map(|l| json!({
             "name": l.name, "bind": l.bind.to_string(), "protocol": format!("{:?}", l.protocol).to_lowercase(),
+            "tls_cert_chain": l.tls.as_ref().map(|t| t.cert_chain.display().to_string()),
+            "alt_svc": l.alt_svc.as_ref().and_then(|v| v.to_str().ok()),
         })).collect::<Vec<_>>(),
         "admin": s.admin.as_ref().map(|a| json!({
             "bind": a.bind.to_string(),

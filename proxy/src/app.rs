@@ -73,6 +73,7 @@ pub struct App {
     /// Per identity, by its certificate path.
     identity_watch: std::sync::Mutex<HashMap<std::path::PathBuf, IdentityWatch>>,
     renewals: std::sync::Mutex<Vec<Renewal>>,
+    reload_lock: Mutex<()>,
     current: ArcSwap<Proxy>,
     pub metrics: Arc<Metrics>,
     pub lifecycle: Lifecycle,
@@ -120,10 +121,20 @@ fn bind_error(path: &std::path::Path, msg: String) -> ConfigErrors {
     }])
 }
 
-async fn bind(l: &config::Listener) -> Result<TcpListener, String> {
-    TcpListener::bind(l.bind)
-        .await
-        .map_err(|e| format!("listener {:?}: cannot bind {}: {e}", l.name, l.bind))
+/// A bound listener socket: TCP for http and tcp listeners, UDP for h3 (QUIC).
+enum Socket {
+    Tcp(TcpListener),
+    Udp(std::net::UdpSocket),
+}
+
+async fn bind(l: &config::Listener) -> Result<Socket, String> {
+    let err = |e: std::io::Error| format!("listener {:?}: cannot bind {}: {e}", l.name, l.bind);
+    if l.protocol == config::ListenerProtocol::H3 {
+        let udp = std::net::UdpSocket::bind(l.bind).map_err(err)?;
+        udp.set_nonblocking(true).map_err(err)?;
+        return Ok(Socket::Udp(udp));
+    }
+    TcpListener::bind(l.bind).await.map(Socket::Tcp).map_err(err)
 }
 
 impl App {
@@ -190,14 +201,21 @@ impl App {
         None
     }
 
-    fn spawn_listener(self: &Arc<Self>, l: &config::Listener, tcp: TcpListener) -> RunningListener {
-        let addr = tcp.local_addr().unwrap_or(l.bind);
-        tracing::info!(listener = %l.name, %addr, "listening");
+    fn spawn_listener(self: &Arc<Self>, l: &config::Listener, socket: Socket) -> RunningListener {
+        let addr = match &socket {
+            Socket::Tcp(t) => t.local_addr(),
+            Socket::Udp(u) => u.local_addr(),
+        }
+        .unwrap_or(l.bind);
+        tracing::info!(listener = %l.name, %addr, protocol = ?l.protocol, "listening");
         let (close, rx) = watch::channel(ListenerState::Serving);
         let name = Arc::from(l.name.as_str());
-        let task = match l.protocol {
-            config::ListenerProtocol::Http => tokio::spawn(crate::listener::http::serve(tcp, name, self.clone(), rx)),
-            config::ListenerProtocol::Tcp => tokio::spawn(crate::listener::tcp::serve(tcp, name, self.clone(), rx)),
+        let task = match (l.protocol, socket) {
+            (config::ListenerProtocol::Tcp, Socket::Tcp(tcp)) => {
+                tokio::spawn(crate::listener::tcp::serve(tcp, name, self.clone(), rx))
+            }
+            (_, Socket::Tcp(tcp)) => tokio::spawn(crate::listener::http::serve(tcp, name, self.clone(), rx)),
+            (_, Socket::Udp(udp)) => tokio::spawn(crate::listener::h3::serve(udp, name, self.clone(), rx)),
         };
         RunningListener {
             name: l.name.clone(),
@@ -215,8 +233,26 @@ impl App {
 
     /// Re-reads the config file and applies it, or keeps the running config and returns why not.
     pub async fn reload(self: &Arc<Self>) -> Result<(), ConfigErrors> {
+        // One reload at a time from start to end (SIGHUP, the file watcher and POST /reload
+        // may overlap): otherwise an older file read first could be installed last.
+        let _one = self.reload_lock.lock().await;
+        // Certificates for new issuer blocks are requested before taking the state lock: an
+        // issuer may take seconds, and drains and renewals must not wait for it.
+        let prepared = match config::load(&self.config_path) {
+            Ok(mut new) => {
+                let old = self.current.load_full();
+                obtain_identities(&mut new, Some(&old.snapshot), 1)
+                    .await
+                    .map(|renewals| (new, renewals))
+                    .map_err(|m| bind_error(&self.config_path, m))
+            }
+            Err(e) => Err(e),
+        };
         let mut state = self.state.lock().await;
-        let result = self.reload_locked(&mut state).await;
+        let result = match prepared {
+            Ok((new, renewals)) => self.reload_locked(&mut state, new, renewals).await,
+            Err(e) => Err(e),
+        };
         Metrics::record_reload(&self.metrics.config_reloads, result.is_ok());
         match &result {
             Ok(()) => tracing::info!(config = %self.config_path.display(), "config reloaded"),
@@ -229,8 +265,12 @@ impl App {
         result
     }
 
-    async fn reload_locked(self: &Arc<Self>, state: &mut State) -> Result<(), ConfigErrors> {
-        let mut new = config::load(&self.config_path)?;
+    async fn reload_locked(
+        self: &Arc<Self>,
+        state: &mut State,
+        mut new: Snapshot,
+        renewals: Vec<Renewal>,
+    ) -> Result<(), ConfigErrors> {
         if self.lifecycle.is_draining() {
             return Err(bind_error(
                 &self.config_path,
@@ -238,9 +278,8 @@ impl App {
             ));
         }
         let old = self.current.load_full();
-        let renewals = obtain_identities(&mut new, Some(&old.snapshot), 1)
-            .await
-            .map_err(|m| bind_error(&self.config_path, m))?;
+        // A renewal may have installed a newer certificate while this reload was prepared.
+        carry_over_issued(&mut new, &old.snapshot);
         // Bind new and moved listeners before anything changes, so a bind failure rejects the
         // whole reload and leaves the running config untouched.
         let mut fresh = Vec::new();
@@ -471,7 +510,7 @@ impl App {
             Err(e) => {
                 r.failures += 1;
                 let left = current.not_after.duration_since(now).unwrap_or_default();
-                r.next = now + issuer::retry_delay(r.failures, left);
+                r.next = now + issuer::retry_delay(r.failures, left, rand::random::<f64>() * 2.0 - 1.0);
                 r.last_error = Some(e.to_string());
                 tracing::warn!(identity = %spec.spiffe_id, error = %e, failures = r.failures,
                     expires = %rfc3339(current.not_after), "certificate renewal failed; keeping the current certificate");
@@ -586,7 +625,7 @@ impl Renewal {
         let left = id.not_after.duration_since(SystemTime::now()).unwrap_or_default();
         Renewal {
             spec,
-            next: SystemTime::now() + issuer::retry_delay(1, left),
+            next: SystemTime::now() + issuer::retry_delay(1, left, rand::random::<f64>() * 2.0 - 1.0),
             failures: 1,
             last_error: Some(error),
         }
@@ -610,6 +649,21 @@ fn record_renewal_metrics(metrics: &Metrics, spec: &IssuerSpec, ok: bool, failur
         .set(i64::from(failures));
 }
 
+/// Keeps the running certificate of every issued identity whose issuer block and trust bundle
+/// are unchanged (a changed bundle needs a certificate checked against it).
+fn carry_over_issued(snapshot: &mut Snapshot, old: &Snapshot) {
+    for i in 0..snapshot.identity_count() {
+        let id = snapshot.identity_at(i).clone();
+        let Some(spec) = &id.issuer else { continue };
+        let running = (0..old.identity_count())
+            .map(|k| old.identity_at(k))
+            .find(|x| x.issuer.as_ref() == Some(spec) && !x.is_pending() && x.roots.roots == id.roots.roots);
+        if let Some(running) = running {
+            snapshot.set_identity_at(i, running.clone());
+        }
+    }
+}
+
 /// Gives every issued identity of `snapshot` a certificate before it is served: carried over
 /// from `old` when its issuer block is unchanged, otherwise requested now (`attempts` tries).
 /// A pending identity that gets none fails the whole start or reload; a bootstrap certificate
@@ -620,16 +674,13 @@ async fn obtain_identities(
     attempts: u32,
 ) -> Result<Vec<Renewal>, String> {
     let mut renewals = Vec::new();
+    if let Some(old) = old {
+        carry_over_issued(snapshot, old);
+    }
     for i in 0..snapshot.identity_count() {
         let id = snapshot.identity_at(i).clone();
         let Some(spec) = id.issuer.clone() else { continue };
-        let running = old.and_then(|o| {
-            (0..o.identity_count())
-                .map(|k| o.identity_at(k))
-                .find(|x| x.issuer.as_ref() == Some(&spec) && !x.is_pending())
-        });
-        if let Some(running) = running {
-            snapshot.set_identity_at(i, running.clone());
+        if old.is_some_and(|o| (0..o.identity_count()).any(|k| Arc::ptr_eq(o.identity_at(k), &id))) {
             continue;
         }
         let mut failures = 0;
@@ -642,7 +693,7 @@ async fn obtain_identities(
                     if failures >= attempts {
                         break Err(e);
                     }
-                    tokio::time::sleep(issuer::retry_delay(failures - 1, Duration::from_secs(60))).await;
+                    tokio::time::sleep(issuer::retry_delay(failures - 1, Duration::from_secs(60), 0.0)).await;
                 }
             }
         };
@@ -708,6 +759,7 @@ pub async fn start(mut snapshot: Snapshot) -> anyhow::Result<Bound> {
         client_connections: Default::default(),
         identity_watch: Default::default(),
         renewals: std::sync::Mutex::new(renewals),
+        reload_lock: Mutex::new(()),
         current: ArcSwap::from_pointee(Proxy::new(Arc::new(snapshot), upstream, metrics.clone(), None)),
         metrics,
         lifecycle: Lifecycle::default(),

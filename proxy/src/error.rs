@@ -27,17 +27,27 @@ pub enum ProxyError {
     ConcurrencyLimited,
     #[error("request body larger than the limit")]
     BodyTooLarge,
+    /// The request body did not arrive within the request's deadline (read whole before
+    /// forwarding, as a transcoded request's is).
+    #[error("request body not received in time")]
+    BodyTimeout,
+    /// A REST request for a transcoded gRPC method that cannot become its request message.
+    #[error("{0}")]
+    Transcode(String),
 }
 
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::Malformed(_) | ProxyError::Route(RouteError::Malformed) => StatusCode::BAD_REQUEST,
+            ProxyError::Malformed(_) | ProxyError::Route(RouteError::Malformed) | ProxyError::Transcode(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::Key(_) | ProxyError::Policy(Deny::BadKey) => StatusCode::UNAUTHORIZED,
             ProxyError::Policy(_) => StatusCode::FORBIDDEN,
             ProxyError::Route(RouteError::UnknownHost) => StatusCode::NOT_FOUND,
             ProxyError::RateLimited { .. } | ProxyError::ConcurrencyLimited => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Upstream(u) => match u {
                 UpstreamError::Unresolved(_)
                 | UpstreamError::Connect { .. }
@@ -72,7 +82,7 @@ impl ProxyError {
             StatusCode::FORBIDDEN => PERMISSION_DENIED,
             StatusCode::NOT_FOUND => UNIMPLEMENTED,
             StatusCode::TOO_MANY_REQUESTS | StatusCode::PAYLOAD_TOO_LARGE => RESOURCE_EXHAUSTED,
-            StatusCode::GATEWAY_TIMEOUT => DEADLINE_EXCEEDED,
+            StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => DEADLINE_EXCEEDED,
             _ => UNAVAILABLE,
         }
     }
@@ -80,7 +90,9 @@ impl ProxyError {
     /// The metric and access-log label.
     pub fn reason(&self) -> &'static str {
         match self {
-            ProxyError::Malformed(_) | ProxyError::Route(RouteError::Malformed) => "malformed_request",
+            ProxyError::Malformed(_) | ProxyError::Route(RouteError::Malformed) | ProxyError::Transcode(_) => {
+                "malformed_request"
+            }
             ProxyError::Key(_) | ProxyError::Policy(Deny::BadKey) => "bad_key",
             ProxyError::Policy(Deny::UnknownClient) => "unknown_client",
             ProxyError::Policy(Deny::KeyWrongSource) => "key_wrong_source",
@@ -89,6 +101,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::ConcurrencyLimited => "concurrency_limited",
             ProxyError::BodyTooLarge => "body_too_large",
+            ProxyError::BodyTimeout => "body_timeout",
             ProxyError::Upstream(u) => match u {
                 UpstreamError::Unresolved(_) => "gateway_unresolved",
                 UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. } => "gateway_unreachable",
@@ -127,6 +140,7 @@ mod tests {
             (ProxyError::Policy(Deny::ServiceNotAllowed), 403, "service_not_allowed"),
             (ProxyError::Route(RouteError::UnknownHost), 404, "unknown_host"),
             (ProxyError::Malformed("missing Host"), 400, "malformed_request"),
+            (ProxyError::BodyTimeout, 408, "body_timeout"),
             (
                 ProxyError::Upstream(UpstreamError::Connect {
                     addr: "a".into(),

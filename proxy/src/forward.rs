@@ -89,6 +89,8 @@ pub struct ConnInfo {
     /// connection task; and the listener's close signal, so drains cut tunnels too.
     pub lifetime: Option<Arc<dyn std::any::Any + Send + Sync>>,
     pub close: Option<crate::lifecycle::CloseSignal>,
+    /// `X-Forwarded-Proto` for the mesh: `http`, or `https` on the h3 (TLS) listener.
+    pub scheme: &'static str,
 }
 
 impl ConnInfo {
@@ -102,6 +104,7 @@ impl ConnInfo {
             is_h2: Default::default(),
             framing: Default::default(),
             lifetime: None,
+            scheme: "http",
             close: None,
         }
     }
@@ -309,6 +312,7 @@ impl Body for CountingBody {
 enum Inner {
     Upstream(Incoming),
     Local(Option<Bytes>),
+    Transcoded(crate::transcode::TranscodedBody),
 }
 
 /// Response body towards the VM. Holds the upstream lease until the body ends, so pool stream
@@ -350,6 +354,7 @@ impl Body for ResponseBody {
         let p = match &mut this.inner {
             Inner::Upstream(b) => Pin::new(b).poll_frame(cx),
             Inner::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+            Inner::Transcoded(b) => Pin::new(b).poll_frame(cx).map(|o| o.map(|r| r.map_err(|e| match e {}))),
         };
         match &p {
             Poll::Ready(Some(Ok(f))) => {
@@ -361,6 +366,7 @@ impl Body for ResponseBody {
                 let ended = match &this.inner {
                     Inner::Upstream(b) => b.is_end_stream(),
                     Inner::Local(b) => b.is_none(),
+                    Inner::Transcoded(b) => b.is_end_stream(),
                 };
                 if ended {
                     this.finish(true);
@@ -377,6 +383,7 @@ impl Body for ResponseBody {
         match &self.inner {
             Inner::Upstream(b) => b.is_end_stream(),
             Inner::Local(b) => b.is_none(),
+            Inner::Transcoded(b) => b.is_end_stream(),
         }
     }
 
@@ -384,6 +391,7 @@ impl Body for ResponseBody {
         match &self.inner {
             Inner::Upstream(b) => b.size_hint(),
             Inner::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Inner::Transcoded(b) => b.size_hint(),
         }
     }
 }
@@ -497,8 +505,25 @@ pub async fn handle(
                 },
             )
         }
+        Ok(Forwarded::Transcoded(resp, lease)) => {
+            log.reused = Some(lease.reused);
+            if let Some(service) = &log.service {
+                proxy.metrics.record_upstream_request(service, lease.reused);
+            }
+            log.status = resp.status().as_u16();
+            let (parts, body) = resp.into_parts();
+            Response::from_parts(
+                parts,
+                ResponseBody {
+                    inner: Inner::Transcoded(body),
+                    lease: Some(lease),
+                    log: None,
+                },
+            )
+        }
         Err(e) => {
-            refused_malformed = e.status() == StatusCode::BAD_REQUEST;
+            // Also after a body that did not arrive in time: the rest of it may still come.
+            refused_malformed = matches!(e.status(), StatusCode::BAD_REQUEST | StatusCode::REQUEST_TIMEOUT);
             log.status = e.status().as_u16();
             log.reason = e.reason();
             if e.status().is_server_error() {
@@ -506,6 +531,17 @@ pub async fn handle(
             }
             if grpc {
                 grpc_local_response(&e)
+            } else if let ProxyError::Transcode(why) = &e {
+                // A REST client of a transcoded method gets its errors in JSON, like the ones
+                // the service itself returns.
+                let mut r = Response::new(ResponseBody::local(crate::transcode::error_json(
+                    3,
+                    &format!("meshgate: {why}"),
+                )));
+                *r.status_mut() = e.status();
+                r.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                r
             } else {
                 local_response(&e)
             }
@@ -529,7 +565,9 @@ async fn forward(
     log: &mut AccessLog,
 ) -> Result<Forwarded, ProxyError> {
     let snap = &proxy.snapshot;
-    if req.method() == Method::CONNECT {
+    // Plain CONNECT opens a byte tunnel; extended CONNECT (RFC 8441, `:protocol`) is a request
+    // to a service like any other, upgraded below.
+    if req.method() == Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_none() {
         return tunnel(proxy, conn, req, log).await.map(|()| Forwarded::Tunnel);
     }
     let authority = authority_of(&req)?;
@@ -554,15 +592,31 @@ async fn forward(
         }
     }
 
+    // gRPC-JSON transcoding: a REST call matching one of the service's HTTP bindings becomes a
+    // gRPC call; anything else (native gRPC included) passes through as it came.
+    let request_uri = service.transcode.as_ref().map(|_| req.uri().clone());
+    let call = match (&service.transcode, &request_uri) {
+        (Some(t), Some(uri)) if !is_grpc(req.headers()) => t.route(req.method(), uri),
+        _ => None,
+    };
+
     // HTTP/1.1 Upgrade (WebSocket): needs an HTTP/1.1 service and a connection of its own.
     let mut req = req;
     let upgrade = requested_upgrade(&req);
     if upgrade.is_some() && service.protocol != UpstreamProtocol::Http1 {
         return Err(ProxyError::Malformed(
-            "Upgrade (WebSocket) needs an http1 service; HTTP/2 extended CONNECT is not supported yet",
+            "Upgrade (WebSocket over HTTP/1.1) needs an http1 service; for an http2 service use HTTP/2 extended CONNECT",
         ));
     }
-    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    // RFC 8441: WebSocket (or another protocol) over one HTTP/2 stream, carried to an h2 service
+    // as the same extended CONNECT.
+    let extended = req.extensions().get::<hyper::ext::Protocol>().is_some();
+    if extended && service.protocol != UpstreamProtocol::Http2 {
+        return Err(ProxyError::Malformed(
+            "extended CONNECT (RFC 8441) needs an http2 service; for an http1 service use an HTTP/1.1 Upgrade",
+        ));
+    }
+    let client_upgrade = (upgrade.is_some() || extended).then(|| hyper::upgrade::on(&mut req));
 
     let (mut parts, body) = req.into_parts();
     let h = &mut parts.headers;
@@ -585,10 +639,17 @@ async fn forward(
         &X_FORWARDED_FOR,
         HeaderValue::from_str(&xff).map_err(|_| ProxyError::Malformed("bad X-Forwarded-For"))?,
     );
-    h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme));
     h.insert(&X_REQUEST_ID, request_id);
 
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let path = match &call {
+        Some(c) => {
+            c.grpc_headers(h);
+            parts.method = Method::POST;
+            c.grpc_path().to_string()
+        }
+        None => parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+    };
     match service.protocol {
         UpstreamProtocol::Http2 => {
             h.remove(header::HOST);
@@ -614,14 +675,51 @@ async fn forward(
     }
     let exceeded = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let client_error = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let limit = match &call {
+        // Read whole before conversion: always bounded.
+        Some(_) => Some(
+            snap.limits
+                .max_request_body
+                .map_or(crate::transcode::MAX_REQUEST_BYTES, |l| {
+                    l.min(crate::transcode::MAX_REQUEST_BYTES)
+                }),
+        ),
+        None => snap.limits.max_request_body,
+    };
     let body: RequestBody = CountingBody {
         inner: body,
         counter: log.bytes_in.clone(),
-        limit: snap.limits.max_request_body,
+        limit,
         exceeded: exceeded.clone(),
         client_error: client_error.clone(),
     }
     .boxed_unsync();
+    // A gRPC client's deadline bounds our wait too (it is forwarded as well, for the server).
+    let timeout =
+        grpc_timeout(&parts.headers).map_or(snap.upstream.request_timeout, |d| d.min(snap.upstream.request_timeout));
+    let deadline = tokio::time::Instant::now() + timeout;
+    let body = match &call {
+        // The JSON is converted before anything goes upstream: a bad request never reaches it.
+        Some(c) => {
+            let read = tokio::time::timeout_at(deadline, body.collect())
+                .await
+                .map_err(|_| ProxyError::BodyTimeout)?;
+            let json = match read {
+                Ok(b) => b.to_bytes(),
+                Err(_) if exceeded.load(Ordering::SeqCst) => return Err(ProxyError::BodyTooLarge),
+                Err(_) => return Err(ProxyError::Malformed("invalid or truncated request body")),
+            };
+            let grpc = c.encode(&json).map_err(ProxyError::Transcode)?;
+            // The service learns meshgate's deadline: what is left of it after the body read.
+            parts.headers.insert(
+                "grpc-timeout",
+                grpc_timeout_header(deadline.saturating_duration_since(tokio::time::Instant::now())),
+            );
+            tracing::debug!(method = c.method_name(), "transcoded REST request");
+            http_body_util::Full::new(grpc).map_err(|e| match e {}).boxed_unsync()
+        }
+        None => body,
+    };
     // A request with no body and an idempotent method can be sent again if the stream is reset
     // after it left (a pod dying, a connection cut): keep what is needed to rebuild it.
     let replay = (parts.method.is_idempotent() && body.is_end_stream()).then(|| {
@@ -632,9 +730,6 @@ async fn forward(
             parts.headers.clone(),
         )
     });
-    // A gRPC client's deadline bounds our wait too (it is forwarded as well, for the server).
-    let timeout =
-        grpc_timeout(&parts.headers).map_or(snap.upstream.request_timeout, |d| d.min(snap.upstream.request_timeout));
     let upstream_req = Request::from_parts(parts, body);
     if let Some(client_upgrade) = client_upgrade {
         let slot = log.slot.take();
@@ -683,6 +778,13 @@ async fn forward(
     strip_hop_by_hop(h);
     h.remove(&MESH_ONLY[1]);
     h.remove(&MESH_ONLY[2]);
+    if let Some(c) = call {
+        return Ok(match crate::transcode::respond(c, resp, deadline).await {
+            Ok(r) => Forwarded::Transcoded(r, lease),
+            // Not a gRPC answer (the sidecar's own 403, a 503): passed on as it is.
+            Err(resp) => Forwarded::Upstream(resp, lease),
+        });
+    }
     Ok(Forwarded::Upstream(resp, lease))
 }
 
@@ -715,22 +817,42 @@ async fn upgraded(
     let snap = &proxy.snapshot;
     let pool = proxy.upstream.pool(identity, service);
     let stream = dedicated(pool, &proxy.upstream.gateway, pool.tls(), &snap.upstream, conn.client).await?;
-    let (mut sender, upstream_conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .map_err(|e| UpstreamError::Http(e.to_string()))?;
-    tokio::spawn(async move {
-        if let Err(e) = upstream_conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upgraded upstream connection ended with error");
-        }
-    });
-    let mut resp = tokio::time::timeout(timeout, sender.send_request(req))
-        .await
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let http_err = |e: hyper::Error| UpstreamError::Http(e.to_string());
+    // The new protocol runs on its own upstream connection either way: an HTTP/1.1 connection
+    // after a 101, or an HTTP/2 connection with the one extended-CONNECT stream (the sidecar
+    // must have advertised SETTINGS_ENABLE_CONNECT_PROTOCOL, or it refuses the stream).
+    let sent = if service.protocol == UpstreamProtocol::Http2 {
+        let (mut sender, upstream_conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .map_err(http_err)?;
+        tokio::spawn(async move {
+            if let Err(e) = upstream_conn.await {
+                tracing::debug!(error = %e, "extended CONNECT upstream connection ended with error");
+            }
+        });
+        tokio::time::timeout(timeout, sender.send_request(req)).await
+    } else {
+        let (mut sender, upstream_conn) = hyper::client::conn::http1::handshake(io).await.map_err(http_err)?;
+        tokio::spawn(async move {
+            if let Err(e) = upstream_conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upgraded upstream connection ended with error");
+            }
+        });
+        tokio::time::timeout(timeout, sender.send_request(req)).await
+    };
+    let mut resp = sent
         .map_err(|_| UpstreamError::RequestTimeout(timeout))?
-        .map_err(|e| UpstreamError::Http(e.to_string()))?;
+        .map_err(http_err)?;
     let h = resp.headers_mut();
     h.remove(&MESH_ONLY[1]);
     h.remove(&MESH_ONLY[2]);
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+    let switched = match service.protocol {
+        UpstreamProtocol::Http2 => resp.status().is_success(),
+        _ => resp.status() == StatusCode::SWITCHING_PROTOCOLS,
+    };
+    if switched {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         let (metrics, name) = (proxy.metrics.clone(), service.name.clone());
         let (lifetime, close) = (conn.lifetime.clone(), conn.close.clone());
@@ -805,6 +927,22 @@ fn grpc_timeout(h: &HeaderMap) -> Option<std::time::Duration> {
     })
 }
 
+/// A `grpc-timeout` value for `d`: at most 8 digits, in milliseconds when they fit (`1500m`),
+/// else the finest coarser unit; rounded up, so the service never sees less time than is left.
+fn grpc_timeout_header(d: std::time::Duration) -> HeaderValue {
+    const MAX: u128 = 99_999_999;
+    let mut n = d.as_nanos().div_ceil(1_000_000);
+    let mut unit = "m";
+    for (factor, coarser) in [(1000, "S"), (60, "M"), (60, "H")] {
+        if n <= MAX {
+            break;
+        }
+        n = n.div_ceil(factor);
+        unit = coarser;
+    }
+    HeaderValue::from_str(&format!("{}{unit}", n.min(MAX))).expect("digits and a letter")
+}
+
 fn is_grpc(h: &HeaderMap) -> bool {
     h.get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
@@ -864,6 +1002,8 @@ fn tenant_limits(proxy: &Proxy, tenant_id: usize) -> Result<Option<Slot>, ProxyE
 #[allow(clippy::large_enum_variant)]
 enum Forwarded {
     Upstream(Response<Incoming>, Lease),
+    /// A REST call transcoded to gRPC, its answer converted back to JSON.
+    Transcoded(Response<crate::transcode::TranscodedBody>, Lease),
     /// A CONNECT tunnel is set up; it runs once the client's connection is upgraded.
     Tunnel,
     /// The answer to an Upgrade request, from a connection of its own (no pool lease).
@@ -995,6 +1135,35 @@ mod tests {
             assert_eq!(t(bad), None, "{bad:?}");
         }
         assert_eq!(percent_encode("a b%c\u{e9}\n"), "a b%25c%C3%A9%0A");
+    }
+
+    #[test]
+    fn grpc_timeout_values() {
+        use std::time::Duration;
+        let f = |d: Duration| grpc_timeout_header(d).to_str().unwrap().to_string();
+        let cases = [
+            (Duration::from_millis(1500), "1500m"),
+            (Duration::from_secs(30), "30000m"),
+            (Duration::ZERO, "0m"),
+            // Rounded up: never less time than is left.
+            (Duration::from_nanos(1), "1m"),
+            (Duration::from_micros(1_500_300), "1501m"),
+            (Duration::from_millis(99_999_999), "99999999m"),
+            (Duration::from_millis(100_000_000), "100000S"),
+            (Duration::from_millis(100_000_001), "100001S"),
+            (Duration::from_secs(100_000_000), "1666667M"),
+            (Duration::from_secs(6_000_000_000), "1666667H"),
+            (Duration::MAX, "99999999H"),
+        ];
+        for (d, want) in cases {
+            let v = f(d);
+            assert_eq!(v, want, "{d:?}");
+            // What meshgate writes, meshgate (and any gRPC server) reads back.
+            let mut h = HeaderMap::new();
+            h.insert("grpc-timeout", HeaderValue::from_str(&v).unwrap());
+            let back = grpc_timeout(&h).expect(&v);
+            assert!(back >= d.min(Duration::from_secs(99_999_999 * 3600)), "{d:?} -> {v}");
+        }
     }
 
     #[test]

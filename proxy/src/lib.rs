@@ -19,4 +19,5 @@ pub mod listener;
 pub mod metrics;
 pub mod policy;
 pub mod route;
+pub mod transcode;
 pub mod upstream;

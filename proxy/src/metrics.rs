@@ -132,6 +132,7 @@ pub fn is_denial(reason: &str) -> bool {
             | "rate_limited"
             | "concurrency_limited"
             | "body_too_large"
+            | "body_timeout"
     )
 }
 

@@ -594,3 +594,113 @@ fn issuer_identity_config_is_checked_with_lines() {
         "identity.ttl is only for an issuer",
     );
 }
+
+#[test]
+fn transcode_errors_name_the_line_and_reason() {
+    let f = Fixture::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut c = protox::Compiler::new([root.join("tests/meshsim/proto"), root.join("third_party/googleapis")]).unwrap();
+    c.include_imports(true);
+    c.open_file("bookstore.proto").unwrap();
+    std::fs::write(f.dir.path().join("bookstore.pb"), c.encode_file_descriptor_set()).unwrap();
+    f.write("garbage.pb", "not protobuf at all");
+    let svc = "    protocol: http2\n";
+    // `protocol: http2` of `reviews` is line 18; `transcode:` is line 19.
+    let with = |extra: &str| replace(svc, &format!("{svc}{extra}"));
+    let block = |file: &str, services: &[&str]| {
+        let items: String = services.iter().map(|s| format!("        - {s}\n")).collect();
+        format!("    transcode:\n      descriptor_set: {file}\n      services:\n{items}")
+    };
+    assert_rejected(
+        &f,
+        &with(&block("bookstore.pb", &["bookstore.Bookstore", "bookstore.Nope"])),
+        23,
+        "gRPC service \"bookstore.Nope\" is not in the descriptor set (it has: bookstore.Bookstore)",
+    );
+    assert_rejected(
+        &f,
+        &with(&block("missing.pb", &["bookstore.Bookstore"])),
+        20,
+        "cannot read descriptor set",
+    );
+    assert_rejected(
+        &f,
+        &with(&block("garbage.pb", &["bookstore.Bookstore"])),
+        20,
+        "not a valid descriptor set",
+    );
+    let http1 = block("bookstore.pb", &["bookstore.Bookstore"]);
+    assert_rejected(
+        &f,
+        &replace(svc, &format!("    protocol: http1\n{http1}")),
+        20,
+        "transcode: only for protocol http2 services",
+    );
+    assert_rejected(
+        &f,
+        &with("    transcode:\n      descriptor_set: bookstore.pb\n      services: [bookstore.Bookstore]\n      prefix: /api\n"),
+        22,
+        "prefix",
+    );
+
+    let (code, out, err) = check(&f.config(&with(&block("bookstore.pb", &["bookstore.Bookstore"]))));
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.is_empty());
+}
+
+#[test]
+fn h3_listener_errors() {
+    let f = Fixture::new();
+    let c = f.ca.issue("meshgate", "meshgate").unwrap();
+    f.write("h3.pem", &c.chain_pem);
+    f.write("h3-key.pem", &c.key_pem);
+    let other = f.ca.issue("meshgate", "other").unwrap();
+    f.write("other-key.pem", &other.key_pem);
+    let h3 = |extra: &str| replace("    protocol: http\n", &format!("    protocol: h3\n{extra}"));
+    // A good one is accepted, and may share its port number with a TCP listener.
+    let (code, out, err) = check(&f.config(&h3("    tls:\n      cert_chain: h3.pem\n      key: h3-key.pem\n")));
+    assert_eq!(code, 0, "{out}{err}");
+    assert_rejected(&f, &h3(""), 2, "has protocol h3 but no tls");
+    assert_rejected(
+        &f,
+        &h3("    tls:\n      cert_chain: h3.pem\n      key: other-key.pem\n"),
+        7,
+        "the private key does not match the certificate in",
+    );
+    assert_rejected(
+        &f,
+        &h3("    tls:\n      cert_chain: missing.pem\n      key: h3-key.pem\n"),
+        6,
+        "cannot read",
+    );
+    assert_rejected(
+        &f,
+        &h3("    tls:\n      cert_chain: h3.pem\n      key: missing-key.pem\n"),
+        7,
+        "cannot read the private key",
+    );
+    assert_rejected(
+        &f,
+        &replace(
+            "    protocol: http\n",
+            "    protocol: http\n    tls:\n      cert_chain: h3.pem\n      key: h3-key.pem\n",
+        ),
+        6,
+        "tls: only h3 listeners have one",
+    );
+    assert_rejected(
+        &f,
+        &h3("    tls:\n      cert_chain: h3.pem\n      key: h3-key.pem\n    alt_svc: 'h3=\":443\"'\n"),
+        8,
+        "alt_svc: only http listeners advertise one",
+    );
+    assert_rejected(
+        &f,
+        &replace(
+            "    protocol: http\n",
+            "    protocol: http\n    alt_svc: \"bad\\u0001value\"\n",
+        ),
+        5,
+        "is not a valid header value",
+    );
+}

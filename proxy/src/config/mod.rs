@@ -5,6 +5,7 @@
 
 pub mod hbone;
 pub mod schema;
+mod transcode;
 mod validate;
 
 use std::net::SocketAddr;
@@ -35,6 +36,66 @@ pub struct Listener {
     pub service: Option<usize>,
     /// `protocol: tcp`: idle connections are closed after this.
     pub idle_timeout: Duration,
+    /// `protocol: h3`: the server certificate, checked at load.
+    pub tls: Option<ListenerTls>,
+    /// `protocol: http`: the `Alt-Svc` header added to responses.
+    pub alt_svc: Option<http::HeaderValue>,
+}
+
+/// A listener's TLS server certificate, as read (and checked) when the config was loaded. The
+/// PEM is kept rather than parsed keys so that a reload can tell whether it changed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerTls {
+    pub cert_chain: PathBuf,
+    pub chain_pem: Arc<Vec<u8>>,
+    pub key_pem: Arc<Vec<u8>>,
+}
+
+impl ListenerTls {
+    /// Reads and checks a certificate chain and its key: parsable, key matches the leaf.
+    pub fn load(cert_chain: &Path, key: &Path) -> Result<ListenerTls, String> {
+        let chain_pem = std::fs::read(cert_chain).map_err(|e| format!("cannot read {}: {e}", cert_chain.display()))?;
+        // "private key" in the message is what puts the error on the `key:` line.
+        let key_pem = std::fs::read(key).map_err(|e| format!("cannot read the private key {}: {e}", key.display()))?;
+        let tls = ListenerTls {
+            cert_chain: cert_chain.to_owned(),
+            chain_pem: Arc::new(chain_pem),
+            key_pem: Arc::new(key_pem),
+        };
+        tls.certified_key()?;
+        Ok(tls)
+    }
+
+    pub fn certified_key(
+        &self,
+    ) -> Result<
+        (
+            Vec<rustls::pki_types::CertificateDer<'static>>,
+            rustls::pki_types::PrivateKeyDer<'static>,
+        ),
+        String,
+    > {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&self.chain_pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("{}: not a PEM certificate file: {e}", self.cert_chain.display()))?;
+        if chain.is_empty() {
+            return Err(format!("{}: no PEM CERTIFICATE block found", self.cert_chain.display()));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| format!("no PEM private key found: {e}"))?;
+        let signing = rustls::crypto::ring::sign::any_supported_type(&key)
+            .map_err(|e| format!("unsupported private key: {e}"))?;
+        rustls::sign::CertifiedKey::new(chain.clone(), signing)
+            .keys_match()
+            .map_err(|_| {
+                format!(
+                    "the private key does not match the certificate in {}",
+                    self.cert_chain.display()
+                )
+            })?;
+        Ok((chain, key))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -69,6 +130,8 @@ pub struct Service {
     pub sni: String,
     /// Sidecar (through `mesh.gateway`) or HBONE (ambient).
     pub transport: Transport,
+    /// REST/JSON requests matching these gRPC methods' HTTP bindings are transcoded.
+    pub transcode: Option<Arc<crate::transcode::Transcoder>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -136,6 +136,20 @@ pub struct RawListener {
     /// `protocol: tcp` only: a connection with no byte moving either way for this long is closed.
     #[serde(default)]
     pub idle_timeout: Option<Spanned<Dur>>,
+    /// `protocol: h3` only: the TLS server certificate QUIC requires.
+    #[serde(default)]
+    pub tls: Option<Spanned<RawListenerTls>>,
+    /// `protocol: http` only: an `Alt-Svc` value added to every response (e.g.
+    /// `h3=":443"; ma=86400`), so clients that speak HTTP/3 switch to the h3 listener.
+    #[serde(default)]
+    pub alt_svc: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListenerTls {
+    pub cert_chain: Spanned<String>,
+    pub key: Spanned<String>,
 }
 
 pub fn d_proxy_protocol() -> Spanned<crate::listener::proxy_protocol::Mode> {
@@ -153,6 +167,8 @@ pub enum ListenerProtocol {
     Http,
     /// Opaque TCP to one service (`service:`), each connection over its own mTLS connection.
     Tcp,
+    /// HTTP/3 over QUIC (UDP), with a TLS server certificate (`tls:`); same routing and policy.
+    H3,
 }
 
 #[derive(Debug, Deserialize)]
@@ -214,7 +230,7 @@ pub struct RawIstioCa {
     #[serde(default)]
     pub token_file: Option<Spanned<String>>,
     #[serde(default)]
-    pub cluster_id: Option<String>,
+    pub cluster_id: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -223,8 +239,9 @@ pub struct RawVault {
     pub address: Spanned<String>,
     #[serde(default)]
     pub ca_cert: Option<Spanned<String>>,
-    #[serde(default = "d_vault_mount")]
-    pub mount: String,
+    /// The PKI mount path (default `pki`).
+    #[serde(default)]
+    pub mount: Option<Spanned<String>>,
     pub role: Spanned<String>,
     /// `issue` (Vault makes the key) or `sign` (our key, our CSR).
     #[serde(default)]
@@ -235,10 +252,6 @@ pub struct RawVault {
     pub token_file: Option<Spanned<String>>,
     #[serde(default)]
     pub approle: Option<Spanned<RawAppRole>>,
-}
-
-pub fn d_vault_mount() -> String {
-    "pki".into()
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -279,6 +292,9 @@ pub struct RawService {
     pub transport: Option<Spanned<String>>,
     #[serde(default)]
     pub hbone: Option<Spanned<super::hbone::RawHbone>>,
+    /// gRPC-JSON transcoding for an `http2` service (see `config/transcode.rs`).
+    #[serde(default)]
+    pub transcode: Option<Spanned<super::transcode::RawTranscode>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -42,7 +42,7 @@ fn valid_hostname(s: &str) -> bool {
 }
 
 /// Paths in the config are relative to the config file's directory.
-fn resolve_path(config: &Path, p: &str) -> PathBuf {
+pub(super) fn resolve_path(config: &Path, p: &str) -> PathBuf {
     let p = Path::new(p);
     if p.is_absolute() {
         p.to_owned()
@@ -73,6 +73,7 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
     let mut listener_services = Vec::new();
     let mut listener_names: HashMap<String, Option<u64>> = HashMap::new();
     let mut binds: HashMap<std::net::SocketAddr, String> = HashMap::new();
+    let mut udp_binds: HashMap<std::net::SocketAddr, String> = HashMap::new();
     for l in &raw.listeners {
         let name = &l.name.value;
         if !valid_name(name) {
@@ -90,8 +91,14 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
                 ),
             );
         }
-        // Port 0 asks the OS for a free port: never a clash.
+        // Port 0 asks the OS for a free port: never a clash. An h3 listener is UDP: it may
+        // share its address with a TCP listener (HTTP/3 on 443/udp beside HTTP on 443/tcp).
         let fixed_port = l.bind.value.0.port() != 0;
+        let binds = if l.protocol == ListenerProtocol::H3 {
+            &mut udp_binds
+        } else {
+            &mut binds
+        };
         if let Some(other) = binds.insert(l.bind.value.0, name.clone()).filter(|_| fixed_port) {
             errs.at(
                 line(&l.bind),
@@ -110,18 +117,71 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
                 line(&l.name),
                 format!("listener {name:?} has protocol tcp but no service: name the service its connections go to"),
             ),
-            (ListenerProtocol::Http, Some(s)) => errs.at(
+            (ListenerProtocol::Http | ListenerProtocol::H3, Some(s)) => errs.at(
                 line(s),
-                "service: only tcp listeners have one (http listeners route by Host)",
+                "service: only tcp listeners have one (http and h3 listeners route by Host)",
             ),
             _ => {}
         }
-        if let (ListenerProtocol::Http, Some(t)) = (l.protocol, &l.idle_timeout) {
+        if let (ListenerProtocol::Http | ListenerProtocol::H3, Some(t)) = (l.protocol, &l.idle_timeout) {
             errs.at(
                 line(t),
                 "idle_timeout: only for tcp listeners (http uses limits.header_read_timeout)",
             );
         }
+        let tls = match (l.protocol, &l.tls) {
+            (ListenerProtocol::H3, None) => {
+                errs.at(
+                    line(&l.name),
+                    format!("listener {name:?} has protocol h3 but no tls: QUIC needs a server certificate (tls.cert_chain, tls.key)"),
+                );
+                None
+            }
+            (ListenerProtocol::H3, Some(t)) => {
+                let cert = resolve_path(path, &t.value.cert_chain.value);
+                let key = resolve_path(path, &t.value.key.value);
+                match super::ListenerTls::load(&cert, &key) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        let l = if e.contains("private key") {
+                            line(&t.value.key)
+                        } else {
+                            line(&t.value.cert_chain)
+                        };
+                        errs.at(l, format!("listener {name:?} tls: {e}"));
+                        None
+                    }
+                }
+            }
+            (_, Some(t)) => {
+                errs.at(
+                    line(t),
+                    "tls: only h3 listeners have one (http and tcp listeners speak plain text to the VMs)",
+                );
+                None
+            }
+            (_, None) => None,
+        };
+        if l.protocol == ListenerProtocol::H3 && l.proxy_protocol.value != crate::listener::proxy_protocol::Mode::Off {
+            errs.at(
+                line(&l.proxy_protocol),
+                "proxy_protocol: not for h3 listeners (QUIC has no PROXY header)",
+            );
+        }
+        let alt_svc = match &l.alt_svc {
+            Some(a) if l.protocol != ListenerProtocol::Http => {
+                errs.at(line(a), "alt_svc: only http listeners advertise one");
+                None
+            }
+            Some(a) => match http::HeaderValue::from_str(&a.value) {
+                Ok(v) if !a.value.trim().is_empty() => Some(v),
+                _ => {
+                    errs.at(line(a), format!("alt_svc {:?} is not a valid header value", a.value));
+                    None
+                }
+            },
+            None => None,
+        };
         listener_services.push(l.service.clone());
         listeners.push(Listener {
             name: name.clone(),
@@ -132,6 +192,8 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
             max_connections: l.max_connections,
             service: None,
             idle_timeout: l.idle_timeout.as_ref().map_or(DEFAULT_TCP_IDLE_TIMEOUT, |t| t.value.0),
+            tls,
+            alt_svc,
         });
     }
     let admin = raw.admin.as_ref().map(|a| {
@@ -322,6 +384,10 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
             );
         }
         let transport = super::hbone::transport(n, s.transport.as_ref(), s.hbone.as_ref(), &host, port, errs);
+        let transcode = s
+            .transcode
+            .as_ref()
+            .and_then(|t| super::transcode::transcoder(path, s.protocol, t, errs));
         services.push(Arc::new(Service {
             id,
             name: n.clone(),
@@ -333,6 +399,7 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
             expected_server,
             sni,
             transport,
+            transcode,
         }));
     }
     // TCP listeners' services, now that services are known.
@@ -710,6 +777,28 @@ fn issued_identity(
         if let Err(e) = issuer::check_address(&ca.value.address.value, true) {
             errs.at(line(&ca.value.address), format!("{what}istio_ca.address {e}"));
         }
+        if ca.value.address.value.starts_with("http://") {
+            errs.at(
+                line(&ca.value.address),
+                format!("{what}istio_ca.address: the Istio CA speaks TLS only (a token must not travel in clear text)"),
+            );
+        }
+        if let Some(n) = &ca.value.server_name {
+            if rustls::pki_types::ServerName::try_from(n.value.as_str()).is_err() {
+                errs.at(
+                    line(n),
+                    format!("{what}istio_ca.server_name {:?} is not a DNS name", n.value),
+                );
+            }
+        }
+        if let Some(c) = &ca.value.cluster_id {
+            if http::HeaderValue::from_str(&c.value).is_err() || c.value.is_empty() {
+                errs.at(
+                    line(c),
+                    format!("{what}istio_ca.cluster_id {:?} cannot be sent as a header", c.value),
+                );
+            }
+        }
         readable(errs, &ca.value.token_file, "token_file");
         readable(errs, &ca.value.ca_cert, "ca_cert");
         if ca.value.token_file.is_none() && bootstrap.is_none() {
@@ -730,7 +819,7 @@ fn issued_identity(
                 .unwrap_or_else(|| "istiod.istio-system.svc".into()),
             ca_cert: file(&ca.value.ca_cert),
             token_file: file(&ca.value.token_file),
-            cluster_id: ca.value.cluster_id.clone(),
+            cluster_id: ca.value.cluster_id.as_ref().map(|c| c.value.clone()),
         }
     } else {
         let v = idr.vault.as_ref().expect("called with an issuer");
@@ -759,18 +848,34 @@ fn issued_identity(
                 VaultAuth::TokenFile(PathBuf::new())
             }
         };
-        for (name, seg) in [("mount", r.mount.as_str()), ("role", r.role.value.as_str())] {
-            if seg.is_empty() || seg.contains(['?', '#', ' ']) || seg.starts_with('/') {
-                errs.at(
-                    line(&r.role),
-                    format!("{what}vault.{name} {seg:?} is not a Vault path segment"),
-                );
+        let mount = r.mount.as_ref().map_or("pki", |m| m.value.as_str()).to_string();
+        let mut segments = vec![
+            (
+                "vault.mount",
+                mount.clone(),
+                r.mount.as_ref().map_or(line(&r.role), line),
+            ),
+            ("vault.role", r.role.value.clone(), line(&r.role)),
+        ];
+        if let Some(a) = &r.approle {
+            segments.push(("vault.approle.mount", a.value.mount.clone(), line(a)));
+        }
+        for (name, seg, l) in segments {
+            // Mounts may be nested (`pki/mesh`); no empty parts, queries or spaces.
+            if seg.is_empty() || seg.contains(['?', '#', ' ', '%']) || seg.split('/').any(str::is_empty) {
+                errs.at(l, format!("{what}{name} {seg:?} is not a Vault path"));
+            }
+        }
+        if r.address.value.starts_with("http://") {
+            let host = r.address.value.trim_start_matches("http://");
+            if !(host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]")) {
+                tracing::warn!(address = %r.address.value, "vault.address is plain http: the Vault token and the issued private key cross the network unencrypted");
             }
         }
         IssuerKind::Vault {
             address: r.address.value.clone(),
             ca_cert: file(&r.ca_cert),
-            mount: r.mount.clone(),
+            mount,
             role: r.role.value.clone(),
             sign: r.method == super::schema::VaultMethod::Sign,
             common_name: r.common_name.clone(),
@@ -789,8 +894,17 @@ fn issued_identity(
         return None;
     }
     // A bootstrap certificate is checked like file identities and must be the same SPIFFE ID.
+    // Out of its validity it is only passed over: it was meant to be short-lived, and the
+    // identity in use (kept across reloads) or a token can still get a certificate.
     if let Some(paths) = &bootstrap {
         return match Identity::load(paths, td, now) {
+            Err(
+                e @ (crate::identity::IdentityError::Expired { .. }
+                | crate::identity::IdentityError::NotYetValid { .. }),
+            ) => {
+                tracing::warn!(error = %e, "bootstrap certificate not valid now; not using it");
+                pending_identity(spec, idr, errs, what, anchor)
+            }
             Ok(mut i) => {
                 if i.spiffe_id != spec.spiffe_id {
                     errs.at(
@@ -816,6 +930,16 @@ fn issued_identity(
             }
         };
     }
+    pending_identity(spec, idr, errs, what, anchor)
+}
+
+fn pending_identity(
+    spec: Arc<crate::identity::issuer::IssuerSpec>,
+    idr: &RawIdentity,
+    errs: &mut Collector,
+    what: &str,
+    anchor: Option<u64>,
+) -> Option<Arc<Identity>> {
     let roots = match Identity::load_roots(&spec.root_cert) {
         Ok(r) => r,
         Err(e) => {
@@ -823,7 +947,7 @@ fn issued_identity(
             return None;
         }
     };
-    match issuer::pending(spec, roots) {
+    match crate::identity::issuer::pending(spec, roots) {
         Ok(i) => Some(Arc::new(i)),
         Err(e) => {
             errs.at(anchor, format!("{what}{e}"));

@@ -26,6 +26,9 @@ use super::{ClientCert, Identity, IdentityPaths};
 
 /// Time allowed for one issuance (connect, handshake, request, answer).
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How far ahead of ours an issuer's clock may be: a fresh certificate whose `not_before` is
+/// this much in our future is still taken (istiod backdates by 2 minutes; not every CA does).
+const CA_CLOCK_SKEW: Duration = Duration::from_secs(300);
 /// Issuer answers are small; anything bigger is not an issuer.
 const MAX_ANSWER_BYTES: usize = 1 << 20;
 
@@ -111,11 +114,19 @@ pub fn renew_at(not_before: SystemTime, not_after: SystemTime, jitter: f64) -> S
     not_before + life.mul_f64(0.5 + 0.05 * jitter.clamp(-1.0, 1.0))
 }
 
-/// Wait before retrying a failed renewal: doubling from 1 s, at most 60 s, and never more than a
-/// tenth of the time left, so that a short-lived certificate gets several tries before it expires.
-pub fn retry_delay(failures: u32, remaining: Duration) -> Duration {
+/// Wait before retrying a failed renewal: doubling from 1 s up to 60 s; before expiry never more
+/// than a tenth of the time left (a short-lived certificate gets several tries before it
+/// expires), never less than 1 s, and ±20% random (`jitter` in [-1, 1]) so that a fleet does
+/// not retry in step when the issuer comes back. After expiry: plain backoff.
+pub fn retry_delay(failures: u32, remaining: Duration, jitter: f64) -> Duration {
     let backoff = Duration::from_secs(1u64 << failures.min(6)).min(Duration::from_secs(60));
-    backoff.min(remaining / 10).max(Duration::from_millis(200))
+    let d = if remaining.is_zero() {
+        backoff
+    } else {
+        backoff.min(remaining / 10)
+    };
+    d.max(Duration::from_secs(1))
+        .mul_f64(1.0 + 0.2 * jitter.clamp(-1.0, 1.0))
 }
 
 /// A stand-in until the issuer answers: the configured SPIFFE ID and trust bundle, a throwaway
@@ -223,6 +234,7 @@ async fn obtain_inner(
         &source_paths(spec),
         trust_domain,
         SystemTime::now(),
+        CA_CLOCK_SKEW,
     )
     .map_err(|e| err(format!("issued certificate rejected: {e}")))?;
     if identity.spiffe_id != spec.spiffe_id {
@@ -330,7 +342,9 @@ async fn dial(
     }
     let mut store = RootCertStore::empty();
     for r in roots {
-        let _ = store.add(r.clone());
+        store
+            .add(r.clone())
+            .map_err(|e| err(format!("a CA certificate to verify the issuer is unusable: {e}")))?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider.clone())
@@ -773,11 +787,15 @@ mod tests {
     #[test]
     fn retries_back_off_but_fit_in_the_time_left() {
         let day = Duration::from_secs(86400);
-        assert_eq!(retry_delay(0, day), Duration::from_secs(1));
-        assert_eq!(retry_delay(3, day), Duration::from_secs(8));
-        assert_eq!(retry_delay(30, day), Duration::from_secs(60));
-        assert_eq!(retry_delay(30, Duration::from_secs(20)), Duration::from_secs(2));
-        assert_eq!(retry_delay(5, Duration::ZERO), Duration::from_millis(200));
+        assert_eq!(retry_delay(0, day, 0.0), Duration::from_secs(1));
+        assert_eq!(retry_delay(3, day, 0.0), Duration::from_secs(8));
+        assert_eq!(retry_delay(30, day, 0.0), Duration::from_secs(60));
+        assert_eq!(retry_delay(30, Duration::from_secs(20), 0.0), Duration::from_secs(2));
+        // Never below 1 s, even in the last seconds; after expiry, plain backoff.
+        assert_eq!(retry_delay(5, Duration::from_millis(300), 0.0), Duration::from_secs(1));
+        assert_eq!(retry_delay(5, Duration::ZERO, 0.0), Duration::from_secs(32));
+        assert_eq!(retry_delay(3, day, 1.0), Duration::from_secs(8).mul_f64(1.2));
+        assert_eq!(retry_delay(3, day, -1.0), Duration::from_secs(8).mul_f64(0.8));
     }
 
     #[test]

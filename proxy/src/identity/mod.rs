@@ -198,7 +198,7 @@ impl Identity {
                 format!("no PEM private key (PKCS#8, PKCS#1 or SEC1) found: {e}"),
             )
         })?;
-        Identity::check(chain, key, roots_der, paths, trust_domain, now)
+        Identity::check(chain, key, roots_der, paths, trust_domain, now, Duration::ZERO)
     }
 
     /// Reads only the trust bundle (for an identity an issuer will provide).
@@ -215,6 +215,7 @@ impl Identity {
         paths: &IdentityPaths,
         trust_domain: &str,
         now: SystemTime,
+        not_before_skew: Duration,
     ) -> Result<Identity, IdentityError> {
         if chain.is_empty() {
             return Err(parse_err(IdentityFile::CertChain, &paths.cert_chain, "no certificate"));
@@ -243,6 +244,12 @@ impl Identity {
             .map_err(|e| parse_err(IdentityFile::CertChain, leaf_path, e.to_string()))?;
         let not_before = UNIX_EPOCH + Duration::from_secs(leaf.validity().not_before.timestamp().max(0) as u64);
         let not_after = UNIX_EPOCH + Duration::from_secs(leaf.validity().not_after.timestamp().max(0) as u64);
+        // A certificate issued a moment ago by a CA whose clock runs ahead of ours is accepted
+        // as if it were its start time (within `not_before_skew`), for every check below.
+        let now = match not_before.duration_since(now) {
+            Ok(ahead) if ahead <= not_before_skew => not_before,
+            _ => now,
+        };
         if now > not_after {
             return Err(IdentityError::Expired {
                 path: leaf_path.clone(),

@@ -45,7 +45,9 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
         .max_pending_accept_reset_streams(Some(20))
         .max_local_error_reset_streams(Some(1024))
         .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10));
+        .keep_alive_timeout(Duration::from_secs(10))
+        // RFC 8441: lets HTTP/2 clients open WebSockets (extended CONNECT).
+        .enable_connect_protocol();
     b
 }
 
@@ -102,7 +104,18 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, app: Arc<App>, mut clo
                     info.close = Some(close.clone());
                     let info = Arc::new(info);
                     let conn_info = info.clone();
-                    let svc = service_fn(move |req| forward::handle(app2.proxy(), conn_info.clone(), req));
+                    let alt_svc = listener_cfg.as_ref().and_then(|l| l.alt_svc.clone());
+                    let svc = service_fn(move |req| {
+                        let response = forward::handle(app2.proxy(), conn_info.clone(), req);
+                        let alt_svc = alt_svc.clone();
+                        async move {
+                            let mut r = response.await?;
+                            if let Some(v) = alt_svc {
+                                r.headers_mut().insert(http::header::ALT_SVC, v);
+                            }
+                            Ok::<_, std::convert::Infallible>(r)
+                        }
+                    });
                     let scanner = framing::Scanner::new(max_head, max_headers);
                     // The watcher must see the bytes read along with the PROXY header too.
                     let stream = proxy_protocol::Prefixed::new(prefix, stream);

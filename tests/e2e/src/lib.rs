@@ -32,6 +32,17 @@ pub fn host(name: &str) -> String {
     format!("{name}.bookinfo.svc.{}", meshsim::CLUSTER_DOMAIN)
 }
 
+/// meshsim's bookstore descriptor set (`tests/meshsim/proto/bookstore.proto` with its imports),
+/// as `protoc --include_imports --descriptor_set_out` writes it for a `transcode:` config.
+pub fn bookstore_descriptor_set() -> Vec<u8> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut c = protox::Compiler::new([root.join("tests/meshsim/proto"), root.join("third_party/googleapis")])
+        .expect("include paths");
+    c.include_imports(true);
+    c.open_file("bookstore.proto").expect("bookstore.proto compiles");
+    c.encode_file_descriptor_set()
+}
+
 pub fn key_hash(key: &str) -> String {
     use sha2::Digest;
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(key.as_bytes())))

@@ -73,7 +73,7 @@ async fn wait_for_new_certs(env: &Env, mut seen: Vec<String>, n: usize, limit: D
 
 /// Polls /readyz until it answers 503 (bounded); returns the reason it gives.
 async fn wait_not_ready(env: &Env) -> String {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
     loop {
         let (st, body) = env.admin_get("/readyz").await.unwrap();
         if st == 503 {
@@ -91,8 +91,8 @@ async fn survive_outage(env: &Env, kind: &str, first: &str, set_down: impl Fn(bo
     set_down(true);
     let errors = format!("meshgate_identity_renewals_total{{identity=\"{VM_ID}\",issuer=\"{kind}\",result=\"error\"}}");
     let failing = format!("meshgate_identity_renewal_failures{{identity=\"{VM_ID}\"}}");
-    // Renewal is due at about half of the 22 s lifetime; it fails, the cert stays.
-    eventually(Duration::from_secs(20), "a failed renewal", || async {
+    // Renewal is due at about half of the 44 s lifetime; it fails, the cert stays.
+    eventually(Duration::from_secs(40), "a failed renewal", || async {
         metric(env, &errors).await.unwrap_or(0.0) >= 1.0
     })
     .await;
@@ -146,7 +146,8 @@ async fn istio_ca_issues_at_start_and_renews_under_load_without_a_failed_request
     // Issued before the first request: the sidecar sees the requested principal.
     let (principal, first) = principal_and_hash(&env).await;
     assert_eq!(principal, VM_ID);
-    assert_eq!(ca.counters().issued.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // (A renewal may already have followed, authenticated by the certificate, not the token.)
+    assert!(ca.counters().issued.load(std::sync::atomic::Ordering::SeqCst) >= 1);
     assert_eq!(ca.counters().by_token.load(std::sync::atomic::Ordering::SeqCst), 1);
 
     let load = Load::start(env.addr(), BILLING_IP, &host("reviews"), "/", 6);
@@ -184,7 +185,7 @@ async fn istio_ca_issues_at_start_and_renews_under_load_without_a_failed_request
 #[tokio::test]
 async fn istio_ca_down_keeps_the_last_good_certificate_and_readiness_says_so() {
     let mesh = Mesh::start(meshsim::demo_spec()).await.unwrap();
-    let ca = IstioCa::start(mesh.ca(), &[(TOKEN, "vms", "meshgate-vm")], Duration::from_secs(20))
+    let ca = IstioCa::start(mesh.ca(), &[(TOKEN, "vms", "meshgate-vm")], Duration::from_secs(40))
         .await
         .unwrap();
     let env = EnvBuilder::default()
@@ -199,7 +200,7 @@ async fn istio_ca_down_keeps_the_last_good_certificate_and_readiness_says_so() {
 }
 
 #[tokio::test]
-async fn istio_ca_renewal_is_authenticated_by_a_bootstrap_certificate() {
+async fn istio_ca_first_certificate_is_authenticated_by_a_bootstrap_certificate() {
     let mesh = Mesh::start(meshsim::demo_spec()).await.unwrap();
     // No tokens at all: only a mesh certificate gets in.
     let ca = IstioCa::start(mesh.ca(), &[], Duration::from_secs(3600)).await.unwrap();
@@ -299,6 +300,7 @@ fn vault_role(max_ttl: Duration) -> VaultRole {
         name: "meshgate".into(),
         allowed_uri_sans: vec![VM_ID.into()],
         max_ttl,
+        require_cn: true,
     }
 }
 
@@ -315,7 +317,7 @@ async fn vault_issue_with_a_token_renews_under_load_without_a_failed_request() {
     .await
     .unwrap();
     let block = format!(
-        "    spiffe_id: {VM_ID}\n    root_cert: root-cert.pem\n    vault:\n      address: {}\n      mount: pki_mesh\n      role: meshgate\n      token_file: vault-token\n",
+        "    spiffe_id: {VM_ID}\n    root_cert: root-cert.pem\n    vault:\n      address: {}\n      mount: pki_mesh\n      role: meshgate\n      common_name: meshgate-vm\n      token_file: vault-token\n",
         vault.address()
     );
     let env = EnvBuilder::default()
@@ -352,14 +354,14 @@ async fn vault_sign_with_approle_survives_a_sealed_vault() {
     let vault = VaultPki::start(
         mesh.ca(),
         "pki",
-        vec![vault_role(Duration::from_secs(20))],
+        vec![vault_role(Duration::from_secs(40))],
         &[],
         &[("role-1234", "secret-5678")],
     )
     .await
     .unwrap();
     let block = format!(
-        "    spiffe_id: {VM_ID}\n    root_cert: root-cert.pem\n    vault:\n      address: {}\n      role: meshgate\n      method: sign\n      approle:\n        role_id_file: role-id\n        secret_id_file: secret-id\n",
+        "    spiffe_id: {VM_ID}\n    root_cert: root-cert.pem\n    vault:\n      address: {}\n      role: meshgate\n      common_name: meshgate-vm\n      method: sign\n      approle:\n        role_id_file: role-id\n        secret_id_file: secret-id\n",
         vault.address()
     );
     let env = EnvBuilder::default()
@@ -390,6 +392,7 @@ async fn vault_role_refusal_fails_the_start_with_the_reason() {
         name: "meshgate".into(),
         allowed_uri_sans: vec!["spiffe://cluster.local/ns/other/sa/other".into()],
         max_ttl: Duration::from_secs(3600),
+        require_cn: false,
     };
     let vault = VaultPki::start(mesh.ca(), "pki", vec![role], &["t"], &[])
         .await

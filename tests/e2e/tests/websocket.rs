@@ -1,5 +1,6 @@
 //! WebSocket through meshgate (issue #8): the HTTP/1.1 Upgrade handshake reaches an http1
-//! service, then frames flow both ways over the mesh until the close handshake.
+//! service, and HTTP/2 extended CONNECT (RFC 8441) an http2 service; then frames flow both ways
+//! over the mesh until the close handshake.
 
 use e2e::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,7 +22,7 @@ fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Reads one unmasked server frame: (opcode, payload).
-async fn server_frame(s: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+async fn server_frame<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> (u8, Vec<u8>) {
     let mut head = [0u8; 2];
     tokio::time::timeout(CLIENT_TIMEOUT, s.read_exact(&mut head))
         .await
@@ -109,5 +110,69 @@ async fn upgrades_follow_tenant_rules_and_need_an_http1_service() {
     s.write_all(handshake("reviews").as_bytes()).await.unwrap();
     let head = read_head(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert_eq!(env.mesh.stats().pods_total(|p| p.app_requests), before);
+}
+
+/// An h2c connection to meshgate from `src` and an RFC 8441 extended CONNECT for a WebSocket.
+async fn extended_connect(
+    env: &Env,
+    src: &str,
+    service: &str,
+) -> (http::StatusCode, http::HeaderMap, Option<hyper::upgrade::Upgraded>) {
+    let tcp = connect_from(env.addr(), src.parse().unwrap()).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("http://{}/chat", host(service)))
+        .header("sec-websocket-version", "13")
+        .extension(hyper::ext::Protocol::from_static("websocket"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let mut resp = tokio::time::timeout(CLIENT_TIMEOUT, send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let upgraded = if status == 200 {
+        Some(hyper::upgrade::on(&mut resp).await.unwrap())
+    } else {
+        None
+    };
+    (status, headers, upgraded)
+}
+
+#[tokio::test]
+async fn websocket_over_http2_extended_connect_to_an_http2_service() {
+    let env = Env::start().await.unwrap();
+    // reviews is an http2 service: the extended CONNECT goes to its sidecar as one.
+    let (status, headers, upgraded) = extended_connect(&env, BILLING_IP, "reviews").await;
+    assert_eq!(status, 200, "{headers:?}");
+    assert_eq!(
+        headers.get("x-peer-principal").unwrap(),
+        "spiffe://cluster.local/ns/meshgate/sa/meshgate"
+    );
+    let mut s = hyper_util::rt::TokioIo::new(upgraded.unwrap());
+    for (opcode, msg) in [(0x1, b"over h2".to_vec()), (0x2, vec![9u8; 3000])] {
+        s.write_all(&client_frame(opcode, &msg)).await.unwrap();
+        assert_eq!(server_frame(&mut s).await, (opcode, msg));
+    }
+    s.write_all(&client_frame(0x8, &1000u16.to_be_bytes())).await.unwrap();
+    assert_eq!(server_frame(&mut s).await.0, 0x8);
+}
+
+#[tokio::test]
+async fn extended_connect_follows_tenant_rules_and_needs_an_http2_service() {
+    let env = Env::start().await.unwrap();
+    let before = env.mesh.stats().pods_total(|p| p.app_requests);
+    let (status, _, _) = extended_connect(&env, STRANGER_IP, "reviews").await;
+    assert_eq!(status, 403);
+    // ratings is an http1 service: HTTP/1.1 clients reach it with an Upgrade instead.
+    let (status, _, _) = extended_connect(&env, BILLING_IP, "ratings").await;
+    assert_eq!(status, 400);
     assert_eq!(env.mesh.stats().pods_total(|p| p.app_requests), before);
 }

@@ -35,7 +35,7 @@ const MAX_PATTERN_BYTES: u64 = 4 * 1024 * 1024 * 1024;
 const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The response body type of the echo app (and of the sidecar's own replies).
-pub type EchoBody = Either<Full<Bytes>, Either<PatternBody, GrpcEcho>>;
+pub type EchoBody = Either<Full<Bytes>, Either<PatternBody, Either<GrpcEcho, crate::bookstore::ChannelBody>>>;
 
 /// The fault the `reset` knobs inject. hyper answers a service or body error with RST_STREAM
 /// (INTERNAL_ERROR) on HTTP/2 and by closing the connection on HTTP/1.1.
@@ -214,11 +214,17 @@ pub(crate) async fn serve(
         .headers()
         .get(CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc && pod.bookstore && req.uri().path().starts_with("/bookstore.Bookstore/") {
+        return Ok(crate::bookstore::serve(req).await);
+    }
     if grpc {
         return Ok(grpc_echo(pod, conn, req).await);
     }
     if let Some(accept) = websocket_accept(&req) {
         return Ok(websocket_echo(pod, req, accept));
+    }
+    if is_extended_websocket(&req) {
+        return Ok(extended_websocket_echo(pod, conn, req));
     }
     let (parts, mut body) = req.into_parts();
 
@@ -421,10 +427,10 @@ pub(crate) async fn grpc_echo(pod: &PodInfo, conn: &ConnInfo, req: Request<Incom
             trailers.insert("x-echo-peer", v);
         }
     }
-    let mut resp = Response::new(Either::Right(Either::Right(GrpcEcho {
+    let mut resp = Response::new(Either::Right(Either::Right(Either::Left(GrpcEcho {
         body,
         trailers: Some(trailers),
-    })));
+    }))));
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     resp
@@ -478,6 +484,43 @@ fn websocket_accept(req: &Request<Incoming>) -> Option<String> {
     sha.update(key.trim().as_bytes());
     sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
     Some(base64::engine::general_purpose::STANDARD.encode(sha.finalize()))
+}
+
+/// An RFC 8441 WebSocket: `CONNECT` with `:protocol websocket` on an HTTP/2 stream.
+fn is_extended_websocket(req: &Request<Incoming>) -> bool {
+    req.method() == http::Method::CONNECT
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"))
+}
+
+/// Answers 200 (RFC 8441 §5: no Sec-WebSocket-Accept over HTTP/2) and echoes frames on the
+/// stream like [`websocket_echo`]; the caller's principal comes back in a header.
+fn extended_websocket_echo(pod: &PodInfo, conn: &ConnInfo, mut req: Request<Incoming>) -> Response<EchoBody> {
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let name = pod.name.clone();
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                if let Err(e) = ws_echo_loop(hyper_util::rt::TokioIo::new(upgraded)).await {
+                    tracing::debug!(pod = %name, error = %e, "websocket over HTTP/2 ended with error");
+                }
+            }
+            Err(e) => tracing::debug!(pod = %name, error = %e, "extended CONNECT upgrade failed"),
+        }
+    });
+    let mut resp = full(StatusCode::OK, "text/plain", Bytes::new());
+    let h = resp.headers_mut();
+    h.remove(CONTENT_TYPE);
+    h.insert(
+        "x-echo-pod",
+        HeaderValue::from_str(&pod.name).expect("pod names are header-safe"),
+    );
+    if let Some(p) = conn.peer.uris.first().and_then(|u| HeaderValue::from_str(u).ok()) {
+        h.insert("x-peer-principal", p);
+    }
+    resp
 }
 
 /// Answers 101 and then echoes every data frame (text or binary) back unmasked, answers pings,

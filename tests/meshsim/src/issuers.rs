@@ -368,6 +368,8 @@ pub struct VaultRole {
     pub name: String,
     pub allowed_uri_sans: Vec<String>,
     pub max_ttl: Duration,
+    /// Vault's `require_cn` (true by default in Vault): requests must name a `common_name`.
+    pub require_cn: bool,
 }
 
 struct VaultState {
@@ -529,6 +531,9 @@ async fn vault_handle(st: &VaultState, req: Request<Incoming>) -> Response<Full<
     let Some(role) = st.roles.iter().find(|r| r.name == role_name) else {
         return refuse(StatusCode::BAD_REQUEST, format!("unknown role: {role_name}"));
     };
+    if role.require_cn && body["common_name"].as_str().is_none_or(str::is_empty) {
+        return refuse(StatusCode::BAD_REQUEST, "the common_name field is required".into());
+    }
     let uri = body["uri_sans"].as_str().unwrap_or("").to_string();
     let uris: Vec<&str> = uri.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
     if uris.len() != 1 || !role.allowed_uri_sans.iter().any(|a| a == uris[0]) {

@@ -7,6 +7,7 @@
 //! `shared/reference/istio-wire.md`, never borrowed from meshgate, so that a misreading on one
 //! side cannot cancel out the same misreading on the other.
 
+pub mod bookstore;
 pub mod ca;
 pub mod echo;
 pub mod gateway;

@@ -22,7 +22,8 @@ struct Pod {
     service: Mutex<Option<Service>>,
 }
 
-/// The running mesh. All listeners are on 127.0.0.1 with kernel-chosen ports.
+/// The running mesh. All listeners are on 127.0.0.1 with kernel-chosen ports (ambient pods' HBONE
+/// endpoints on 127.0.0.N, an address per pod).
 pub struct Mesh {
     spec: MeshSpec,
     ca: MeshCa,
@@ -84,6 +85,7 @@ impl Mesh {
                     tls,
                 )?;
                 info.tcp = svc.tcp;
+                info.bookstore = svc.bookstore;
                 let info = Arc::new(info);
                 if svc.ambient {
                     ambient.add_pod(&spec, svc, info.clone(), &cert, ca.root_der()).await?;

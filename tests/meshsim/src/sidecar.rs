@@ -135,6 +135,8 @@ pub(crate) struct PodInfo {
     pub allowed_principals: Option<Vec<String>>,
     /// The service port is declared TCP: every connection goes to the TCP chain.
     pub tcp: bool,
+    /// The app also serves `bookstore.Bookstore` (gRPC), see [`crate::bookstore`].
+    pub bookstore: bool,
     pub counters: PodCounters,
     pub(crate) tls: SidecarTls,
     /// Bumped by [`crate::Mesh::goaway_pod`]: every open connection shuts down gracefully.
@@ -170,6 +172,7 @@ impl PodInfo {
             spiffe_id,
             allowed_principals,
             tcp: false,
+            bookstore: false,
             counters,
             tls,
             goaway: watch::Sender::new(0),
@@ -306,6 +309,9 @@ pub(crate) async fn serve_connection(pod: Arc<PodInfo>, tcp: TcpStream, peer_add
         let exec = OwnedExecutor::default();
         let conn = hyper::server::conn::http2::Builder::new(exec)
             .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+            // RFC 8441 WebSocket over HTTP/2. Envoy accepts it only where configured
+            // (`allow_connect` / an upgrade config); meshsim's sidecars always do.
+            .enable_connect_protocol()
             .serve_connection(io, svc);
         drive(conn, |c| c.graceful_shutdown(), goaway, &activity).await
     } else {

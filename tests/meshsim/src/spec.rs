@@ -151,6 +151,8 @@ pub struct ServiceSpec {
     /// Istio ambient: each pod also gets an HBONE endpoint (ztunnel's port 15008), and the mesh
     /// an ambient east-west gateway (see [`crate::hbone`]).
     pub ambient: bool,
+    /// The echo app also serves the `bookstore.Bookstore` gRPC service (see [`crate::bookstore`]).
+    pub bookstore: bool,
 }
 
 impl ServiceSpec {
@@ -163,7 +165,14 @@ impl ServiceSpec {
             pods: Vec::new(),
             tcp: false,
             ambient: false,
+            bookstore: false,
         }
+    }
+
+    /// Builder: the echo app also serves `bookstore.Bookstore` (gRPC-JSON transcoding tests).
+    pub fn bookstore(mut self) -> Self {
+        self.bookstore = true;
+        self
     }
 
     /// Builder: put the service in ambient mode (HBONE endpoints for its pods).

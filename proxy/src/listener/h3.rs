@@ -1,0 +1,453 @@
+//! The HTTP/3 listener: QUIC (quinn) with the listener's TLS certificate, HTTP/3 (h3).
+//!
+//! Each QUIC connection is bridged to the same request path as the HTTP listener: its requests
+//! become HTTP/2 streams on an in-memory connection served by `forward::handle`, so routing,
+//! tenant policy (source address, API key header), limits, metrics and access logs are the
+//! very same code, not a second implementation that could drift. The cost is one HTTP/2
+//! framing in memory per request, small beside the QUIC crypto.
+//!
+//! Closing (drain, or the listener removed by a reload): stop accepting; each connection gets
+//! an HTTP/3 GOAWAY at a random moment within the spread; whatever is left is cut at the deadline.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::app::App;
+use crate::config::{Limits, ListenerTls};
+use crate::forward::{self, ConnInfo};
+use crate::lifecycle::CloseSignal;
+use crate::listener::{admit_connection, closing, ConnGauge};
+use crate::metrics::ListenerLabels;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request body fed from the HTTP/3 stream by a pump task.
+struct ChannelBody {
+    rx: mpsc::Receiver<Result<http_body::Frame<Bytes>, BoxError>>,
+}
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+type Bridge = hyper::client::conn::http2::SendRequest<ChannelBody>;
+
+/// The QUIC server configuration: TLS 1.3 (QUIC has no other), ALPN `h3`, stream limits from
+/// `limits`.
+pub fn server_config(tls: &ListenerTls, limits: &Limits) -> Result<quinn::ServerConfig, String> {
+    let (chain, key) = tls.certified_key()?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut crypto = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| format!("{}: {e}", tls.cert_chain.display()))?;
+    crypto.alpn_protocols = vec![b"h3".to_vec()];
+    crypto.max_early_data_size = 0;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).map_err(|e| e.to_string())?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(limits.h2_max_concurrent_streams))
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(Duration::from_secs(60)).expect("60 s is a valid QUIC idle timeout"),
+        ))
+        .keep_alive_interval(Some(Duration::from_secs(20)));
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// Serves `socket` until told to close.
+pub async fn serve(socket: std::net::UdpSocket, name: Arc<str>, app: Arc<App>, mut close: CloseSignal) {
+    let proxy = app.proxy();
+    let Some(mut tls) = proxy
+        .snapshot
+        .listeners
+        .iter()
+        .find(|l| *l.name == *name)
+        .and_then(|l| l.tls.clone())
+    else {
+        tracing::error!(listener = %name, "h3 listener without tls; not serving");
+        return;
+    };
+    let config = match server_config(&tls, &proxy.snapshot.limits) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(listener = %name, error = %e, "h3 listener: bad TLS settings; not serving");
+            return;
+        }
+    };
+    let endpoint = match quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    ) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!(listener = %name, error = %e, "h3 listener: cannot start QUIC");
+            return;
+        }
+    };
+    let open_here = Arc::new(AtomicUsize::new(0));
+    let gauge = app
+        .metrics
+        .downstream_connections
+        .get_or_create(&ListenerLabels {
+            listener: name.to_string(),
+        })
+        .clone();
+    let mut conns = JoinSet::new();
+    let deadline = loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break tokio::time::Instant::now() };
+                let proxy = app.proxy();
+                // A reload that changed the certificate applies to new connections.
+                if let Some(new) = proxy.snapshot.listeners.iter().find(|l| *l.name == *name).and_then(|l| l.tls.as_ref()) {
+                    if *new != tls {
+                        match server_config(new, &proxy.snapshot.limits) {
+                            Ok(c) => {
+                                endpoint.set_server_config(Some(c));
+                                tls = new.clone();
+                                tracing::info!(listener = %name, "h3 listener certificate replaced");
+                            }
+                            Err(e) => tracing::error!(listener = %name, error = %e, "new h3 certificate unusable; keeping the old one"),
+                        }
+                    }
+                }
+                let Some(guard) = admit_connection(&app, &name, &open_here, &gauge, &proxy.snapshot) else {
+                    incoming.refuse();
+                    continue;
+                };
+                let limits = proxy.snapshot.limits.clone();
+                conns.spawn(connection(app.clone(), name.clone(), incoming, guard, close.clone(), limits));
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            (_, deadline) = closing(&mut close) => break deadline,
+        }
+    };
+    // No new connections; existing ones finish or are cut at the deadline.
+    endpoint.set_server_config(None);
+    let all_done = async { while conns.join_next().await.is_some() {} };
+    if tokio::time::timeout_at(deadline, all_done).await.is_err() {
+        tracing::warn!(listener = %name, remaining = conns.len(), "drain deadline passed; closing remaining connections");
+    }
+    conns.shutdown().await;
+    endpoint.close(quinn::VarInt::from_u32(0x100), b"closing"); // H3_NO_ERROR
+    tracing::info!(listener = %name, "listener closed");
+}
+
+async fn connection(
+    app: Arc<App>,
+    name: Arc<str>,
+    incoming: quinn::Incoming,
+    guard: ConnGauge,
+    mut close: CloseSignal,
+    limits: Limits,
+) {
+    let peer = incoming.remote_address();
+    let conn = match tokio::time::timeout(limits.header_read_timeout.max(Duration::from_secs(5)), incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::debug!(client = %peer, error = %e, "QUIC handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(client = %peer, "QUIC handshake timed out");
+            return;
+        }
+    };
+    let guard = Arc::new(guard);
+    let mut info = ConnInfo::new(name.clone(), peer, None);
+    info.lifetime = Some(guard.clone());
+    info.close = Some(close.clone());
+    info.is_h2.store(true, Ordering::Relaxed);
+    info.scheme = "https";
+    let info = Arc::new(info);
+
+    let Some((bridge, _server)) = start_bridge(&app, &info, &limits).await else {
+        return;
+    };
+    let mut h3 = match h3::server::builder()
+        .max_field_section_size(limits.max_header_bytes as u64)
+        .build::<_, Bytes>(h3_quinn::Connection::new(conn.clone()))
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(client = %peer, error = %e, "HTTP/3 connection setup failed");
+            return;
+        }
+    };
+    let mut requests = JoinSet::new();
+    let asked = async {
+        let (spread, deadline) = closing(&mut close).await;
+        let wait = if spread.is_zero() {
+            Duration::ZERO
+        } else {
+            spread.mul_f64(rand::rng().random_range(0.0..1.0))
+        };
+        tokio::time::sleep(wait).await;
+        deadline
+    };
+    tokio::pin!(asked);
+    let mut deadline: Option<tokio::time::Instant> = None;
+    let head_timeout = limits.header_read_timeout;
+    loop {
+        // After our GOAWAY, h3 only ends `accept` once the client says goodbye too: stop as
+        // soon as the requests in flight are done instead of waiting for that.
+        if deadline.is_some() && requests.is_empty() {
+            break;
+        }
+        tokio::select! {
+            accepted = h3.accept() => match accepted {
+                Ok(Some(resolver)) => {
+                    let bridge = bridge.clone();
+                    requests.spawn(async move {
+                        // A stream that never sends its HEADERS must not hold a slot forever.
+                        match tokio::time::timeout(head_timeout, resolver.resolve_request()).await {
+                            Ok(Ok((req, stream))) => bridge_request(bridge, req, stream, peer).await,
+                            Ok(Err(e)) => tracing::debug!(client = %peer, error = %e, "bad HTTP/3 request head"),
+                            Err(_) => tracing::debug!(client = %peer, "HTTP/3 request head not received in time"),
+                        }
+                    });
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(client = %peer, error = %e, "HTTP/3 connection ended");
+                    break;
+                }
+            },
+            Some(_) = requests.join_next(), if !requests.is_empty() => {}
+            d = &mut asked, if deadline.is_none() => {
+                info.closing.store(true, Ordering::SeqCst);
+                deadline = Some(d);
+                // GOAWAY: no new requests; those in flight finish.
+                if let Err(e) = h3.shutdown(0).await {
+                    tracing::debug!(client = %peer, error = %e, "HTTP/3 GOAWAY failed");
+                }
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => break,
+        }
+    }
+    // Requests still running finish unless the connection is gone (nobody to answer) or the
+    // drain deadline passes; then they are cut, releasing their upstream streams and slots.
+    let all_done = async { while requests.join_next().await.is_some() {} };
+    let cut = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = all_done => {}
+        _ = conn.closed() => {}
+        _ = cut => {}
+    }
+    requests.shutdown().await;
+    conn.close(quinn::VarInt::from_u32(0x100), b""); // H3_NO_ERROR
+}
+
+/// An in-memory HTTP/2 connection whose server side is the HTTP listener's request handler.
+async fn start_bridge(app: &Arc<App>, info: &Arc<ConnInfo>, limits: &Limits) -> Option<(Bridge, AbortOnDrop)> {
+    let (client_io, server_io) = tokio::io::duplex(256 * 1024);
+    let app2 = app.clone();
+    let info2 = info.clone();
+    let svc = service_fn(move |req| forward::handle(app2.proxy(), info2.clone(), req));
+    let server = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .serve_connection(TokioIo::new(server_io), svc);
+    let server = AbortOnDrop(tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::debug!(error = %e, "HTTP/3 bridge ended with error");
+        }
+    }));
+    let (sender, conn) = match hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        // Responses may carry as much header as on the HTTP listener; and a bridge stream the
+        // client stops reading must not stall the others for long (one window per stream).
+        .max_header_list_size(limits.max_header_bytes.max(64 * 1024) as u32)
+        .initial_connection_window_size(16 * 1024 * 1024)
+        .handshake(TokioIo::new(client_io))
+        .await
+    {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!(error = %e, "HTTP/3 bridge handshake failed");
+            return None;
+        }
+    };
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Some((sender, server))
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Headers HTTP/3 forbids (RFC 9114 §4.2): connection-specific ones.
+const CONNECTION_SPECIFIC: [http::header::HeaderName; 5] = [
+    http::header::CONNECTION,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    http::header::HeaderName::from_static("keep-alive"),
+    http::header::HeaderName::from_static("proxy-connection"),
+];
+
+/// One HTTP/3 request through the bridge. A failure before the response head is answered 502;
+/// after it, the stream is reset, so a cut body never looks complete to the client.
+async fn bridge_request<S>(
+    bridge: Bridge,
+    req: Request<()>,
+    stream: h3::server::RequestStream<S, Bytes>,
+    peer: SocketAddr,
+) where
+    S: h3::quic::BidiStream<Bytes> + Send + 'static,
+    S::SendStream: Send,
+    S::RecvStream: Send + 'static,
+{
+    let (mut send, recv) = stream.split();
+    let mut head_sent = false;
+    if let Err(e) = relay::<S>(bridge, req, &mut send, recv, &mut head_sent).await {
+        tracing::debug!(client = %peer, error = %e, "HTTP/3 request ended with error");
+        if head_sent {
+            send.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
+        } else {
+            let resp = Response::builder()
+                .status(http::StatusCode::BAD_GATEWAY)
+                .header(http::header::CONTENT_TYPE, "text/plain")
+                .body(())
+                .expect("static response");
+            let answered = async {
+                send.send_response(resp).await?;
+                send.send_data(Bytes::from_static(b"request failed inside meshgate's HTTP/3 bridge\n"))
+                    .await?;
+                send.finish().await
+            };
+            if answered.await.is_err() {
+                send.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
+            }
+        }
+    }
+}
+
+async fn relay<S>(
+    mut bridge: Bridge,
+    req: Request<()>,
+    send: &mut h3::server::RequestStream<S::SendStream, Bytes>,
+    mut recv: h3::server::RequestStream<S::RecvStream, Bytes>,
+    head_sent: &mut bool,
+) -> Result<(), BoxError>
+where
+    S: h3::quic::BidiStream<Bytes> + Send + 'static,
+    S::SendStream: Send,
+    S::RecvStream: Send + 'static,
+{
+    if req.method() == http::Method::CONNECT {
+        // Tunnels need the stream itself as a byte pipe, which the bridge does not offer yet.
+        let resp = Response::builder()
+            .status(http::StatusCode::NOT_IMPLEMENTED)
+            .header(http::header::CONTENT_TYPE, "text/plain")
+            .body(())
+            .expect("static response");
+        send.send_response(resp).await?;
+        send.send_data(Bytes::from_static(
+            b"CONNECT over HTTP/3 is not supported; use the HTTP listener\n",
+        ))
+        .await?;
+        *head_sent = true;
+        send.finish().await?;
+        return Ok(());
+    }
+    let (tx, rx) = mpsc::channel(4);
+    // The request body, read as the handler consumes it (the channel bounds what is buffered).
+    let pump = tokio::spawn(async move {
+        loop {
+            match recv.recv_data().await {
+                Ok(Some(mut chunk)) => {
+                    let data = chunk.copy_to_bytes(chunk.remaining());
+                    if tx.send(Ok(http_body::Frame::data(data))).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Err(Box::new(e) as BoxError)).await;
+                    return;
+                }
+            }
+        }
+        match recv.recv_trailers().await {
+            Ok(Some(t)) => {
+                let _ = tx.send(Ok(http_body::Frame::trailers(t))).await;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let _ = tx.send(Err(Box::new(e) as BoxError)).await;
+            }
+        }
+    });
+    let _pump = AbortOnDrop(pump);
+    let (mut parts, ()) = req.into_parts();
+    for h in &CONNECTION_SPECIFIC {
+        parts.headers.remove(h);
+    }
+    // HTTP/2 allows `te` only as `trailers` (what gRPC sends); anything else is dropped.
+    if parts.headers.get(http::header::TE).is_some_and(|v| v != "trailers") {
+        parts.headers.remove(http::header::TE);
+    }
+    parts.version = http::Version::HTTP_2;
+    let req = Request::from_parts(parts, ChannelBody { rx });
+    bridge.ready().await?;
+    let resp = bridge.send_request(req).await?;
+    let (mut parts, mut body) = resp.into_parts();
+    for h in &CONNECTION_SPECIFIC {
+        parts.headers.remove(h);
+    }
+    parts.version = http::Version::HTTP_3;
+    send.send_response(Response::from_parts(parts, ())).await?;
+    *head_sent = true;
+    while let Some(frame) = body.frame().await {
+        let frame = frame?;
+        match frame.into_data() {
+            Ok(d) => send.send_data(d).await?,
+            Err(f) => {
+                if let Ok(t) = f.into_trailers() {
+                    send.send_trailers(t).await?;
+                    break;
+                }
+            }
+        }
+    }
+    send.finish().await?;
+    Ok(())
+}
