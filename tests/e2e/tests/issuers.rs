@@ -119,6 +119,25 @@ async fn survive_outage(env: &Env, kind: &str, first: &str, set_down: impl Fn(bo
     reason
 }
 
+/// Under steady load, waits for two renewals (the sidecar sees two new certificates) and checks
+/// that no request failed and that the issuance at start and both renewals were counted.
+async fn renew_under_load(env: &Env, kind: &str, first: String) {
+    let load = Load::start(env.addr(), BILLING_IP, &host("reviews"), "/", 6);
+    load.wait_for_more(100).await;
+    let seen = wait_for_new_certs(env, vec![first], 2, Duration::from_secs(30)).await;
+    load.wait_for_more(100).await;
+    let (ok, failures) = load.finish().await;
+    assert_no_failures(ok, &failures);
+    eprintln!("{ok} requests across {} {kind} certificates, 0 failed", seen.len());
+    let renewed = metric(
+        env,
+        &format!("meshgate_identity_renewals_total{{identity=\"{VM_ID}\",issuer=\"{kind}\",result=\"ok\"}}"),
+    )
+    .await
+    .unwrap();
+    assert!(renewed >= 3.0, "issuance at start and two renewals counted: {renewed}");
+}
+
 fn assert_no_failures(ok: u64, failures: &[String]) {
     assert!(
         failures.is_empty(),
@@ -150,22 +169,9 @@ async fn istio_ca_issues_at_start_and_renews_under_load_without_a_failed_request
     assert!(ca.counters().issued.load(std::sync::atomic::Ordering::SeqCst) >= 1);
     assert_eq!(ca.counters().by_token.load(std::sync::atomic::Ordering::SeqCst), 1);
 
-    let load = Load::start(env.addr(), BILLING_IP, &host("reviews"), "/", 6);
-    load.wait_for_more(100).await;
-    let seen = wait_for_new_certs(&env, vec![first], 2, Duration::from_secs(30)).await;
-    load.wait_for_more(100).await;
-    let (ok, failures) = load.finish().await;
-    assert_no_failures(ok, &failures);
-    eprintln!("{ok} requests across {} certificates, 0 failed", seen.len());
+    renew_under_load(&env, "istio_ca", first).await;
     // Renewals present the current mesh certificate, which istiod tries before the token.
     assert!(ca.counters().by_certificate.load(std::sync::atomic::Ordering::SeqCst) >= 2);
-    let renewed = metric(
-        &env,
-        &format!("meshgate_identity_renewals_total{{identity=\"{VM_ID}\",issuer=\"istio_ca\",result=\"ok\"}}"),
-    )
-    .await
-    .unwrap();
-    assert!(renewed >= 3.0, "issuance at start and two renewals counted: {renewed}");
     let expiry = metric(
         &env,
         &format!("meshgate_identity_expiry_timestamp_seconds{{identity=\"{VM_ID}\"}}"),
@@ -329,23 +335,8 @@ async fn vault_issue_with_a_token_renews_under_load_without_a_failed_request() {
         .unwrap();
     let (principal, first) = principal_and_hash(&env).await;
     assert_eq!(principal, VM_ID);
-    let load = Load::start(env.addr(), BILLING_IP, &host("reviews"), "/", 6);
-    load.wait_for_more(100).await;
-    let seen = wait_for_new_certs(&env, vec![first], 2, Duration::from_secs(30)).await;
-    load.wait_for_more(100).await;
-    let (ok, failures) = load.finish().await;
-    assert_no_failures(ok, &failures);
-    eprintln!("{ok} requests across {} Vault certificates, 0 failed", seen.len());
+    renew_under_load(&env, "vault", first).await;
     assert!(vault.counters().issued.load(std::sync::atomic::Ordering::SeqCst) >= 3);
-    assert!(
-        metric(
-            &env,
-            &format!("meshgate_identity_renewals_total{{identity=\"{VM_ID}\",issuer=\"vault\",result=\"ok\"}}")
-        )
-        .await
-        .unwrap()
-            >= 3.0
-    );
 }
 
 #[tokio::test]
