@@ -489,38 +489,8 @@ pub async fn handle(
             log.status = 200;
             Response::new(ResponseBody::local(Bytes::new()))
         }
-        Ok(Forwarded::Upstream(resp, lease)) => {
-            log.reused = Some(lease.reused);
-            if let Some(service) = &log.service {
-                proxy.metrics.record_upstream_request(service, lease.reused);
-            }
-            log.status = resp.status().as_u16();
-            let (parts, body) = resp.into_parts();
-            Response::from_parts(
-                parts,
-                ResponseBody {
-                    inner: Inner::Upstream(body),
-                    lease: Some(lease),
-                    log: None,
-                },
-            )
-        }
-        Ok(Forwarded::Transcoded(resp, lease)) => {
-            log.reused = Some(lease.reused);
-            if let Some(service) = &log.service {
-                proxy.metrics.record_upstream_request(service, lease.reused);
-            }
-            log.status = resp.status().as_u16();
-            let (parts, body) = resp.into_parts();
-            Response::from_parts(
-                parts,
-                ResponseBody {
-                    inner: Inner::Transcoded(body),
-                    lease: Some(lease),
-                    log: None,
-                },
-            )
-        }
+        Ok(Forwarded::Upstream(resp, lease)) => leased(&proxy, &mut log, resp, lease, Inner::Upstream),
+        Ok(Forwarded::Transcoded(resp, lease)) => leased(&proxy, &mut log, resp, lease, Inner::Transcoded),
         Err(e) => {
             // Also after a body that did not arrive in time: the rest of it may still come.
             refused_malformed = matches!(e.status(), StatusCode::BAD_REQUEST | StatusCode::REQUEST_TIMEOUT);
@@ -555,6 +525,31 @@ pub async fn handle(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     Ok(resp)
+}
+
+/// A response that came over a pooled upstream stream: counted, logged, and holding its lease
+/// until the body is done.
+fn leased<B>(
+    proxy: &Proxy,
+    log: &mut AccessLog,
+    resp: Response<B>,
+    lease: Lease,
+    inner: impl FnOnce(B) -> Inner,
+) -> Response<ResponseBody> {
+    log.reused = Some(lease.reused);
+    if let Some(service) = &log.service {
+        proxy.metrics.record_upstream_request(service, lease.reused);
+    }
+    log.status = resp.status().as_u16();
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(
+        parts,
+        ResponseBody {
+            inner: inner(body),
+            lease: Some(lease),
+            log: None,
+        },
+    )
 }
 
 async fn forward(

@@ -125,7 +125,9 @@ pub async fn serve(socket: std::net::UdpSocket, name: Arc<str>, app: Arc<App>, m
                 let proxy = app.proxy();
                 // A reload that changed the certificate applies to new connections.
                 if let Some(new) = proxy.snapshot.listeners.iter().find(|l| *l.name == *name).and_then(|l| l.tls.as_ref()) {
-                    if *new != tls {
+                    // Pointer first: the contents are compared only after a reload re-read them.
+                    let same = Arc::ptr_eq(&new.chain_pem, &tls.chain_pem) && Arc::ptr_eq(&new.key_pem, &tls.key_pem);
+                    if !same && *new != tls {
                         match server_config(new, &proxy.snapshot.limits) {
                             Ok(c) => {
                                 endpoint.set_server_config(Some(c));
@@ -134,6 +136,9 @@ pub async fn serve(socket: std::net::UdpSocket, name: Arc<str>, app: Arc<App>, m
                             }
                             Err(e) => tracing::error!(listener = %name, error = %e, "new h3 certificate unusable; keeping the old one"),
                         }
+                    } else if !same {
+                        // Same files re-read by a reload: remember these so the next check is cheap.
+                        tls = new.clone();
                     }
                 }
                 let Some(guard) = admit_connection(&app, &name, &open_here, &gauge, &proxy.snapshot) else {

@@ -138,6 +138,22 @@ async fn renew_under_load(env: &Env, kind: &str, first: String) {
     assert!(renewed >= 3.0, "issuance at start and two renewals counted: {renewed}");
 }
 
+/// meshgate whose identity comes from an Istio CA (token auth, lifetimes capped at `max_ttl`).
+async fn with_istio_ca(max_ttl: Duration) -> (Env, IstioCa) {
+    let mesh = Mesh::start(meshsim::demo_spec()).await.unwrap();
+    let ca = IstioCa::start(mesh.ca(), &[(TOKEN, "vms", "meshgate-vm")], max_ttl)
+        .await
+        .unwrap();
+    let env = EnvBuilder::default()
+        .files(|_, dir| write_token(dir, TOKEN))
+        .identity_block(&istio_ca_block(&ca, ""))
+        .admin()
+        .start_on(mesh)
+        .await
+        .unwrap();
+    (env, ca)
+}
+
 fn assert_no_failures(ok: u64, failures: &[String]) {
     assert!(
         failures.is_empty(),
@@ -150,18 +166,8 @@ fn assert_no_failures(ok: u64, failures: &[String]) {
 
 #[tokio::test]
 async fn istio_ca_issues_at_start_and_renews_under_load_without_a_failed_request() {
-    let mesh = Mesh::start(meshsim::demo_spec()).await.unwrap();
     // istio-csr-like cap: the 1h asked for becomes 8 s, so renewals come every ~4 s.
-    let ca = IstioCa::start(mesh.ca(), &[(TOKEN, "vms", "meshgate-vm")], Duration::from_secs(8))
-        .await
-        .unwrap();
-    let env = EnvBuilder::default()
-        .files(|_, dir| write_token(dir, TOKEN))
-        .identity_block(&istio_ca_block(&ca, ""))
-        .admin()
-        .start_on(mesh)
-        .await
-        .unwrap();
+    let (env, ca) = with_istio_ca(Duration::from_secs(8)).await;
     // Issued before the first request: the sidecar sees the requested principal.
     let (principal, first) = principal_and_hash(&env).await;
     assert_eq!(principal, VM_ID);
@@ -190,17 +196,7 @@ async fn istio_ca_issues_at_start_and_renews_under_load_without_a_failed_request
 
 #[tokio::test]
 async fn istio_ca_down_keeps_the_last_good_certificate_and_readiness_says_so() {
-    let mesh = Mesh::start(meshsim::demo_spec()).await.unwrap();
-    let ca = IstioCa::start(mesh.ca(), &[(TOKEN, "vms", "meshgate-vm")], Duration::from_secs(40))
-        .await
-        .unwrap();
-    let env = EnvBuilder::default()
-        .files(|_, dir| write_token(dir, TOKEN))
-        .identity_block(&istio_ca_block(&ca, ""))
-        .admin()
-        .start_on(mesh)
-        .await
-        .unwrap();
+    let (env, ca) = with_istio_ca(Duration::from_secs(40)).await;
     let (_, first) = principal_and_hash(&env).await;
     survive_outage(&env, "istio_ca", &first, |down| ca.set_down(down)).await;
 }
