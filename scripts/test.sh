@@ -41,9 +41,14 @@ if [ ! -x "$venv/bin/moto_server" ]; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.*'
 fi
 
+# cargo-nextest runs each test in a process of its own, in parallel across test binaries.
+if ! cargo nextest --version >/dev/null 2>&1; then
+  cargo install --locked cargo-nextest
+fi
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+cargo nextest run --workspace --locked
 
 # Deployment checks (terraform/tests, infra/istio/tests), after the Rust tests so that
 # target/debug/meshgate and meshgate-autoscaler exist. pytest, python-hcl2 and PyYAML go into the

@@ -57,23 +57,25 @@ fn benches(c: &mut Criterion) {
     let text = config_text(&mesh.gateway_addr().to_string());
     std::fs::write(&path, &text).unwrap();
     let snap = meshgate::config::parse(&path, &text, SystemTime::now()).unwrap();
+    let tenants = meshgate::policy::Tenants::new(&snap.tenants);
+    let routes = meshgate::route::RouteTable::for_services(&snap.services);
 
     let client: IpAddr = "10.0.199.7".parse().unwrap();
     let key = meshgate::policy::keys::hash_key("key-42");
     c.bench_function("authorize/by_source", |b| {
-        b.iter(|| snap.tenants.authorize(black_box(client), None, None))
+        b.iter(|| tenants.authorize(black_box(client), None, None))
     });
     c.bench_function("authorize/by_key", |b| {
-        b.iter(|| snap.tenants.authorize(black_box(client), Some(black_box(&key)), None))
+        b.iter(|| tenants.authorize(black_box(client), Some(black_box(&key)), None))
     });
     c.bench_function("authorize/hash_key", |b| {
         b.iter(|| meshgate::policy::keys::hash_key(black_box("a-32-byte-api-key-from-the-vm-01")))
     });
     c.bench_function("resolve/host_with_port", |b| {
-        b.iter(|| snap.routes.resolve(black_box("svc33.ns33.svc.cluster.local:8080")))
+        b.iter(|| routes.resolve(black_box("svc33.ns33.svc.cluster.local:8080")))
     });
     c.bench_function("resolve/alias_mixed_case", |b| {
-        b.iter(|| snap.routes.resolve(black_box("SVC17.Internal")))
+        b.iter(|| routes.resolve(black_box("SVC17.Internal")))
     });
     c.bench_function("sni/build", |b| {
         b.iter(|| meshgate::config::sni_for(black_box("reviews.bookinfo.svc.cluster.local"), 9080, Some("v2")))
@@ -83,7 +85,7 @@ fn benches(c: &mut Criterion) {
     // (the timing includes one `block_on`, a few hundred nanoseconds).
     let running = meshgate::config::parse(&path, &text, SystemTime::now()).unwrap();
     let bound = rt.block_on(meshgate::app::start(running)).unwrap();
-    let proxy = bound.app.proxy();
+    let proxy = bound.app.runtime().current();
     let service = proxy
         .snapshot
         .services

@@ -15,12 +15,19 @@ use serde_json::{json, Value};
 use sha2::Digest;
 use tokio::net::TcpListener;
 
-use crate::app::{pool_rows, App};
-use crate::config::Snapshot;
+use crate::config::{Allow, Snapshot};
 use crate::identity::rfc3339;
-use crate::policy::Allow;
+use crate::runtime::{Control, Runtime};
 
-pub async fn serve(listener: TcpListener, app: Arc<App>) {
+/// What the handlers share: the runtime (config, metrics, pools) and the operations on it.
+#[derive(Clone)]
+struct Admin {
+    runtime: Arc<Runtime>,
+    control: Arc<dyn Control>,
+}
+
+pub async fn serve(listener: TcpListener, runtime: Arc<Runtime>, control: Arc<dyn Control>) {
+    let app = Admin { runtime, control };
     let router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -31,13 +38,13 @@ pub async fn serve(listener: TcpListener, app: Arc<App>) {
         .route("/drain", post(drain))
         .route("/explain", post(explain))
         .with_state(app.clone());
-    let listener = AdminListener::new(listener, app);
+    let listener = AdminListener::new(listener, app.runtime);
     if let Err(e) = axum::serve(listener, router).await {
         tracing::error!(error = %e, "admin server stopped");
     }
 }
 
-type AdminIo = crate::listener::proxy_protocol::Prefixed<tokio::net::TcpStream>;
+type AdminIo = crate::io::Prefixed<tokio::net::TcpStream>;
 
 /// The admin socket. A load balancer that sends PROXY protocol v2 to the proxy listeners (AWS
 /// NLB with proxy protocol on) sends it on its health checks too, including to another port:
@@ -50,8 +57,9 @@ struct AdminListener {
 }
 
 impl AdminListener {
-    fn new(listener: TcpListener, app: Arc<App>) -> AdminListener {
-        use crate::listener::proxy_protocol::{read_header, Mode, Prefixed, HEADER_TIMEOUT};
+    fn new(listener: TcpListener, runtime: Arc<Runtime>) -> AdminListener {
+        use crate::io::Prefixed;
+        use crate::proxy_protocol::{read_header, Mode, HEADER_TIMEOUT};
         let local = listener.local_addr().unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
         let (tx, ready) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
@@ -63,8 +71,8 @@ impl AdminListener {
                     _ = tx.closed() => return,
                 };
                 let ip = peer.ip().to_canonical();
-                let trusted = app
-                    .proxy()
+                let trusted = runtime
+                    .current()
                     .snapshot
                     .listeners
                     .iter()
@@ -116,9 +124,9 @@ fn text(status: StatusCode, body: String) -> Response {
 }
 
 /// Compares digests so the comparison time does not depend on how much of the token matched.
-fn authorized(app: &App, headers: &HeaderMap) -> bool {
-    let proxy = app.proxy();
-    let Some(token) = proxy.snapshot.admin.as_ref().and_then(|a| a.token.as_ref()) else {
+fn authorized(app: &Admin, headers: &HeaderMap) -> bool {
+    let gen = app.runtime.current();
+    let Some(token) = gen.snapshot.admin.as_ref().and_then(|a| a.token.as_ref()) else {
         return true;
     };
     let presented = headers
@@ -129,53 +137,55 @@ fn authorized(app: &App, headers: &HeaderMap) -> bool {
     sha2::Sha256::digest(presented.trim().as_bytes()) == sha2::Sha256::digest(token.as_bytes())
 }
 
-async fn readyz(State(app): State<Arc<App>>) -> Response {
-    match app.not_ready_reason() {
+async fn readyz(State(app): State<Admin>) -> Response {
+    match app.control.not_ready_reason() {
         None => {
-            app.metrics.ready.set(1);
+            app.runtime.metrics.ready.set(1);
             text(StatusCode::OK, "ready\n".into())
         }
         Some(r) => {
-            app.metrics.ready.set(0);
+            app.runtime.metrics.ready.set(0);
             text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {r}\n"))
         }
     }
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> Response {
-    let proxy = app.proxy();
-    app.metrics.ready.set(i64::from(app.not_ready_reason().is_none()));
-    let rows = pool_rows(&proxy);
+async fn metrics(State(app): State<Admin>) -> Response {
+    let gen = app.runtime.current();
+    app.runtime
+        .metrics
+        .ready
+        .set(i64::from(app.control.not_ready_reason().is_none()));
+    let rows = gen.upstream.pool_rows();
     (
         StatusCode::OK,
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        app.metrics.encode_with_pools(Some(&rows)),
+        app.runtime.metrics.encode_with_pools(Some(&rows)),
     )
         .into_response()
 }
 
-async fn reload(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+async fn reload(State(app): State<Admin>, headers: HeaderMap) -> Response {
     if !authorized(&app, &headers) {
         return text(StatusCode::UNAUTHORIZED, "admin token required\n".into());
     }
-    match app.reload().await {
+    match app.control.clone().request_reload().await {
         Ok(()) => text(StatusCode::OK, "reloaded\n".into()),
         Err(errs) => text(StatusCode::BAD_REQUEST, format!("{errs}\n")),
     }
 }
 
-async fn drain(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+async fn drain(State(app): State<Admin>, headers: HeaderMap) -> Response {
     if !authorized(&app, &headers) {
         return text(StatusCode::UNAUTHORIZED, "admin token required\n".into());
     }
-    let started = !app.lifecycle.is_draining();
-    let a = app.clone();
+    let started = !app.runtime.lifecycle.is_draining();
     // The drain outlives this request; the instance stays up (admin included) once drained, so
     // a supervisor restart does not bring it back into rotation while it is being removed.
-    tokio::spawn(async move { a.drain().await });
+    tokio::spawn(app.control.clone().request_drain());
     text(
         StatusCode::ACCEPTED,
         if started { "draining\n" } else { "already draining\n" }.into(),
@@ -184,7 +194,7 @@ async fn drain(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
 
 /// A POST with a JSON body rather than a GET, so an API key never lands in a URL (and in access
 /// logs on the way); behind the token because the answer reveals tenants and their sources.
-async fn explain(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+async fn explain(State(app): State<Admin>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     if !authorized(&app, &headers) {
         return text(StatusCode::UNAUTHORIZED, "admin token required\n".into());
     }
@@ -192,15 +202,15 @@ async fn explain(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::bo
         Ok(q) => q,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("invalid explain request: {e}\n")),
     };
-    match query.answer(&app.proxy().snapshot) {
+    match query.answer(&app.runtime.current().snapshot) {
         Ok(e) => axum::Json(e).into_response(),
         Err(e) => text(StatusCode::BAD_REQUEST, format!("invalid explain request: {e}\n")),
     }
 }
 
-async fn pool(State(app): State<Arc<App>>) -> Response {
-    let proxy = app.proxy();
-    let pools: Vec<Value> = proxy
+async fn pool(State(app): State<Admin>) -> Response {
+    let gen = app.runtime.current();
+    let pools: Vec<Value> = gen
         .upstream
         .pools()
         .iter()
@@ -208,9 +218,9 @@ async fn pool(State(app): State<Arc<App>>) -> Response {
             let s = p.stats();
             json!({
                 "service": s.service,
-                "gateway": proxy.upstream.gateway.target().to_string(),
-                "gateway_addresses": proxy.upstream.gateway.addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-                "gateway_ejected": proxy.upstream.gateway.ejected().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                "gateway": gen.upstream.gateway.target().to_string(),
+                "gateway_addresses": gen.upstream.gateway.addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                "gateway_ejected": gen.upstream.gateway.ejected().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
                 "dialing": s.dialing,
                 "connects_ok": s.connects_ok,
                 "connects_failed": s.connects_failed,
@@ -226,8 +236,8 @@ async fn pool(State(app): State<Arc<App>>) -> Response {
     axum::Json(json!({ "pools": pools })).into_response()
 }
 
-async fn config(State(app): State<Arc<App>>) -> Response {
-    axum::Json(effective_config(&app.proxy().snapshot)).into_response()
+async fn config(State(app): State<Admin>) -> Response {
+    axum::Json(effective_config(&app.runtime.current().snapshot)).into_response()
 }
 
 /// The running config as JSON, with secrets (key hashes, key and token paths) redacted.

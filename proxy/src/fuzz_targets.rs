@@ -18,7 +18,7 @@ pub fn config(data: &[u8]) {
 
 /// The PROXY protocol v1/v2 header parser.
 pub fn proxy_header(data: &[u8]) {
-    if let crate::listener::proxy_protocol::Parsed::Header { len, .. } = crate::listener::proxy_protocol::parse(data) {
+    if let crate::proxy_protocol::Parsed::Header { len, .. } = crate::proxy_protocol::parse(data) {
         assert!(len <= data.len(), "header longer than its input");
     }
 }

@@ -26,6 +26,32 @@ pub enum ListenerState {
 
 pub type CloseSignal = watch::Receiver<ListenerState>;
 
+/// Waits until the listener is told to close: (spread, deadline). If nobody can tell it any
+/// more (the instance is going away), now.
+pub async fn closing(rx: &mut CloseSignal) -> (Duration, Instant) {
+    match rx.wait_for(|s| matches!(s, ListenerState::Closing { .. })).await {
+        Ok(s) => match *s {
+            ListenerState::Closing { spread, deadline } => (spread, deadline),
+            ListenerState::Serving => unreachable!("waited for Closing"),
+        },
+        Err(_) => (Duration::ZERO, Instant::now()),
+    }
+}
+
+/// Waits for the listener's close signal, then a random moment within its spread, so that
+/// connections are asked to go one by one rather than in one wave; returns the deadline.
+pub async fn closing_spread(rx: &mut CloseSignal) -> Instant {
+    use rand::Rng;
+    let (spread, deadline) = closing(rx).await;
+    let wait = if spread.is_zero() {
+        Duration::ZERO
+    } else {
+        spread.mul_f64(rand::rng().random_range(0.0..1.0))
+    };
+    tokio::time::sleep(wait).await;
+    deadline
+}
+
 #[derive(Debug, Default)]
 pub struct Lifecycle {
     draining: AtomicBool,

@@ -1,4 +1,4 @@
-//! Config: the YAML file (`schema.rs`) validated into one immutable [`Snapshot`] (`validate.rs`).
+//! Config: the YAML file (`schema/`) validated into one immutable [`Snapshot`] (`validate/`).
 //!
 //! Every error names the file, the line and the reason. Validation collects all the errors it
 //! can find in one pass, so an operator fixes a file in one round trip instead of five.
@@ -19,8 +19,6 @@ pub use hbone::{HboneGateway, HboneRoute, Transport};
 pub use schema::{GatewayTarget, HostPort, ListenerProtocol, LogFormat, UpstreamProtocol};
 
 use crate::identity::{ExpectedServer, Identity};
-use crate::policy::Tenants;
-use crate::route::RouteTable;
 
 pub use yamlconf::{ConfigError, ConfigErrors};
 
@@ -29,7 +27,7 @@ pub struct Listener {
     pub name: String,
     pub bind: SocketAddr,
     pub protocol: ListenerProtocol,
-    pub proxy_protocol: crate::listener::proxy_protocol::Mode,
+    pub proxy_protocol: ProxyProtocolMode,
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub max_connections: Option<usize>,
     /// `protocol: tcp`: the service id every connection goes to.
@@ -108,6 +106,52 @@ pub struct Limits {
     pub max_request_body: Option<u64>,
 }
 
+/// What a listener does about PROXY headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocolMode {
+    Off,
+    /// Read a header if a trusted peer sends one.
+    Optional,
+    /// Trusted peers must send one; other peers are refused.
+    Required,
+}
+
+/// Which services a tenant may reach.
+#[derive(Debug, Clone)]
+pub enum Allow {
+    All,
+    /// Indexed by service id.
+    Services(Vec<bool>),
+}
+
+impl Allow {
+    pub fn allows(&self, service: usize) -> bool {
+        match self {
+            Allow::All => true,
+            Allow::Services(v) => v.get(service).copied().unwrap_or(false),
+        }
+    }
+}
+
+/// A tenant as configured: who it is (sources, keys, VPC endpoints) and what it may do. `policy`
+/// builds its lookup tables from these.
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub name: String,
+    pub sources: Vec<ipnet::IpNet>,
+    /// When non-empty, the client must have arrived through one of these VPC endpoints.
+    pub vpce: Vec<String>,
+    /// SHA-256 digests of the tenant's API keys.
+    pub key_hashes: Vec<[u8; 32]>,
+    pub allow: Allow,
+    pub rate_limit: Option<RateLimit>,
+    pub max_concurrent_requests: Option<usize>,
+    /// Which identity the tenant's requests present upstream: 0 is `mesh.identity`, `k` is the
+    /// snapshot's `tenant_identities[k - 1]` (see `Snapshot::identity_at`).
+    pub identity: usize,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RateLimit {
     pub per_second: f64,
@@ -125,7 +169,11 @@ pub struct Service {
     pub protocol: UpstreamProtocol,
     pub subset: Option<String>,
     pub aliases: Vec<String>,
+    /// The Host names that route to this service: its host (unless it is a subset service with
+    /// aliases, which VMs reach by those) and its aliases; none for a tcp service.
+    pub routed: Vec<String>,
     pub expected_server: ExpectedServer,
+
     /// `outbound_.PORT_.SUBSET_.HOST`, what the gateway routes on.
     pub sni: String,
     /// Sidecar (through `mesh.gateway`) or HBONE (ambient).
@@ -193,8 +241,7 @@ pub struct Snapshot {
     /// Tenants' own identities, distinct from `identity` and from each other.
     pub tenant_identities: Vec<Arc<Identity>>,
     pub services: Vec<Arc<Service>>,
-    pub routes: RouteTable,
-    pub tenants: Tenants,
+    pub tenants: Vec<Tenant>,
     pub tenant_names: Vec<String>,
     pub api_key_header: HeaderName,
     pub upstream: UpstreamSettings,
@@ -241,6 +288,17 @@ pub fn load(path: &Path) -> Result<Snapshot, ConfigErrors> {
 /// its directory), checking certificate validity at `now`.
 pub fn parse(path: &Path, text: &str, now: SystemTime) -> Result<Snapshot, ConfigErrors> {
     validate::parse(path, text, now)
+}
+
+/// Parses the config form `sha256:<64 hex digits>`.
+pub fn parse_key_hash(s: &str) -> Result<[u8; 32], String> {
+    let hex_part = s.strip_prefix("sha256:").ok_or_else(|| {
+        "API keys are stored hashed: expected \"sha256:<64 hex digits>\" (see `meshgate hash-key`)".to_string()
+    })?;
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_part, &mut out)
+        .map_err(|_| "expected \"sha256:\" followed by exactly 64 hex digits".to_string())?;
+    Ok(out)
 }
 
 /// `outbound_.PORT_.SUBSET_.HOST` (istio-wire.md §1.1): an empty subset leaves the literal `_._.`.

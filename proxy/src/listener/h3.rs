@@ -1,34 +1,28 @@
 //! The HTTP/3 listener: QUIC (quinn) with the listener's TLS certificate, HTTP/3 (h3).
 //!
-//! Each QUIC connection is bridged to the same request path as the HTTP listener: its requests
-//! become HTTP/2 streams on an in-memory connection served by `forward::handle`, so routing,
-//! tenant policy (source address, API key header), limits, metrics and access logs are the
-//! very same code, not a second implementation that could drift. The cost is one HTTP/2
-//! framing in memory per request, small beside the QUIC crypto.
+//! Each request goes to the same pipeline as the HTTP listener's (`pipeline::handle`), with its
+//! body fed from the HTTP/3 stream, so routing, tenant policy (source address, API key header),
+//! limits, metrics and access logs are the very same code, not a second implementation that
+//! could drift.
 //!
 //! Closing (drain, or the listener removed by a reload): stop accepting; each connection gets
 //! an HTTP/3 GOAWAY at a random moment within the spread; whatever is left is cut at the deadline.
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use http::{Request, Response};
 use http_body_util::BodyExt;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rand::Rng;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::app::App;
+use super::{finish, told_to_close, Admission, ConnGauge};
 use crate::config::{Limits, ListenerTls};
-use crate::forward::{self, ConnInfo};
 use crate::lifecycle::CloseSignal;
-use crate::listener::{admit_connection, closing, ConnGauge};
-use crate::metrics::ListenerLabels;
+use crate::pipeline::{self, ConnInfo};
+use crate::runtime::Runtime;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -48,8 +42,6 @@ impl http_body::Body for ChannelBody {
         self.rx.poll_recv(cx)
     }
 }
-
-type Bridge = hyper::client::conn::http2::SendRequest<ChannelBody>;
 
 /// The QUIC server configuration: TLS 1.3 (QUIC has no other), ALPN `h3`, stream limits from
 /// `limits`.
@@ -78,19 +70,13 @@ pub fn server_config(tls: &ListenerTls, limits: &Limits) -> Result<quinn::Server
 }
 
 /// Serves `socket` until told to close.
-pub async fn serve(socket: std::net::UdpSocket, name: Arc<str>, app: Arc<App>, mut close: CloseSignal) {
-    let proxy = app.proxy();
-    let Some(mut tls) = proxy
-        .snapshot
-        .listeners
-        .iter()
-        .find(|l| *l.name == *name)
-        .and_then(|l| l.tls.clone())
-    else {
+pub async fn serve(socket: std::net::UdpSocket, name: Arc<str>, runtime: Arc<Runtime>, mut close: CloseSignal) {
+    let gen = runtime.current();
+    let Some(mut tls) = gen.listener(&name).and_then(|l| l.tls.clone()) else {
         tracing::error!(listener = %name, "h3 listener without tls; not serving");
         return;
     };
-    let config = match server_config(&tls, &proxy.snapshot.limits) {
+    let config = match server_config(&tls, &gen.snapshot.limits) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(listener = %name, error = %e, "h3 listener: bad TLS settings; not serving");
@@ -109,26 +95,19 @@ pub async fn serve(socket: std::net::UdpSocket, name: Arc<str>, app: Arc<App>, m
             return;
         }
     };
-    let open_here = Arc::new(AtomicUsize::new(0));
-    let gauge = app
-        .metrics
-        .downstream_connections
-        .get_or_create(&ListenerLabels {
-            listener: name.to_string(),
-        })
-        .clone();
+    let admission = Admission::new(runtime.clone(), name.clone());
     let mut conns = JoinSet::new();
     let deadline = loop {
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break tokio::time::Instant::now() };
-                let proxy = app.proxy();
+                let gen = runtime.current();
                 // A reload that changed the certificate applies to new connections.
-                if let Some(new) = proxy.snapshot.listeners.iter().find(|l| *l.name == *name).and_then(|l| l.tls.as_ref()) {
+                if let Some(new) = gen.listener(&name).and_then(|l| l.tls.as_ref()) {
                     // Pointer first: the contents are compared only after a reload re-read them.
                     let same = Arc::ptr_eq(&new.chain_pem, &tls.chain_pem) && Arc::ptr_eq(&new.key_pem, &tls.key_pem);
                     if !same && *new != tls {
-                        match server_config(new, &proxy.snapshot.limits) {
+                        match server_config(new, &gen.snapshot.limits) {
                             Ok(c) => {
                                 endpoint.set_server_config(Some(c));
                                 tls = new.clone();
@@ -141,30 +120,25 @@ pub async fn serve(socket: std::net::UdpSocket, name: Arc<str>, app: Arc<App>, m
                         tls = new.clone();
                     }
                 }
-                let Some(guard) = admit_connection(&app, &name, &open_here, &gauge, &proxy.snapshot) else {
+                let Some(guard) = admission.admit(&gen) else {
                     incoming.refuse();
                     continue;
                 };
-                let limits = proxy.snapshot.limits.clone();
-                conns.spawn(connection(app.clone(), name.clone(), incoming, guard, close.clone(), limits));
+                let limits = gen.snapshot.limits.clone();
+                conns.spawn(connection(runtime.clone(), name.clone(), incoming, guard, close.clone(), limits));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            (_, deadline) = closing(&mut close) => break deadline,
+            deadline = told_to_close(&mut close) => break deadline,
         }
     };
     // No new connections; existing ones finish or are cut at the deadline.
     endpoint.set_server_config(None);
-    let all_done = async { while conns.join_next().await.is_some() {} };
-    if tokio::time::timeout_at(deadline, all_done).await.is_err() {
-        tracing::warn!(listener = %name, remaining = conns.len(), "drain deadline passed; closing remaining connections");
-    }
-    conns.shutdown().await;
+    finish(&name, conns, deadline).await;
     endpoint.close(quinn::VarInt::from_u32(0x100), b"closing"); // H3_NO_ERROR
-    tracing::info!(listener = %name, "listener closed");
 }
 
 async fn connection(
-    app: Arc<App>,
+    runtime: Arc<Runtime>,
     name: Arc<str>,
     incoming: quinn::Incoming,
     guard: ConnGauge,
@@ -191,9 +165,6 @@ async fn connection(
     info.scheme = "https";
     let info = Arc::new(info);
 
-    let Some((bridge, _server)) = start_bridge(&app, &info, &limits).await else {
-        return;
-    };
     let mut h3 = match h3::server::builder()
         .max_field_section_size(limits.max_header_bytes as u64)
         .build::<_, Bytes>(h3_quinn::Connection::new(conn.clone()))
@@ -206,16 +177,7 @@ async fn connection(
         }
     };
     let mut requests = JoinSet::new();
-    let asked = async {
-        let (spread, deadline) = closing(&mut close).await;
-        let wait = if spread.is_zero() {
-            Duration::ZERO
-        } else {
-            spread.mul_f64(rand::rng().random_range(0.0..1.0))
-        };
-        tokio::time::sleep(wait).await;
-        deadline
-    };
+    let asked = crate::lifecycle::closing_spread(&mut close);
     tokio::pin!(asked);
     let mut deadline: Option<tokio::time::Instant> = None;
     let head_timeout = limits.header_read_timeout;
@@ -228,11 +190,11 @@ async fn connection(
         tokio::select! {
             accepted = h3.accept() => match accepted {
                 Ok(Some(resolver)) => {
-                    let bridge = bridge.clone();
+                    let (runtime, info) = (runtime.clone(), info.clone());
                     requests.spawn(async move {
                         // A stream that never sends its HEADERS must not hold a slot forever.
                         match tokio::time::timeout(head_timeout, resolver.resolve_request()).await {
-                            Ok(Ok((req, stream))) => bridge_request(bridge, req, stream, peer).await,
+                            Ok(Ok((req, stream))) => request(runtime, info, req, stream).await,
                             Ok(Err(e)) => tracing::debug!(client = %peer, error = %e, "bad HTTP/3 request head"),
                             Err(_) => tracing::debug!(client = %peer, "HTTP/3 request head not received in time"),
                         }
@@ -274,43 +236,6 @@ async fn connection(
     conn.close(quinn::VarInt::from_u32(0x100), b""); // H3_NO_ERROR
 }
 
-/// An in-memory HTTP/2 connection whose server side is the HTTP listener's request handler.
-async fn start_bridge(app: &Arc<App>, info: &Arc<ConnInfo>, limits: &Limits) -> Option<(Bridge, AbortOnDrop)> {
-    let (client_io, server_io) = tokio::io::duplex(256 * 1024);
-    let app2 = app.clone();
-    let info2 = info.clone();
-    let svc = service_fn(move |req| forward::handle(app2.proxy(), info2.clone(), req));
-    let server = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.h2_max_concurrent_streams)
-        .max_header_list_size(limits.max_header_bytes as u32)
-        .serve_connection(TokioIo::new(server_io), svc);
-    let server = AbortOnDrop(tokio::spawn(async move {
-        if let Err(e) = server.await {
-            tracing::debug!(error = %e, "HTTP/3 bridge ended with error");
-        }
-    }));
-    let (sender, conn) = match hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        // Responses may carry as much header as on the HTTP listener; and a bridge stream the
-        // client stops reading must not stall the others for long (one window per stream).
-        .max_header_list_size(limits.max_header_bytes.max(64 * 1024) as u32)
-        .initial_connection_window_size(16 * 1024 * 1024)
-        .handshake(TokioIo::new(client_io))
-        .await
-    {
-        Ok(x) => x,
-        Err(e) => {
-            tracing::error!(error = %e, "HTTP/3 bridge handshake failed");
-            return None;
-        }
-    };
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Some((sender, server))
-}
-
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
@@ -328,21 +253,22 @@ const CONNECTION_SPECIFIC: [http::header::HeaderName; 5] = [
     http::header::HeaderName::from_static("proxy-connection"),
 ];
 
-/// One HTTP/3 request through the bridge. A failure before the response head is answered 502;
-/// after it, the stream is reset, so a cut body never looks complete to the client.
-async fn bridge_request<S>(
-    bridge: Bridge,
+/// One HTTP/3 request through the pipeline. A failure before the response head is answered
+/// 502; after it, the stream is reset, so a cut body never looks complete to the client.
+async fn request<S>(
+    runtime: Arc<Runtime>,
+    info: Arc<ConnInfo>,
     req: Request<()>,
     stream: h3::server::RequestStream<S, Bytes>,
-    peer: SocketAddr,
 ) where
     S: h3::quic::BidiStream<Bytes> + Send + 'static,
     S::SendStream: Send,
     S::RecvStream: Send + 'static,
 {
+    let peer = info.client;
     let (mut send, recv) = stream.split();
     let mut head_sent = false;
-    if let Err(e) = relay::<S>(bridge, req, &mut send, recv, &mut head_sent).await {
+    if let Err(e) = relay::<S>(runtime, info, req, &mut send, recv, &mut head_sent).await {
         tracing::debug!(client = %peer, error = %e, "HTTP/3 request ended with error");
         if head_sent {
             send.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
@@ -354,7 +280,7 @@ async fn bridge_request<S>(
                 .expect("static response");
             let answered = async {
                 send.send_response(resp).await?;
-                send.send_data(Bytes::from_static(b"request failed inside meshgate's HTTP/3 bridge\n"))
+                send.send_data(Bytes::from_static(b"meshgate: HTTP/3 request failed\n"))
                     .await?;
                 send.finish().await
             };
@@ -366,7 +292,8 @@ async fn bridge_request<S>(
 }
 
 async fn relay<S>(
-    mut bridge: Bridge,
+    runtime: Arc<Runtime>,
+    info: Arc<ConnInfo>,
     req: Request<()>,
     send: &mut h3::server::RequestStream<S::SendStream, Bytes>,
     mut recv: h3::server::RequestStream<S::RecvStream, Bytes>,
@@ -378,7 +305,7 @@ where
     S::RecvStream: Send + 'static,
 {
     if req.method() == http::Method::CONNECT {
-        // Tunnels need the stream itself as a byte pipe, which the bridge does not offer yet.
+        // Tunnels need the stream itself as a byte pipe, which is not wired up for HTTP/3.
         let resp = Response::builder()
             .status(http::StatusCode::NOT_IMPLEMENTED)
             .header(http::header::CONTENT_TYPE, "text/plain")
@@ -430,10 +357,8 @@ where
     if parts.headers.get(http::header::TE).is_some_and(|v| v != "trailers") {
         parts.headers.remove(http::header::TE);
     }
-    parts.version = http::Version::HTTP_2;
     let req = Request::from_parts(parts, ChannelBody { rx });
-    bridge.ready().await?;
-    let resp = bridge.send_request(req).await?;
+    let resp = pipeline::handle(runtime.current(), info, req, None).await;
     let (mut parts, mut body) = resp.into_parts();
     for h in &CONNECTION_SPECIFIC {
         parts.headers.remove(h);

@@ -31,16 +31,7 @@ pub fn hash_key(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
-/// Parses the config form `sha256:<64 hex digits>`.
-pub fn parse_key_hash(s: &str) -> Result<[u8; 32], String> {
-    let hex_part = s.strip_prefix("sha256:").ok_or_else(|| {
-        "API keys are stored hashed: expected \"sha256:<64 hex digits>\" (see `meshgate hash-key`)".to_string()
-    })?;
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(hex_part, &mut out)
-        .map_err(|_| "expected \"sha256:\" followed by exactly 64 hex digits".to_string())?;
-    Ok(out)
-}
+pub use crate::config::parse_key_hash;
 
 /// A fresh random key (256 bits, URL-safe) and its config form.
 pub fn generate_key() -> (String, String) {

@@ -12,33 +12,11 @@ pub mod limits;
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use ipnet::IpNet;
-
 pub use keys::{hash_key, PresentedKey};
 
 pub type TenantId = usize;
 
-#[derive(Debug, Clone)]
-pub enum Allow {
-    All,
-    /// Indexed by service id.
-    Services(Vec<bool>),
-}
-
-#[derive(Debug, Clone)]
-pub struct Tenant {
-    pub name: String,
-    pub sources: Vec<IpNet>,
-    /// When non-empty, the client must have arrived through one of these VPC endpoints.
-    pub vpce: Vec<String>,
-    pub key_hashes: Vec<[u8; 32]>,
-    pub allow: Allow,
-    pub rate_limit: Option<crate::config::RateLimit>,
-    pub max_concurrent_requests: Option<usize>,
-    /// Which identity the tenant's requests present upstream: 0 is `mesh.identity`, `k` is the
-    /// snapshot's `tenant_identities[k - 1]` (see `Snapshot::identity_at`).
-    pub identity: usize,
-}
+pub use crate::config::{Allow, Tenant};
 
 /// Why a client was refused before routing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -90,7 +68,8 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 
 impl Tenants {
     /// Builds the lookup tables. Callers validate uniqueness of keys and of key-less sources.
-    pub fn new(tenants: Vec<Tenant>) -> Tenants {
+    pub fn new(tenants: &[Tenant]) -> Tenants {
+        let tenants = tenants.to_vec();
         let mut by_key = HashMap::new();
         let mut keyless: Vec<PrefixBucket> = Vec::new();
         for (id, t) in tenants.iter().enumerate() {
@@ -168,16 +147,14 @@ impl Tenants {
     }
 
     pub fn allows(&self, tenant: TenantId, service: usize) -> bool {
-        match &self.tenants[tenant].allow {
-            Allow::All => true,
-            Allow::Services(v) => v.get(service).copied().unwrap_or(false),
-        }
+        self.tenants[tenant].allow.allows(service)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ipnet::IpNet;
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
@@ -187,7 +164,7 @@ mod tests {
     }
 
     fn table() -> Tenants {
-        Tenants::new(vec![
+        Tenants::new(&[
             Tenant {
                 name: "wide".into(),
                 sources: vec![net("10.0.0.0/8")],
@@ -293,7 +270,7 @@ mod tests {
             max_concurrent_requests: None,
             identity: 0,
         });
-        let t = Tenants::new(tenants);
+        let t = Tenants::new(&tenants);
         assert_eq!(t.authorize(ip("10.20.5.1"), None, Some("vpce-1")), Ok(4));
         // Not through the endpoint: the next best (shorter) prefix wins instead.
         assert_eq!(t.authorize(ip("10.20.5.1"), None, Some("vpce-2")), Ok(1));
@@ -332,7 +309,7 @@ mod tests {
                 });
             }
         }
-        let t = Tenants::new(tenants.clone());
+        let t = Tenants::new(&tenants);
         for _ in 0..20_000 {
             let client = IpAddr::V4(std::net::Ipv4Addr::from(
                 0x0a00_0000 | (rng.random::<u32>() & 0x00ff_ffff),

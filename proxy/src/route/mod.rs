@@ -61,6 +61,16 @@ impl RouteTable {
         RouteTable { by_host }
     }
 
+    /// The table for a snapshot's services, each by the names it is routed by
+    /// (`Service::routed`). Validation has already refused two services claiming one (name, port).
+    pub fn for_services(services: &[std::sync::Arc<crate::config::Service>]) -> RouteTable {
+        RouteTable::new(
+            services
+                .iter()
+                .flat_map(|s| s.routed.iter().map(move |n| (n.as_str(), s.port, s.id))),
+        )
+    }
+
     pub fn resolve(&self, authority: &str) -> Result<usize, RouteError> {
         let (host, port) = split_authority(authority)?;
         let candidates = self.by_host.get(&host).ok_or(RouteError::UnknownHost)?;

@@ -1,3 +1,6 @@
+//! Transcoding end to end in memory: REST requests to gRPC messages and back, for every
+//! binding shape of the test library service. One file: the cases share one descriptor set.
+
 use std::path::Path;
 
 use prost_reflect::{DescriptorPool, SerializeOptions};

@@ -139,6 +139,20 @@ impl Upstream {
         &self.pools
     }
 
+    /// Pool rows for metrics and `/pool`: (service, connections, streams in use).
+    pub fn pool_rows(&self) -> Vec<(String, i64, i64)> {
+        let mut by_service: std::collections::HashMap<String, (i64, i64)> = std::collections::HashMap::new();
+        for p in &self.pools {
+            let s = p.stats();
+            let e = by_service.entry(s.service.clone()).or_default();
+            e.0 += s.connections.len() as i64;
+            e.1 += s.connections.iter().map(|c| c.streams_in_use as i64).sum::<i64>();
+        }
+        let mut rows: Vec<_> = by_service.into_iter().map(|(k, (a, b))| (k, a, b)).collect();
+        rows.sort();
+        rows
+    }
+
     /// Closes idle and over-age connections; run periodically.
     pub fn sweep(&self) {
         for p in &self.pools {

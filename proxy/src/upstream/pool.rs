@@ -25,6 +25,10 @@
 //! - A request that waited and saw a dial fail (`dials_done` moved past where it started) with
 //!   nothing else in progress gets that dial's error: when the gateway is down, requests fail
 //!   fast with the reason instead of waiting out their deadline.
+//!
+//! Longer than most files on purpose: the invariants above span checkout, dialing and the
+//! release of leases; kept in one file, each one can be checked against all the code that
+//! touches it.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
@@ -513,6 +517,21 @@ impl Pool {
                 requests: 0,
                 sender,
             }))
+        }
+    }
+
+    /// A byte stream to this pool's service for one client connection of its own (a CONNECT
+    /// tunnel, an HTTP/1.1 upgrade, a TCP listener's connection): a CONNECT stream naming the
+    /// client for HBONE services, otherwise an mTLS connection through the gateway, with ALPN
+    /// `istio` alone when `opaque` (bytes, not HTTP) or the service's HTTP ALPN otherwise.
+    pub async fn dedicated(&self, opaque: bool, client: SocketAddr) -> Result<Box<dyn crate::io::Io>, UpstreamError> {
+        match &self.hbone {
+            Some(h) => Ok(Box::new(TokioIo::new(h.open(Some(client)).await?.1))),
+            None => {
+                let tls = if opaque { &self.opaque_tls } else { &self.tls };
+                let (_, c) = connect_via(&self.gateway, tls, &self.settings, &self.service.name).await?;
+                Ok(Box::new(c.stream))
+            }
         }
     }
 

@@ -14,7 +14,7 @@ use http::Request;
 use http_body_util::Full;
 use serde_json::Value;
 
-use crate::{Client, Resp};
+use super::{Client, Resp};
 
 /// How to get `prometheus` and `promtool`.
 pub const PROMETHEUS_HINT: &str = "install prometheus (apt-get install prometheus), which ships both prometheus and \

@@ -321,7 +321,11 @@ async fn dead_gateway_address_is_skipped_and_ejected_without_failing_requests() 
     }
     report.print("one dead gateway address");
     eventually(Duration::from_secs(10), "the pool to fill", || async {
-        env.gate.app.proxy().upstream.pools()[0].stats().connections.len() == 8
+        env.gate.app.runtime().current().upstream.pools()[0]
+            .stats()
+            .connections
+            .len()
+            == 8
     })
     .await;
     assert!(report.unexpected.is_empty(), "{:?}", report.unexpected);

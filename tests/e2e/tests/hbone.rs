@@ -66,7 +66,7 @@ fn services(mesh: &meshsim::Mesh) -> String {
 /// reads, whatever the body says.
 fn upstream_errors(env: &Env, service: &str, reason: &str) -> u64 {
     let needle = format!("meshgate_upstream_errors_total{{service=\"{service}\",reason=\"{reason}\"}} ");
-    let text = env.gate.app.metrics.encode();
+    let text = env.gate.app.metrics().encode();
     text.lines()
         .find_map(|l| l.strip_prefix(&needle))
         .and_then(|v| v.trim().parse::<f64>().ok())

@@ -226,7 +226,7 @@ async fn istio_ca_first_certificate_is_authenticated_by_a_bootstrap_certificate(
         ca.counters().by_certificate.load(std::sync::atomic::Ordering::SeqCst),
         1
     );
-    let presented = env.gate.app.proxy().snapshot.identity.clone();
+    let presented = env.gate.app.runtime().current().snapshot.identity.clone();
     assert!(
         presented.paths.cert_chain.display().to_string().contains("istio_ca"),
         "the issued certificate replaced the bootstrap one"
@@ -236,7 +236,7 @@ async fn istio_ca_first_certificate_is_authenticated_by_a_bootstrap_certificate(
     assert_eq!(ca.counters().issued.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert!(std::sync::Arc::ptr_eq(
         &presented,
-        &env.gate.app.proxy().snapshot.identity
+        &env.gate.app.runtime().current().snapshot.identity
     ));
 }
 

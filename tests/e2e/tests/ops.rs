@@ -218,7 +218,7 @@ async fn config_file_change_is_picked_up_by_the_watcher() {
         || async {
             env.gate
                 .app
-                .metrics
+                .metrics()
                 .config_reloads
                 .get_or_create(&meshgate::metrics::ResultLabels { result: "error".into() })
                 .get()

@@ -7,7 +7,7 @@ use e2e::*;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use meshgate::listener::proxy_protocol::encode_v2;
+use meshgate::proxy_protocol::encode_v2;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LB: &str = "127.0.0.9";

@@ -1,0 +1,98 @@
+//! The access-log line and request metrics, written once per request when its response ends
+//! (or the client goes away).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::Method;
+
+use crate::metrics::Metrics;
+use crate::policy::limits::Slot;
+
+pub(super) struct AccessLog {
+    pub metrics: Arc<Metrics>,
+    pub listener: Arc<str>,
+    pub client: SocketAddr,
+    pub tenant: Option<String>,
+    pub service: Option<String>,
+    pub method: Method,
+    pub authority: String,
+    pub path: String,
+    pub request_id: String,
+    pub status: u16,
+    pub reason: &'static str,
+    pub started: Instant,
+    pub bytes_in: Arc<AtomicU64>,
+    pub bytes_out: u64,
+    pub reused: Option<bool>,
+    /// The tenant's concurrency slot, released with the log line when the response ends.
+    pub slot: Option<Slot>,
+}
+
+impl AccessLog {
+    pub fn finish(&self, completed: bool) {
+        let duration = self.started.elapsed();
+        let bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        self.metrics.requests_in_flight.dec();
+        self.metrics.record_request(
+            &self.listener,
+            self.tenant.as_deref(),
+            self.service.as_deref(),
+            self.status,
+            self.reason,
+            duration,
+            bytes_in,
+            self.bytes_out,
+        );
+        tracing::info!(
+            target: "access",
+            listener = %self.listener,
+            client = %self.client,
+            tenant = self.tenant.as_deref().unwrap_or("-"),
+            service = self.service.as_deref().unwrap_or("-"),
+            method = %self.method,
+            authority = %self.authority,
+            path = %self.path,
+            status = self.status,
+            reason = self.reason,
+            duration_ms = duration.as_secs_f64() * 1000.0,
+            bytes_in,
+            bytes_out = self.bytes_out,
+            upstream_conn = match self.reused { Some(true) => "reused", Some(false) => "new", None => "-" },
+            completed,
+            request_id = %self.request_id,
+        );
+    }
+}
+
+/// One access-log line per tunnel (a TCP listener's connection), whatever way it ended.
+pub(super) struct TunnelLog<'a> {
+    pub listener: &'a str,
+    pub client: SocketAddr,
+    pub tenant: &'a str,
+    pub service: &'a str,
+    pub started: Instant,
+    pub result: &'static str,
+    /// Bytes towards the mesh, and towards the client.
+    pub sent: u64,
+    pub received: u64,
+}
+
+impl Drop for TunnelLog<'_> {
+    fn drop(&mut self) {
+        tracing::info!(
+            target: "access",
+            listener = self.listener,
+            client = %self.client,
+            tenant = self.tenant,
+            service = self.service,
+            protocol = "tcp",
+            result = self.result,
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            bytes_in = self.sent,
+            bytes_out = self.received,
+        );
+    }
+}
