@@ -27,6 +27,16 @@ pub enum ProxyError {
     ConcurrencyLimited,
     #[error("request body larger than the limit")]
     BodyTooLarge,
+    /// The request head is larger than `limits.max_header_bytes` or has more than
+    /// `limits.max_headers` fields.
+    #[error("{0}")]
+    HeadTooLarge(&'static str),
+    /// The request head was not complete within `limits.header_read_timeout`.
+    #[error("request head not received in time")]
+    HeadTimeout,
+    /// A transfer coding meshgate does not implement.
+    #[error("{0}")]
+    NotImplemented(&'static str),
     /// The request body did not arrive within the request's deadline (read whole before
     /// forwarding, as a transcoded request's is).
     #[error("request body not received in time")]
@@ -47,7 +57,9 @@ impl ProxyError {
             ProxyError::Route(RouteError::UnknownHost) => StatusCode::NOT_FOUND,
             ProxyError::RateLimited { .. } | ProxyError::ConcurrencyLimited => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::BodyTimeout | ProxyError::HeadTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::Upstream(u) => match u {
                 UpstreamError::Unresolved(_)
                 | UpstreamError::Connect { .. }
@@ -80,8 +92,10 @@ impl ProxyError {
             StatusCode::BAD_REQUEST => INVALID_ARGUMENT,
             StatusCode::UNAUTHORIZED => UNAUTHENTICATED,
             StatusCode::FORBIDDEN => PERMISSION_DENIED,
-            StatusCode::NOT_FOUND => UNIMPLEMENTED,
-            StatusCode::TOO_MANY_REQUESTS | StatusCode::PAYLOAD_TOO_LARGE => RESOURCE_EXHAUSTED,
+            StatusCode::NOT_FOUND | StatusCode::NOT_IMPLEMENTED => UNIMPLEMENTED,
+            StatusCode::TOO_MANY_REQUESTS
+            | StatusCode::PAYLOAD_TOO_LARGE
+            | StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => RESOURCE_EXHAUSTED,
             StatusCode::GATEWAY_TIMEOUT | StatusCode::REQUEST_TIMEOUT => DEADLINE_EXCEEDED,
             _ => UNAVAILABLE,
         }
@@ -102,6 +116,9 @@ impl ProxyError {
             ProxyError::ConcurrencyLimited => "concurrency_limited",
             ProxyError::BodyTooLarge => "body_too_large",
             ProxyError::BodyTimeout => "body_timeout",
+            ProxyError::HeadTooLarge(_) => "header_too_large",
+            ProxyError::HeadTimeout => "header_timeout",
+            ProxyError::NotImplemented(_) => "not_implemented",
             ProxyError::Upstream(u) => match u {
                 UpstreamError::Unresolved(_) => "gateway_unresolved",
                 UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. } => "gateway_unreachable",

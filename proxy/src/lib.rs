@@ -13,6 +13,7 @@ pub mod demo;
 pub mod error;
 pub mod explain;
 pub mod fuzz_targets;
+pub mod h1;
 pub mod identity;
 pub mod io;
 pub mod lifecycle;

@@ -136,6 +136,9 @@ pub fn is_denial(reason: &str) -> bool {
             | "concurrency_limited"
             | "body_too_large"
             | "body_timeout"
+            | "header_too_large"
+            | "header_timeout"
+            | "not_implemented"
     )
 }
 

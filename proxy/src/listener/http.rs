@@ -1,6 +1,7 @@
-//! The HTTP listener: HTTP/1.1 (keep-alive, chunked, `Expect: 100-continue`) and h2c with prior
-//! knowledge on the same port, via hyper-util's protocol sniffing. Each request goes to
-//! `pipeline::handle` with the config snapshot current when it arrived.
+//! The HTTP listener: HTTP/1.1 (meshgate's own server, `h1`) and h2c with prior knowledge
+//! (hyper's HTTP/2 server) on the same port, told apart by the first bytes: the HTTP/2
+//! connection preface, or anything else. Each request goes to `pipeline::handle` with the
+//! config generation current when it arrived.
 //!
 //! Closing (drain, or the listener removed by a reload): stop accepting; ask each connection to
 //! finish (GOAWAY / `Connection: close`) at a random moment within the spread; cut whatever is
@@ -12,30 +13,26 @@ use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
-use super::{accept_failed, finish, framing, told_to_close, Admission};
+use super::{accept_failed, finish, told_to_close, Admission};
 use crate::config::Limits;
-use crate::error::ProxyError;
+use crate::h1::{self, buf::ReadBuf};
 use crate::io::Prefixed;
 use crate::lifecycle::CloseSignal;
 use crate::pipeline::{self, ClientUpgrade, ConnInfo};
 use crate::proxy_protocol;
 use crate::runtime::Runtime;
 
-fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .keep_alive(true)
-        .timer(TokioTimer::new())
-        .max_buf_size(limits.max_header_bytes)
-        .max_headers(limits.max_headers)
-        // Slow clients (slowloris) must not hold a connection slot by trickling headers.
-        .header_read_timeout(limits.header_read_timeout);
-    b.http2()
-        .timer(TokioTimer::new())
+/// The HTTP/2 connection preface (RFC 9113 §3.4): what an h2c client with prior knowledge sends
+/// first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+fn h2_builder(limits: &Limits) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
         .max_concurrent_streams(limits.h2_max_concurrent_streams)
         .max_header_list_size(limits.max_header_bytes as u32)
         // Rapid reset (CVE-2023-44487): h2 counts streams the client resets before we answer
@@ -63,6 +60,7 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, runtime: Arc<Runtime>,
                         continue;
                     }
                 };
+                let accepted_at = Instant::now();
                 let gen = runtime.current();
                 let Some(guard) = admission.admit(&gen) else {
                     drop(stream);
@@ -70,12 +68,8 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, runtime: Arc<Runtime>,
                 };
                 let _ = stream.set_nodelay(true);
                 let listener_cfg = gen.listener(&name).cloned();
-                let limits = &gen.snapshot.limits;
-                let builder = builder(limits);
-                let (max_head, max_headers) = (limits.max_header_bytes, limits.max_headers);
-                let runtime = runtime.clone();
-                let name = name.clone();
-                let close = close.clone();
+                let limits = gen.snapshot.limits.clone();
+                let (runtime, name, close) = (runtime.clone(), name.clone(), close.clone());
                 conns.spawn(async move {
                     // Shared with any tunnel this connection becomes (CONNECT, WebSocket).
                     let guard = Arc::new(guard);
@@ -92,8 +86,30 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, runtime: Arc<Runtime>,
                     info.lifetime = Some(guard.clone());
                     info.close = Some(close.clone());
                     let info = Arc::new(info);
-                    let verdicts = Arc::new(framing::Verdicts::default());
-                    serve_connection(runtime, info, listener_cfg, builder, stream, prefix, (max_head, max_headers), verdicts, close).await;
+                    let alt_svc = listener_cfg.as_ref().and_then(|l| l.alt_svc.clone());
+                    let deadline = accepted_at + limits.header_read_timeout;
+                    let mut rbuf = ReadBuf::with(&prefix);
+                    match sniff(&stream, &mut rbuf, deadline).await {
+                        Some(true) => {
+                            let prefix = bytes::Bytes::copy_from_slice(rbuf.pending());
+                            drop(rbuf);
+                            serve_h2(runtime, info, &limits, Prefixed::new(prefix, stream), alt_svc, close).await;
+                        }
+                        Some(false) => {
+                            let settings = h1::Settings {
+                                limits: h1::HeadLimits {
+                                    max_head: limits.max_header_bytes,
+                                    max_headers: limits.max_headers,
+                                },
+                                max_request_body: limits.max_request_body,
+                                header_read_timeout: limits.header_read_timeout,
+                                idle_timeout: limits.header_read_timeout,
+                                alt_svc,
+                            };
+                            h1::serve(stream, rbuf, runtime, info, close, settings, accepted_at).await;
+                        }
+                        None => {}
+                    }
                 });
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -104,76 +120,87 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, runtime: Arc<Runtime>,
     finish(&name, conns, deadline).await;
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn serve_connection(
+/// Reads until the first bytes say which protocol the client speaks: `Some(true)` for the
+/// HTTP/2 preface, `Some(false)` for anything else (HTTP/1.1, whose server judges it), `None`
+/// if the client closed or sent nothing decisive before `deadline`.
+async fn sniff(stream: &TcpStream, rbuf: &mut ReadBuf, deadline: Instant) -> Option<bool> {
+    loop {
+        let have = rbuf.pending();
+        if !have.is_empty() {
+            let n = have.len().min(H2_PREFACE.len());
+            if have[..n] != H2_PREFACE[..n] {
+                return Some(false);
+            }
+            if n == H2_PREFACE.len() {
+                return Some(true);
+            }
+        }
+        tokio::select! {
+            r = stream.readable() => {
+                r.ok()?;
+                match stream.try_read_buf(rbuf.spare(64)) {
+                    Ok(0) => return None,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if rbuf.is_empty() {
+                            rbuf.release();
+                        }
+                    }
+                    Err(_) => return None,
+                }
+            }
+            // Nothing decisive in time: the HTTP/1.1 server owns the verdict (408 for part of
+            // a head) only if something arrived.
+            _ = tokio::time::sleep_until(deadline) => return (!rbuf.is_empty()).then_some(false),
+        }
+    }
+}
+
+/// An h2c connection (prior knowledge), served by hyper's HTTP/2 server.
+async fn serve_h2(
     runtime: Arc<Runtime>,
     info: Arc<ConnInfo>,
-    listener_cfg: Option<crate::config::Listener>,
-    builder: auto::Builder<TokioExecutor>,
-    stream: tokio::net::TcpStream,
-    prefix: bytes::Bytes,
-    (max_head, max_headers): (usize, usize),
-    verdicts: Arc<framing::Verdicts>,
+    limits: &Limits,
+    io: Prefixed<TcpStream>,
+    alt_svc: Option<http::HeaderValue>,
     mut close: CloseSignal,
 ) {
     let peer = info.client;
     let conn_info = info.clone();
-    let alt_svc = listener_cfg.as_ref().and_then(|l| l.alt_svc.clone());
-    let watcher = verdicts.clone();
     let svc = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         let gen = runtime.current();
-        let h1 = req.version() < http::Version::HTTP_2;
-        let refusal = if h1 { watcher.next_refusal() } else { None };
-        let upgrade = (req.method() == http::Method::CONNECT || req.headers().contains_key(http::header::UPGRADE))
-            .then(|| ClientUpgrade::hyper(&mut req));
+        // Extended CONNECT (RFC 8441) takes the stream over after its 2xx.
+        let upgrade = (req.method() == http::Method::CONNECT).then(|| ClientUpgrade::hyper(&mut req));
         let conn_info = conn_info.clone();
         let alt_svc = alt_svc.clone();
         async move {
-            let mut r = match refusal {
-                Some(why) => pipeline::refuse(&gen, &conn_info, &req, ProxyError::Malformed(why)),
-                None => pipeline::handle(gen, conn_info, req, upgrade).await,
-            };
+            let mut r = pipeline::handle(gen, conn_info, req, upgrade).await;
             if let Some(v) = alt_svc {
                 r.headers_mut().insert(http::header::ALT_SVC, v);
             }
             Ok::<_, std::convert::Infallible>(r)
         }
     });
-    let scanner = framing::Scanner::new(max_head, max_headers);
-    // The watcher must see the bytes read along with the PROXY header too.
-    let stream = Prefixed::new(prefix, stream);
-    let io = TokioIo::new(framing::Watched::new(stream, scanner, verdicts));
-    // With upgrades: CONNECT tunnels take the connection over after their 200.
-    let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
+    let conn = h2_builder(limits).serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let deadline = tokio::select! {
         res = conn.as_mut() => {
             if let Err(e) = res {
-                tracing::debug!(client = %peer, error = %e, "client connection ended with error");
+                tracing::debug!(client = %peer, error = %e, "h2c connection ended with error");
             }
             return;
         }
         deadline = crate::lifecycle::closing_spread(&mut close) => deadline,
     };
     info.closing.store(true, Ordering::SeqCst);
-    let h1_in_use = !info.is_h2.load(Ordering::Relaxed) && info.requests.load(Ordering::Relaxed) > 0;
-    if h1_in_use {
-        // Closing an idle keep-alive connection races the client's next request; instead its
-        // next response says `Connection: close`. Only a connection still idle at the deadline
-        // is closed under it.
-        tokio::select! {
-            res = conn.as_mut() => {
-                if let Err(e) = res {
-                    tracing::debug!(client = %peer, error = %e, "client connection ended with error while closing");
-                }
-                return;
-            }
-            _ = tokio::time::sleep_until(deadline) => {}
-        }
-    }
-    // HTTP/2: GOAWAY, streams in flight finish. HTTP/1.1: closes once idle.
+    // GOAWAY: streams in flight finish, until the deadline.
     conn.as_mut().graceful_shutdown();
-    if let Err(e) = conn.await {
-        tracing::debug!(client = %peer, error = %e, "client connection ended with error while closing");
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(e) = res {
+                tracing::debug!(client = %peer, error = %e, "h2c connection ended with error while closing");
+            }
+        }
+        _ = tokio::time::sleep_until(deadline) => {}
     }
 }

@@ -2,7 +2,6 @@
 //! and hand each request or tunnel to the pipeline. `http.rs` serves HTTP/1.1 and h2c on one
 //! port; `tcp.rs` carries opaque TCP to one service; `h3.rs` serves HTTP/3 over QUIC.
 
-pub mod framing;
 pub mod h3;
 pub mod http;
 pub mod tcp;

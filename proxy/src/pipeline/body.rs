@@ -27,9 +27,11 @@ pub(super) struct CountingBody<B> {
     pub client_error: Arc<AtomicBool>,
 }
 
+/// A request body went past `limits.max_request_body` (413): raised here, and by a listener's
+/// codec that sees a declared chunk size go past it before the data arrives.
 #[derive(Debug, thiserror::Error)]
 #[error("request body larger than the limit")]
-struct TooLarge;
+pub struct RequestTooLarge;
 
 impl<B> Body for CountingBody<B>
 where
@@ -40,22 +42,28 @@ where
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let p = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(_))) = &p {
-            // The client's own framing broke (bad chunk size, early close): its fault, not the
-            // mesh's, whatever error the upstream request then reports.
-            self.client_error.store(true, Ordering::SeqCst);
+        let p = Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map(|o| o.map(|r| r.map_err(Into::<BoxError>::into)));
+        if let Poll::Ready(Some(Err(e))) = &p {
+            if e.is::<RequestTooLarge>() {
+                self.exceeded.store(true, Ordering::SeqCst);
+            } else {
+                // The client's own framing broke (bad chunk size, early close): its fault, not
+                // the mesh's, whatever error the upstream request then reports.
+                self.client_error.store(true, Ordering::SeqCst);
+            }
         }
         if let Poll::Ready(Some(Ok(f))) = &p {
             if let Some(d) = f.data_ref() {
                 let total = self.counter.fetch_add(d.len() as u64, Ordering::Relaxed) + d.len() as u64;
                 if self.limit.is_some_and(|l| total > l) {
                     self.exceeded.store(true, Ordering::SeqCst);
-                    return Poll::Ready(Some(Err(Box::new(TooLarge))));
+                    return Poll::Ready(Some(Err(Box::new(RequestTooLarge))));
                 }
             }
         }
-        p.map(|o| o.map(|r| r.map_err(Into::into)))
+        p
     }
 
     fn is_end_stream(&self) -> bool {

@@ -25,8 +25,8 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-pub use body::ResponseBody;
 use body::{local_response, CountingBody, Inner};
+pub use body::{RequestTooLarge, ResponseBody};
 use grpc::{grpc_local_response, grpc_timeout, grpc_timeout_header, is_grpc};
 use headers::{
     authority_of, declared_length, new_request_id, requested_upgrade, strip_hop_by_hop, strip_mesh_response, MESH_ONLY,
@@ -144,6 +144,21 @@ pub fn refuse<B>(gen: &Generation, conn: &ConnInfo, req: &Request<B>, e: ProxyEr
     let log = start_log(gen, conn, req, &id);
     let h1 = req.version() < Version::HTTP_2;
     respond(gen, conn, h1, is_grpc(req.headers()), log, Err(e))
+}
+
+/// Refuses a request whose head could not be read (malformed, too large, not in time): the
+/// log line has no method or path, only the reason.
+pub fn refuse_head(gen: &Generation, conn: &ConnInfo, e: ProxyError) -> Response<ResponseBody> {
+    let mut req = Request::new(());
+    *req.method_mut() = Method::from_bytes(b"-").expect("a valid token");
+    *req.uri_mut() = Uri::from_static("/-");
+    let mut resp = refuse(gen, conn, &req, e);
+    if let Some(log) = resp.body_mut().log.as_mut() {
+        log.path = "-".into();
+    }
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 fn respond(
