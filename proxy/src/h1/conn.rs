@@ -92,7 +92,7 @@ pub async fn serve(
                     }
                     Ok(None) => {}
                     Err(e) => {
-                        refuse_head(&stream, &runtime, &info, head_error(e)).await;
+                        Box::pin(refuse_head(&stream, &runtime, &info, head_error(e))).await;
                         return;
                     }
                 }
@@ -116,7 +116,7 @@ pub async fn serve(
                 _ = tokio::time::sleep_until(deadline) => {
                     // Part of a head: 408. Nothing at all (an idle or silent connection): close.
                     if !rbuf.is_empty() {
-                        refuse_head(&stream, &runtime, &info, ProxyError::HeadTimeout).await;
+                        Box::pin(refuse_head(&stream, &runtime, &info, ProxyError::HeadTimeout)).await;
                     }
                     return;
                 }
@@ -135,7 +135,9 @@ pub async fn serve(
         served += 1;
 
         // ---- the request ----
-        let next = request(&stream, &mut rbuf, &runtime, &info, &settings, head).await;
+        // Boxed: the request's state (pump, response writer) exists only while it is served,
+        // not in every idle connection's task.
+        let next = Box::pin(request(&stream, &mut rbuf, &runtime, &info, &settings, head)).await;
         idle_since = Instant::now();
         match next {
             Next::KeepAlive => {}

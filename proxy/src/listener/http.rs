@@ -93,7 +93,9 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, runtime: Arc<Runtime>,
                         Some(true) => {
                             let prefix = bytes::Bytes::copy_from_slice(rbuf.pending());
                             drop(rbuf);
-                            serve_h2(runtime, info, &limits, Prefixed::new(prefix, stream), alt_svc, close).await;
+                            // Boxed: hyper's HTTP/2 connection state would otherwise size every
+                            // connection's task, HTTP/1.1 ones included.
+                            Box::pin(serve_h2(runtime, info, &limits, Prefixed::new(prefix, stream), alt_svc, close)).await;
                         }
                         Some(false) => {
                             let settings = h1::Settings {
