@@ -347,7 +347,7 @@ struct Written {
 
 /// Polls `body` once without waiting (the data of a small response usually arrived with its
 /// head).
-fn poll_now(body: &mut ResponseBody) -> Option<Option<Result<Frame<Bytes>, hyper::Error>>> {
+fn poll_now(body: &mut ResponseBody) -> Option<Option<Result<Frame<Bytes>, crate::upstream::BoxError>>> {
     let mut cx = Context::from_waker(Waker::noop());
     match std::pin::Pin::new(body).poll_frame(&mut cx) {
         Poll::Ready(f) => Some(f),

@@ -11,11 +11,10 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 use super::log::AccessLog;
 use crate::error::ProxyError;
-use crate::upstream::{BoxError, Lease};
+use crate::upstream::{BoxError, Lease, UpstreamBody};
 
 /// Request body towards the mesh, counting bytes as they stream.
 pub(super) struct CountingBody<B> {
@@ -76,7 +75,7 @@ where
 }
 
 pub(super) enum Inner {
-    Upstream(Incoming),
+    Upstream(UpstreamBody),
     Local(Option<Bytes>),
     Transcoded(crate::transcode::TranscodedBody),
 }
@@ -113,9 +112,9 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let p = match &mut this.inner {
             Inner::Upstream(b) => Pin::new(b).poll_frame(cx),

@@ -23,7 +23,6 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use body::{local_response, CountingBody, Inner};
 pub use body::{RequestTooLarge, ResponseBody};
@@ -41,7 +40,7 @@ use crate::policy::keys::presented_key;
 use crate::policy::limits::Slot;
 use crate::policy::Deny;
 use crate::runtime::Generation;
-use crate::upstream::{BoxError, Lease, RequestBody, UpstreamError};
+use crate::upstream::{BoxError, Lease, RequestBody, UpstreamBody, UpstreamError};
 
 /// Facts about the client connection a request arrived on.
 #[derive(Debug)]
@@ -177,7 +176,7 @@ fn respond(
             Response::from_parts(
                 parts,
                 ResponseBody {
-                    inner: Inner::Upstream(body),
+                    inner: Inner::Upstream(UpstreamBody::H1(body)),
                     lease: None,
                     log: None,
                 },
@@ -273,13 +272,13 @@ fn tenant_limits(gen: &Generation, tenant_id: usize) -> Result<Option<Slot>, Pro
 // The large variant is the common one: boxing it would add an allocation to every request.
 #[allow(clippy::large_enum_variant)]
 enum Forwarded {
-    Upstream(Response<Incoming>, Lease),
+    Upstream(Response<UpstreamBody>, Lease),
     /// A REST call transcoded to gRPC, its answer converted back to JSON.
     Transcoded(Response<crate::transcode::TranscodedBody>, Lease),
     /// A CONNECT tunnel is set up; it runs once the client's connection is handed over.
     Tunnel,
     /// The answer to an Upgrade request, from a connection of its own (no pool lease).
-    Upgraded(Response<Incoming>),
+    Upgraded(Response<hyper::body::Incoming>),
 }
 
 async fn forward<B>(

@@ -6,11 +6,11 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use crate::upstream::UpstreamBody;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use prost_reflect::{FieldDescriptor, MessageDescriptor};
 
 use super::{error_json, http_status, message, Call, MAX_RESPONSE_MESSAGE};
@@ -31,7 +31,7 @@ enum Event {
 
 /// Reassembles length-prefixed messages from the upstream body and converts each.
 struct Stream {
-    upstream: Incoming,
+    upstream: UpstreamBody,
     buf: BytesMut,
     output: MessageDescriptor,
     response_body: Option<FieldDescriptor>,
@@ -234,9 +234,9 @@ fn metadata(from: &HeaderMap, into: &mut HeaderMap) {
 /// message (or the end) arrives, so an immediate error still gets its own HTTP status.
 pub async fn respond(
     call: Call<'_>,
-    resp: Response<Incoming>,
+    resp: Response<UpstreamBody>,
     deadline: tokio::time::Instant,
-) -> Result<Response<TranscodedBody>, Response<Incoming>> {
+) -> Result<Response<TranscodedBody>, Response<UpstreamBody>> {
     let grpc = resp
         .headers()
         .get(header::CONTENT_TYPE)

@@ -482,9 +482,15 @@ async fn trailers_only_ok_ends_the_call() {
         async move {
             let u = uri(u);
             let call = t.route(&Method::GET, &u).expect("routed");
-            let r = super::respond(call, upstream(trailers_only(status)).await, deadline)
-                .await
-                .unwrap_or_else(|r| panic!("passed through: {r:?}"));
+            let r = super::respond(
+                call,
+                upstream(trailers_only(status))
+                    .await
+                    .map(crate::upstream::UpstreamBody::H1),
+                deadline,
+            )
+            .await
+            .unwrap_or_else(|r| panic!("passed through: {r:?}"));
             let (parts, body) = r.into_parts();
             (parts, body.collect().await.unwrap().to_bytes())
         }

@@ -3,6 +3,7 @@
 
 pub mod connect;
 pub mod gateway;
+pub mod h2client;
 pub mod hbone;
 pub mod pool;
 
@@ -20,6 +21,53 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The body type every pool sends; boxed so listeners of any kind can feed the same pools.
 pub type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A response body from the mesh: an HTTP/2 stream of a pooled connection, or an HTTP/1.1
+/// response (http1 services, upgrades).
+pub enum UpstreamBody {
+    H2(h2client::UpstreamH2Body),
+    H1(hyper::body::Incoming),
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            UpstreamBody::H2(_) => "UpstreamBody::H2",
+            UpstreamBody::H1(_) => "UpstreamBody::H1",
+        })
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::H2(b) => std::pin::Pin::new(b).poll_frame(cx),
+            UpstreamBody::H1(b) => std::pin::Pin::new(b)
+                .poll_frame(cx)
+                .map(|o| o.map(|r| r.map_err(Into::into))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::H2(b) => b.is_end_stream(),
+            UpstreamBody::H1(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            UpstreamBody::H2(b) => b.size_hint(),
+            UpstreamBody::H1(b) => b.size_hint(),
+        }
+    }
+}
 
 /// Upstream failures, by what the operator has to fix. Cloneable so one failed dial can be
 /// reported to every request that was waiting for it.

@@ -36,15 +36,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use rand::Rng;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::connect::{connect_via, TlsParams};
-use super::{Gateway, RequestBody, UpstreamError};
+use super::h2client::SendError;
+use super::{Gateway, RequestBody, UpstreamBody, UpstreamError};
 use crate::config::{Service, UpstreamProtocol, UpstreamSettings};
 use crate::identity::Identity;
 use crate::metrics::Metrics;
@@ -54,7 +54,7 @@ struct H2Conn {
     addr: SocketAddr,
     created: Instant,
     expires: Instant,
-    sender: http2::SendRequest<RequestBody>,
+    sender: super::h2client::H2Sender,
     in_flight: AtomicUsize,
     requests: AtomicU64,
     /// Milliseconds since `created` when `in_flight` last dropped to zero.
@@ -145,7 +145,7 @@ pub struct Lease {
 }
 
 enum LeaseKind {
-    H2(Arc<H2Conn>, http2::SendRequest<RequestBody>),
+    H2(Arc<H2Conn>),
     H1(Option<H1Conn>),
 }
 
@@ -317,10 +317,9 @@ impl Pool {
                 best.map(|c| {
                     c.in_flight.fetch_add(1, SeqCst);
                     let reused = c.requests.fetch_add(1, SeqCst) > 0;
-                    let sender = c.sender.clone();
                     Lease {
                         pool: self.clone(),
-                        kind: LeaseKind::H2(c, sender),
+                        kind: LeaseKind::H2(c),
                         reused,
                         body_done: false,
                     }
@@ -431,7 +430,11 @@ impl Pool {
             // The app protocol is the configured one: HBONE's ALPN (h2) belongs to the tunnel.
             let (addr, stream) = h.open(None).await?;
             return self
-                .handshake(addr, stream, self.service.protocol == UpstreamProtocol::Http2)
+                .handshake(
+                    addr,
+                    TokioIo::new(stream),
+                    self.service.protocol == UpstreamProtocol::Http2,
+                )
                 .await;
         }
         let s = &self.settings;
@@ -455,13 +458,13 @@ impl Pool {
                 want: protocol_name(want),
             });
         }
-        self.handshake(addr, TokioIo::new(conn.stream), speaks_h2).await
+        self.handshake(addr, conn.stream, speaks_h2).await
     }
 
     /// The app-level HTTP client connection over a connected stream.
     async fn handshake<IO>(&self, addr: SocketAddr, io: IO, speaks_h2: bool) -> Result<Dialed, UpstreamError>
     where
-        IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let s = &self.settings;
         let now = Instant::now();
@@ -473,20 +476,8 @@ impl Pool {
         let expires = now + self.jittered_age();
         let service = self.service.name.clone();
         if speaks_h2 {
-            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .initial_max_send_streams(s.max_streams_per_connection)
-                // Pings notice a connection silently dropped by the LB or gateway.
-                .keep_alive_interval(Duration::from_secs(30))
-                .keep_alive_timeout(Duration::from_secs(10))
-                .handshake(io)
-                .await
-                .map_err(|e| UpstreamError::Http(format!("HTTP/2 handshake: {e}")))?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(%service, conn = id, error = %e, "upstream h2 connection ended");
-                }
-            });
+            let sender =
+                super::h2client::handshake(io, s.max_streams_per_connection, format!("{service}#{id}")).await?;
             Ok(Dialed::H2(Arc::new(H2Conn {
                 id,
                 addr,
@@ -500,7 +491,7 @@ impl Pool {
             })))
         } else {
             let (sender, connection) = http1::Builder::new()
-                .handshake(io)
+                .handshake(TokioIo::new(io))
                 .await
                 .map_err(|e| UpstreamError::Http(format!("HTTP/1.1 handshake: {e}")))?;
             tokio::spawn(async move {
@@ -543,11 +534,11 @@ impl Pool {
     }
 
     /// Sends a request, retrying on another connection when the chosen one turned out to be
-    /// closed before the request left (hyper hands the request back in that case).
+    /// closed before the request left (the request is handed back in that case).
     pub async fn send(
         self: &Arc<Self>,
         mut req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Lease), UpstreamError> {
+    ) -> Result<(Response<UpstreamBody>, Lease), UpstreamError> {
         let _ = self.retry_tenths.fetch_update(SeqCst, SeqCst, |t| {
             (t < RETRY_CAP).then_some((t + RETRY_EARN).min(RETRY_CAP))
         });
@@ -556,17 +547,27 @@ impl Pool {
             attempts += 1;
             let mut lease = self.checkout().await?;
             let sent = match &mut lease.kind {
-                LeaseKind::H2(_, sender) => sender.try_send_request(req).await,
-                LeaseKind::H1(Some(c)) => c.sender.try_send_request(req).await,
+                LeaseKind::H2(c) => match super::h2client::send(&c.sender, req).await {
+                    Ok(resp) => Ok(resp.map(UpstreamBody::H2)),
+                    Err(SendError::NotSent(r, e)) => Err((Some(*r), e)),
+                    Err(SendError::Failed(e)) => Err((None, e)),
+                },
+                LeaseKind::H1(Some(c)) => match c.sender.try_send_request(req).await {
+                    Ok(resp) => Ok(resp.map(UpstreamBody::H1)),
+                    Err(mut e) => {
+                        let r = e.take_message();
+                        Err((r, UpstreamError::Http(e.into_error().to_string())))
+                    }
+                },
                 LeaseKind::H1(None) => unreachable!("a fresh lease always holds its connection"),
             };
             match sent {
                 Ok(resp) => return Ok((resp, lease)),
-                Err(mut e) => {
+                Err((again, e)) => {
                     lease.mark_broken();
-                    match e.take_message() {
+                    match again {
                         Some(r) if attempts < 3 => req = r,
-                        _ => return Err(UpstreamError::Http(e.into_error().to_string())),
+                        _ => return Err(e),
                     }
                 }
             }
@@ -590,14 +591,14 @@ impl Lease {
 
     fn mark_broken(&mut self) {
         match &mut self.kind {
-            LeaseKind::H2(c, _) => c.broken.store(true, SeqCst),
+            LeaseKind::H2(c) => c.broken.store(true, SeqCst),
             LeaseKind::H1(_) => self.body_done = false,
         }
     }
 
     pub fn connection_id(&self) -> u64 {
         match &self.kind {
-            LeaseKind::H2(c, _) => c.id,
+            LeaseKind::H2(c) => c.id,
             LeaseKind::H1(c) => c.as_ref().map_or(0, |c| c.id),
         }
     }
@@ -607,7 +608,7 @@ impl Drop for Lease {
     fn drop(&mut self) {
         let pool = &self.pool;
         match &mut self.kind {
-            LeaseKind::H2(c, _) => {
+            LeaseKind::H2(c) => {
                 if c.in_flight.fetch_sub(1, SeqCst) == 1 {
                     let ms = Instant::now().saturating_duration_since(c.created).as_millis() as u64;
                     c.idle_since_ms.store(ms, SeqCst);
