@@ -31,6 +31,8 @@ pub struct Generation {
     pub routes: RouteTable,
     pub upstream: Arc<Upstream>,
     pub metrics: Arc<Metrics>,
+    /// The per-request metric handles of this generation's tenants and services.
+    pub request_metrics: crate::metrics::RequestMetrics,
     /// Indexed by tenant id; carried over by name across reloads.
     pub tenant_state: Vec<Arc<TenantState>>,
 }
@@ -57,7 +59,10 @@ impl Generation {
                     .unwrap_or_default()
             })
             .collect();
+        let tenant_names: Vec<&str> = snapshot.tenants.iter().map(|t| t.name.as_str()).collect();
+        let service_names: Vec<&str> = snapshot.services.iter().map(|s| s.name.as_str()).collect();
         Generation {
+            request_metrics: crate::metrics::RequestMetrics::new(metrics.clone(), &tenant_names, &service_names),
             tenants: Tenants::new(&snapshot.tenants),
             routes: RouteTable::for_services(&snapshot.services),
             snapshot,

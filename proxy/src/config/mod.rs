@@ -172,6 +172,10 @@ pub struct Service {
     /// The Host names that route to this service: its host (unless it is a subset service with
     /// aliases, which VMs reach by those) and its aliases; none for a tcp service.
     pub routed: Vec<String>,
+    /// What requests to it carry upstream as `:authority` / `Host`, whatever name or spelling
+    /// the client used: its canonical host, with the port unless it is 80 (so mesh policies
+    /// written for the canonical name always see it).
+    pub authority: http::uri::Authority,
     pub expected_server: ExpectedServer,
 
     /// `outbound_.PORT_.SUBSET_.HOST`, what the gateway routes on.

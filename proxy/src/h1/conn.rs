@@ -270,8 +270,8 @@ async fn request(
             // the pump reads it, and the response may start before the body has ended.
             let (written, pump_done, status) = {
                 let mut pump_done = false;
-                let run = p.run(stream, rbuf);
-                tokio::pin!(run);
+                // Boxed: only streamed bodies pay for these states.
+                let mut run = Box::pin(p.run(stream, rbuf));
                 let resp = loop {
                     tokio::select! {
                         r = &mut handled => break r,
@@ -280,8 +280,7 @@ async fn request(
                 };
                 let resp = with_alt_svc(resp, settings);
                 let status = resp.status();
-                let write = write_response(stream, resp, &method, version, close);
-                tokio::pin!(write);
+                let mut write = Box::pin(write_response(stream, resp, &method, version, close));
                 let written = loop {
                     tokio::select! {
                         w = &mut write => break w,

@@ -52,6 +52,20 @@ pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// Removes `x-envoy-*` request fields: Envoy obeys them from an internal peer (retries,
+/// timeouts, the original path), and meshgate is one to the mesh, so a client must not reach
+/// them through it (Envoy strips them from untrusted clients at the edge the same way).
+pub(super) fn strip_envoy_controls(h: &mut HeaderMap) {
+    let found: Vec<HeaderName> = h
+        .keys()
+        .filter(|n| n.as_str().starts_with("x-envoy-"))
+        .cloned()
+        .collect();
+    for n in found {
+        h.remove(n);
+    }
+}
+
 /// Removes what only the mesh may say about a response's origin before the VM sees it.
 pub(super) fn strip_mesh_response(h: &mut HeaderMap) {
     h.remove(&MESH_ONLY[1]);
@@ -117,7 +131,11 @@ pub(super) fn requested_upgrade<B>(req: &Request<B>) -> Option<HeaderValue> {
         v.to_str()
             .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
     });
-    asks.then(|| req.headers().get(header::UPGRADE).cloned()).flatten()
+    // `h2c` is this hop's business (HTTP/2 with prior knowledge is served on the same port);
+    // such a request is served as plain HTTP/1.1, and the upgrade never forwarded.
+    asks.then(|| req.headers().get(header::UPGRADE).cloned())
+        .flatten()
+        .filter(|p| !p.as_bytes().eq_ignore_ascii_case(b"h2c"))
 }
 
 pub(super) fn declared_length<B>(req: &Request<B>) -> Option<u64> {

@@ -6,21 +6,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::Method;
+use http::{HeaderValue, Method, Uri};
 
-use crate::metrics::Metrics;
 use crate::policy::limits::Slot;
+use crate::runtime::Generation;
 
+/// Ids and shared values rather than strings: a request builds no label or log strings unless
+/// the access log is enabled.
 pub(super) struct AccessLog {
-    pub metrics: Arc<Metrics>,
+    pub gen: Arc<Generation>,
     pub listener: Arc<str>,
     pub client: SocketAddr,
-    pub tenant: Option<String>,
-    pub service: Option<String>,
+    pub tenant: Option<usize>,
+    pub service: Option<usize>,
     pub method: Method,
     pub authority: String,
-    pub path: String,
-    pub request_id: String,
+    pub uri: Uri,
+    /// A path to log instead of the URI's (for a head that could not be read).
+    pub path_override: Option<&'static str>,
+    pub request_id: HeaderValue,
     pub status: u16,
     pub reason: &'static str,
     pub started: Instant,
@@ -35,11 +39,12 @@ impl AccessLog {
     pub fn finish(&self, completed: bool) {
         let duration = self.started.elapsed();
         let bytes_in = self.bytes_in.load(Ordering::Relaxed);
-        self.metrics.requests_in_flight.dec();
-        self.metrics.record_request(
+        let gen = &self.gen;
+        gen.metrics.requests_in_flight.dec();
+        gen.request_metrics.record(
             &self.listener,
-            self.tenant.as_deref(),
-            self.service.as_deref(),
+            self.tenant,
+            self.service,
             self.status,
             self.reason,
             duration,
@@ -50,11 +55,11 @@ impl AccessLog {
             target: "access",
             listener = %self.listener,
             client = %self.client,
-            tenant = self.tenant.as_deref().unwrap_or("-"),
-            service = self.service.as_deref().unwrap_or("-"),
+            tenant = self.tenant.map_or("-", |t| gen.tenants.get(t).name.as_str()),
+            service = self.service.map_or("-", |s| gen.snapshot.services[s].name.as_str()),
             method = %self.method,
             authority = %self.authority,
-            path = %self.path,
+            path = self.path_override.unwrap_or(self.uri.path()),
             status = self.status,
             reason = self.reason,
             duration_ms = duration.as_secs_f64() * 1000.0,
@@ -62,7 +67,7 @@ impl AccessLog {
             bytes_out = self.bytes_out,
             upstream_conn = match self.reused { Some(true) => "reused", Some(false) => "new", None => "-" },
             completed,
-            request_id = %self.request_id,
+            request_id = self.request_id.to_str().unwrap_or("-"),
         );
     }
 }

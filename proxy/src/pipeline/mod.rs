@@ -28,8 +28,8 @@ use body::{local_response, CountingBody, Inner};
 pub use body::{RequestTooLarge, ResponseBody};
 use grpc::{grpc_local_response, grpc_timeout, grpc_timeout_header, is_grpc};
 use headers::{
-    authority_of, declared_length, new_request_id, requested_upgrade, strip_hop_by_hop, strip_mesh_response, MESH_ONLY,
-    X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID,
+    authority_of, declared_length, new_request_id, requested_upgrade, strip_envoy_controls, strip_hop_by_hop,
+    strip_mesh_response, MESH_ONLY, X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID,
 };
 use log::AccessLog;
 pub use tunnel::ClientUpgrade;
@@ -62,6 +62,9 @@ pub struct ConnInfo {
     pub close: Option<crate::lifecycle::CloseSignal>,
     /// `X-Forwarded-Proto` for the mesh: `http`, or `https` on the h3 (TLS) listener.
     pub scheme: &'static str,
+    /// The client's address as `X-Forwarded-For` names it (IPv4 clients of a dual-stack
+    /// listener as IPv4), made once per connection.
+    pub client_ip: HeaderValue,
 }
 
 impl ConnInfo {
@@ -76,27 +79,30 @@ impl ConnInfo {
             lifetime: None,
             scheme: "http",
             close: None,
+            client_ip: HeaderValue::from_str(&client.ip().to_canonical().to_string())
+                .expect("an IP address is a valid header value"),
         }
     }
 }
 
 /// The access log a request starts with, before anything about it is decided.
-fn start_log<B>(gen: &Generation, conn: &ConnInfo, req: &Request<B>, request_id: &HeaderValue) -> Box<AccessLog> {
+fn start_log<B>(gen: &Arc<Generation>, conn: &ConnInfo, req: &Request<B>, request_id: &HeaderValue) -> Box<AccessLog> {
     gen.metrics.requests_in_flight.inc();
     conn.requests.fetch_add(1, Ordering::Relaxed);
     if req.version() >= Version::HTTP_2 {
         conn.is_h2.store(true, Ordering::Relaxed);
     }
     Box::new(AccessLog {
-        metrics: gen.metrics.clone(),
+        gen: gen.clone(),
         listener: conn.listener.clone(),
         client: conn.client,
         tenant: None,
         service: None,
         method: req.method().clone(),
         authority: String::new(),
-        path: req.uri().path().to_string(),
-        request_id: request_id.to_str().unwrap_or("-").to_string(),
+        uri: req.uri().clone(),
+        path_override: None,
+        request_id: request_id.clone(),
         status: 0,
         reason: "",
         started: Instant::now(),
@@ -138,7 +144,7 @@ where
 
 /// Refuses a request the listener has already judged (its framing cannot be trusted, say)
 /// with the same response, log line and metrics as a refusal from the pipeline itself.
-pub fn refuse<B>(gen: &Generation, conn: &ConnInfo, req: &Request<B>, e: ProxyError) -> Response<ResponseBody> {
+pub fn refuse<B>(gen: &Arc<Generation>, conn: &ConnInfo, req: &Request<B>, e: ProxyError) -> Response<ResponseBody> {
     let id = request_id(req);
     let log = start_log(gen, conn, req, &id);
     let h1 = req.version() < Version::HTTP_2;
@@ -147,13 +153,13 @@ pub fn refuse<B>(gen: &Generation, conn: &ConnInfo, req: &Request<B>, e: ProxyEr
 
 /// Refuses a request whose head could not be read (malformed, too large, not in time): the
 /// log line has no method or path, only the reason.
-pub fn refuse_head(gen: &Generation, conn: &ConnInfo, e: ProxyError) -> Response<ResponseBody> {
+pub fn refuse_head(gen: &Arc<Generation>, conn: &ConnInfo, e: ProxyError) -> Response<ResponseBody> {
     let mut req = Request::new(());
     *req.method_mut() = Method::from_bytes(b"-").expect("a valid token");
     *req.uri_mut() = Uri::from_static("/-");
     let mut resp = refuse(gen, conn, &req, e);
     if let Some(log) = resp.body_mut().log.as_mut() {
-        log.path = "-".into();
+        log.path_override = Some("-");
     }
     resp.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -195,7 +201,7 @@ fn respond(
             log.status = e.status().as_u16();
             log.reason = e.reason();
             if e.status().is_server_error() {
-                tracing::warn!(service = log.service.as_deref().unwrap_or("-"), error = %e, "upstream request failed");
+                tracing::warn!(service = gen.request_metrics.service_name(log.service), error = %e, "upstream request failed");
             }
             if grpc {
                 grpc_local_response(&e)
@@ -235,8 +241,8 @@ fn leased<B>(
     inner: impl FnOnce(B) -> Inner,
 ) -> Response<ResponseBody> {
     log.reused = Some(lease.reused);
-    if let Some(service) = &log.service {
-        gen.metrics.record_upstream_request(service, lease.reused);
+    if let Some(service) = log.service {
+        gen.request_metrics.record_upstream_request(service, lease.reused);
     }
     log.status = resp.status().as_u16();
     let (parts, body) = resp.into_parts();
@@ -298,19 +304,28 @@ where
     // to a service like any other, upgraded below.
     let extended = req.extensions().get::<hyper::ext::Protocol>().is_some();
     if req.method() == Method::CONNECT && !extended {
-        return tunnel::connect(gen, conn, req, upgrade, log).await;
+        // Boxed, as every rare path here: a future is as large as its largest state, and the
+        // common request should not pay for a TLS handshake's.
+        return Box::pin(tunnel::connect(gen, conn, req, upgrade, log)).await;
     }
-    let authority = authority_of(&req)?;
-    log.authority = authority.chars().take(255).collect();
+    let mut authority = authority_of(&req)?;
+    let cut = (0..=authority.len().min(255))
+        .rev()
+        .find(|i| authority.is_char_boundary(*i))
+        .unwrap_or(0);
+    authority.truncate(cut);
 
     let key = presented_key(req.headers(), &snap.api_key_header)?;
     let tenant_id = gen
         .tenants
         .authorize(conn.client.ip(), key.as_ref().map(|k| &k.0), conn.vpce.as_deref())?;
-    log.tenant = Some(gen.tenants.get(tenant_id).name.clone());
-    let service_id = gen.routes.resolve(&authority)?;
+    log.tenant = Some(tenant_id);
+    let service_id = gen.routes.resolve(&authority);
+    // The log keeps the client's spelling; upstream, the service's canonical one is used.
+    log.authority = authority;
+    let service_id = service_id?;
     let service = &snap.services[service_id];
-    log.service = Some(service.name.clone());
+    log.service = Some(service_id);
     if !gen.tenants.allows(tenant_id, service_id) {
         return Err(Deny::ServiceNotAllowed.into());
     }
@@ -363,16 +378,16 @@ where
     for n in &MESH_ONLY {
         h.remove(n);
     }
-    let client_ip = conn.client.ip().to_canonical().to_string();
+    strip_envoy_controls(h);
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {client_ip}"),
-        _ => client_ip,
+        Some(prev) if !prev.trim().is_empty() => {
+            let ip = conn.client.ip().to_canonical();
+            HeaderValue::from_str(&format!("{prev}, {ip}")).map_err(|_| ProxyError::Malformed("bad X-Forwarded-For"))?
+        }
+        _ => conn.client_ip.clone(),
     };
     h.remove(&X_FORWARDED_FOR);
-    h.insert(
-        &X_FORWARDED_FOR,
-        HeaderValue::from_str(&xff).map_err(|_| ProxyError::Malformed("bad X-Forwarded-For"))?,
-    );
+    h.insert(&X_FORWARDED_FOR, xff);
     h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme));
     h.insert(&X_REQUEST_ID, request_id);
 
@@ -380,30 +395,33 @@ where
         Some(c) => {
             c.grpc_headers(h);
             parts.method = Method::POST;
-            c.grpc_path().to_string()
+            http::uri::PathAndQuery::try_from(c.grpc_path())
+                .map_err(|_| ProxyError::Malformed("invalid request target"))?
         }
-        None => parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+        None => parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
     };
     match service.protocol {
         UpstreamProtocol::Http2 => {
             h.remove(header::HOST);
-            parts.uri = Uri::builder()
-                .scheme("http")
-                .authority(authority.as_str())
-                .path_and_query(path)
-                .build()
-                .map_err(|_| ProxyError::Malformed("invalid request target"))?;
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(http::uri::Scheme::HTTP);
+            uri.authority = Some(service.authority.clone());
+            uri.path_and_query = Some(path);
+            parts.uri = Uri::from_parts(uri).map_err(|_| ProxyError::Malformed("invalid request target"))?;
             parts.version = Version::HTTP_2;
         }
         UpstreamProtocol::Tcp => {
             return Err(ProxyError::Malformed("this service is TCP: use its TCP listener"));
         }
         UpstreamProtocol::Http1 => {
-            let host = HeaderValue::from_str(&authority).map_err(|_| ProxyError::Malformed("invalid Host"))?;
+            let host =
+                HeaderValue::from_str(service.authority.as_str()).map_err(|_| ProxyError::Malformed("invalid Host"))?;
             h.insert(header::HOST, host);
-            parts.uri = path
-                .parse()
-                .map_err(|_| ProxyError::Malformed("invalid request target"))?;
+            parts.uri = Uri::from(path);
             parts.version = Version::HTTP_11;
         }
     }
@@ -435,7 +453,7 @@ where
     let body = match &call {
         // The JSON is converted before anything goes upstream: a bad request never reaches it.
         Some(c) => {
-            let read = tokio::time::timeout_at(deadline, body.collect())
+            let read = Box::pin(tokio::time::timeout_at(deadline, body.collect()))
                 .await
                 .map_err(|_| ProxyError::BodyTimeout)?;
             let json = match read {
@@ -467,7 +485,7 @@ where
     let upstream_req = Request::from_parts(parts, body);
     if let Some(client_upgrade) = client_upgrade {
         let slot = log.slot.take();
-        return tunnel::upgraded(
+        return Box::pin(tunnel::upgraded(
             gen,
             conn,
             service,
@@ -476,7 +494,7 @@ where
             client_upgrade,
             timeout,
             slot,
-        )
+        ))
         .await;
     }
 
@@ -512,7 +530,7 @@ where
     strip_hop_by_hop(h);
     strip_mesh_response(h);
     if let Some(c) = call {
-        return Ok(match crate::transcode::respond(c, resp, deadline).await {
+        return Ok(match Box::pin(crate::transcode::respond(c, resp, deadline)).await {
             Ok(r) => Forwarded::Transcoded(r, lease),
             // Not a gRPC answer (the sidecar's own 403, a 503): passed on as it is.
             Err(resp) => Forwarded::Upstream(resp, lease),

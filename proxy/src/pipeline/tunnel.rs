@@ -111,7 +111,7 @@ pub(super) async fn connect<B>(
         .tenants
         .authorize(conn.client.ip(), key.as_ref().map(|k| &k.0), conn.vpce.as_deref())?;
     let tenant = gen.tenants.get(tenant_id);
-    log.tenant = Some(tenant.name.clone());
+    log.tenant = Some(tenant_id);
     // HTTP services by their routes; TCP services (never HTTP-routed) by host or alias and
     // port. Only the service's own port: routing otherwise tolerates any port on an unambiguous
     // host, which for a tunnel would quietly connect somewhere the client did not name.
@@ -132,7 +132,7 @@ pub(super) async fn connect<B>(
             .ok_or(RouteError::UnknownHost)?,
     };
     let service = &snap.services[service_id];
-    log.service = Some(service.name.clone());
+    log.service = Some(service_id);
     if !gen.tenants.allows(tenant_id, service_id) {
         return Err(Deny::ServiceNotAllowed.into());
     }

@@ -23,6 +23,11 @@ pub struct RouteTable {
 
 /// Splits `host[:port]` / `[v6]:port` into a normalised host and optional port.
 pub fn split_authority(authority: &str) -> Result<(String, Option<u16>), RouteError> {
+    split(authority).map(|(h, p)| (h.to_ascii_lowercase(), p))
+}
+
+/// The host (without a trailing dot, in the client's case) and port of an authority.
+fn split(authority: &str) -> Result<(&str, Option<u16>), RouteError> {
     let a = authority.trim();
     if a.is_empty() || a.contains('@') || a.contains('/') {
         return Err(RouteError::Malformed);
@@ -47,7 +52,7 @@ pub fn split_authority(authority: &str) -> Result<(String, Option<u16>), RouteEr
     if host.is_empty() {
         return Err(RouteError::Malformed);
     }
-    Ok((host.to_ascii_lowercase(), port))
+    Ok((host, port))
 }
 
 impl RouteTable {
@@ -72,8 +77,14 @@ impl RouteTable {
     }
 
     pub fn resolve(&self, authority: &str) -> Result<usize, RouteError> {
-        let (host, port) = split_authority(authority)?;
-        let candidates = self.by_host.get(&host).ok_or(RouteError::UnknownHost)?;
+        let (host, port) = split(authority)?;
+        // Most clients send lower case: look that up as it is, without a copy.
+        let candidates = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            self.by_host.get(&host.to_ascii_lowercase())
+        } else {
+            self.by_host.get(host)
+        }
+        .ok_or(RouteError::UnknownHost)?;
         if let [(_, id)] = candidates.as_slice() {
             return Ok(*id);
         }

@@ -45,7 +45,8 @@ async fn allowed_subnet_reaches_app_with_mesh_identity_host_and_h2() {
         xfcc.contains("By=spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews"),
         "{xfcc}"
     );
-    assert_eq!(j["host"], host("reviews"));
+    // The service's canonical authority, port included (9080 is not the scheme default).
+    assert_eq!(j["host"], format!("{}:9080", host("reviews")));
     assert_eq!(j["alpn"], "h2");
     assert_eq!(j["version"], "HTTP/2.0");
     assert_eq!(j["path"], "/reviews/1");
@@ -69,7 +70,7 @@ async fn http1_service_negotiates_http11_alpn() {
     let j = r.json();
     assert_eq!(j["alpn"], "http/1.1");
     assert_eq!(j["version"], "HTTP/1.1");
-    assert_eq!(j["host"], host("ratings"));
+    assert_eq!(j["host"], format!("{}:9080", host("ratings")));
     assert_eq!(j["peer_principal"], meshgate_id());
 }
 
@@ -193,7 +194,7 @@ async fn h2c_clients_are_served_on_the_same_port() {
             .unwrap();
         let r = c.send(req).await.unwrap();
         assert_eq!(r.status, 200, "{}", r.text());
-        assert_eq!(r.json()["host"], host("reviews"));
+        assert_eq!(r.json()["host"], format!("{}:9080", host("reviews")));
     }
     // And an HTTP/1.1 service behind an h2c client.
     let req = Request::get(format!("http://{}/", host("ratings")))

@@ -121,6 +121,15 @@ pub(super) fn services(
             .transcode
             .as_ref()
             .and_then(|t| super::super::transcode::transcoder(path, s.protocol, t, errs));
+        let authority_text = if port == 80 {
+            host.clone()
+        } else {
+            format!("{host}:{port}")
+        };
+        let authority = http::uri::Authority::try_from(authority_text.as_str()).unwrap_or_else(|_| {
+            errs.at(line(&s.host), format!("{authority_text:?} is not a valid authority"));
+            http::uri::Authority::from_static("invalid")
+        });
         services.push(Arc::new(Service {
             id,
             name: n.clone(),
@@ -130,6 +139,7 @@ pub(super) fn services(
             subset,
             aliases,
             routed,
+            authority,
             expected_server,
             sni,
             transport,
