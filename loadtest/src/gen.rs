@@ -216,7 +216,8 @@ fn request(load: &Load) -> Request<Full<Bytes>> {
 }
 
 /// One request: the status and body size, or why there is none.
-async fn exchange(sender: &mut Sender, req: Request<Full<Bytes>>) -> anyhow::Result<(u16, u64)> {
+/// One request: the status, the body size, and whether the server said it closes the connection.
+async fn exchange(sender: &mut Sender, req: Request<Full<Bytes>>) -> anyhow::Result<(u16, u64, bool)> {
     let resp = match sender {
         Sender::H1(s) => {
             s.ready().await?;
@@ -228,6 +229,10 @@ async fn exchange(sender: &mut Sender, req: Request<Full<Bytes>>) -> anyhow::Res
         }
     };
     let status = resp.status().as_u16();
+    let close = resp
+        .headers()
+        .get(http::header::CONNECTION)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
     let mut body = resp.into_body();
     let mut n = 0u64;
     while let Some(frame) = body.frame().await {
@@ -235,7 +240,7 @@ async fn exchange(sender: &mut Sender, req: Request<Full<Bytes>>) -> anyhow::Res
             n += data.len() as u64;
         }
     }
-    Ok((status, n))
+    Ok((status, n, close))
 }
 
 struct Shared {
@@ -322,7 +327,9 @@ async fn worker(sh: Arc<Shared>, index: usize) -> Outcome {
                     h1 = Some(open(load, source).await?);
                 }
                 let r = exchange(h1.as_mut().expect("just opened"), req).await;
-                if r.is_err() {
+                // A connection the server closes (an error, or `Connection: close` after a
+                // refusal) is replaced by a new one for the next request.
+                if r.as_ref().is_ok_and(|(_, _, close)| *close) || r.is_err() {
                     h1 = None;
                 }
                 r
@@ -330,7 +337,7 @@ async fn worker(sh: Arc<Shared>, index: usize) -> Outcome {
         })
         .await;
         match result {
-            Ok(Ok((status, bytes))) => {
+            Ok(Ok((status, bytes, _))) => {
                 *out.statuses.entry(status).or_default() += 1;
                 out.body_bytes += bytes;
                 let us = began.elapsed().as_micros().clamp(1, 120_000_000) as u64;
@@ -362,7 +369,7 @@ pub(crate) async fn hold_idle(load: &Load, count: usize) -> (Vec<Sender>, u64) {
             set.spawn(tokio::time::timeout(load.request_timeout, async move {
                 let source = load.sources[i % load.sources.len()];
                 let mut s = open(&load, source).await?;
-                let (status, _) = exchange(&mut s, request(&load)).await?;
+                let (status, _, _) = exchange(&mut s, request(&load)).await?;
                 anyhow::ensure!(status == 200, "status {status}");
                 Ok::<_, anyhow::Error>(s)
             }));

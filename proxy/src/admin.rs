@@ -1,22 +1,28 @@
 //! The admin server (axum), on its own bind, never on a VM-facing listener:
 //! `GET /healthz`, `GET /readyz`, `GET /metrics`, `GET /config`, `GET /pool`,
-//! `POST /reload`, `POST /drain`, `POST /explain`. The POSTs require `Authorization: Bearer
-//! <token>` when `admin.token_file` is set. Connections from a listener's `trusted_proxies` may
-//! start with a PROXY header (load balancer health checks).
+//! `POST /reload`, `POST /drain`, `POST /explain`. With `admin.token_file` set, everything but
+//! `/healthz`, `/readyz` and `/metrics` requires `Authorization: Bearer <token>`. Request heads
+//! must arrive within 10 s. Connections from a listener's `trusted_proxies` may start with a
+//! PROXY header (load balancer health checks).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde_json::{json, Value};
 use sha2::Digest;
 use tokio::net::TcpListener;
 
 use crate::config::{Allow, Snapshot};
 use crate::identity::rfc3339;
+use crate::io::Prefixed;
+use crate::proxy_protocol::{read_header, Mode, HEADER_TIMEOUT};
 use crate::runtime::{Control, Runtime};
 
 /// What the handlers share: the runtime (config, metrics, pools) and the operations on it.
@@ -24,6 +30,14 @@ use crate::runtime::{Control, Runtime};
 struct Admin {
     runtime: Arc<Runtime>,
     control: Arc<dyn Control>,
+}
+
+/// How long an admin client has to send a request head (slowloris on the admin port).
+const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Endpoints open without the token: health checks and scrapes.
+fn open_endpoint(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/metrics")
 }
 
 pub async fn serve(listener: TcpListener, runtime: Arc<Runtime>, control: Arc<dyn Control>) {
@@ -37,86 +51,69 @@ pub async fn serve(listener: TcpListener, runtime: Arc<Runtime>, control: Arc<dy
         .route("/reload", post(reload))
         .route("/drain", post(drain))
         .route("/explain", post(explain))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), require_token))
         .with_state(app.clone());
-    let listener = AdminListener::new(listener, app.runtime);
-    if let Err(e) = axum::serve(listener, router).await {
-        tracing::error!(error = %e, "admin server stopped");
-    }
-}
-
-type AdminIo = crate::io::Prefixed<tokio::net::TcpStream>;
-
-/// The admin socket. A load balancer that sends PROXY protocol v2 to the proxy listeners (AWS
-/// NLB with proxy protocol on) sends it on its health checks too, including to another port:
-/// so connections from the listeners' `trusted_proxies` may start with a PROXY header, which is
-/// read and dropped (optional, never required: Prometheus and operators connect without one).
-/// Headers are read in a task per connection, so a peer that sends nothing holds up no one.
-struct AdminListener {
-    local: std::net::SocketAddr,
-    ready: tokio::sync::mpsc::Receiver<(AdminIo, std::net::SocketAddr)>,
-}
-
-impl AdminListener {
-    fn new(listener: TcpListener, runtime: Arc<Runtime>) -> AdminListener {
-        use crate::io::Prefixed;
-        use crate::proxy_protocol::{read_header, Mode, HEADER_TIMEOUT};
-        let local = listener.local_addr().unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
-        let (tx, ready) = tokio::sync::mpsc::channel(64);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let ip = peer.ip().to_canonical();
+        // A load balancer that sends PROXY protocol v2 to the proxy listeners (AWS NLB with
+        // proxy protocol on) sends it on its health checks too, including to another port: so
+        // connections from the listeners' `trusted_proxies` may start with a PROXY header, which
+        // is read and dropped (optional, never required: Prometheus and operators connect
+        // without one).
+        let trusted = app
+            .runtime
+            .current()
+            .snapshot
+            .listeners
+            .iter()
+            .any(|l| l.proxy_protocol != Mode::Off && l.trusted_proxies.iter().any(|n| n.contains(&ip)));
+        let router = router.clone();
         tokio::spawn(async move {
-            let mut listener = listener;
-            loop {
-                // Ends (and unbinds) once the admin server is gone.
-                let (mut stream, peer) = tokio::select! {
-                    accepted = axum::serve::Listener::accept(&mut listener) => accepted,
-                    _ = tx.closed() => return,
-                };
-                let ip = peer.ip().to_canonical();
-                let trusted = runtime
-                    .current()
-                    .snapshot
-                    .listeners
-                    .iter()
-                    .any(|l| l.proxy_protocol != Mode::Off && l.trusted_proxies.iter().any(|n| n.contains(&ip)));
-                let tx = tx.clone();
-                if !trusted {
-                    if tx
-                        .send((Prefixed::new(bytes::Bytes::new(), stream), peer))
-                        .await
-                        .is_err()
-                    {
+            let mut stream = stream;
+            let prefix = if trusted {
+                match read_header(&mut stream, false, HEADER_TIMEOUT).await {
+                    Ok((_, rest)) => rest,
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "admin: PROXY header rejected; closing");
                         return;
                     }
-                    continue;
                 }
-                tokio::spawn(async move {
-                    match read_header(&mut stream, false, HEADER_TIMEOUT).await {
-                        Ok((_, rest)) => {
-                            let _ = tx.send((Prefixed::new(rest, stream), peer)).await;
-                        }
-                        Err(e) => tracing::warn!(%peer, error = %e, "admin: PROXY header rejected; closing"),
-                    }
-                });
+            } else {
+                bytes::Bytes::new()
+            };
+            let io = TokioIo::new(Prefixed::new(prefix, stream));
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(ADMIN_HEADER_TIMEOUT)
+                .serve_connection(io, TowerToHyperService::new(router))
+                .await;
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "admin connection ended with error");
             }
         });
-        AdminListener { local, ready }
     }
 }
 
-impl axum::serve::Listener for AdminListener {
-    type Io = AdminIo;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(conn) => conn,
-            // The accept task only ends with the runtime.
-            None => std::future::pending().await,
-        }
+/// With `admin.token_file` set, every endpoint but health, readiness and metrics needs
+/// `Authorization: Bearer <token>`: `/config` lists every tenant's sources and identities, and
+/// the POSTs change the running instance.
+async fn require_token(
+    State(app): State<Admin>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !open_endpoint(req.uri().path()) && !authorized(&app, req.headers()) {
+        return text(StatusCode::UNAUTHORIZED, "admin token required\n".into());
     }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
+    next.run(req).await
 }
 
 fn text(status: StatusCode, body: String) -> Response {
@@ -168,20 +165,14 @@ async fn metrics(State(app): State<Admin>) -> Response {
         .into_response()
 }
 
-async fn reload(State(app): State<Admin>, headers: HeaderMap) -> Response {
-    if !authorized(&app, &headers) {
-        return text(StatusCode::UNAUTHORIZED, "admin token required\n".into());
-    }
+async fn reload(State(app): State<Admin>) -> Response {
     match app.control.clone().request_reload().await {
         Ok(()) => text(StatusCode::OK, "reloaded\n".into()),
         Err(errs) => text(StatusCode::BAD_REQUEST, format!("{errs}\n")),
     }
 }
 
-async fn drain(State(app): State<Admin>, headers: HeaderMap) -> Response {
-    if !authorized(&app, &headers) {
-        return text(StatusCode::UNAUTHORIZED, "admin token required\n".into());
-    }
+async fn drain(State(app): State<Admin>) -> Response {
     let started = !app.runtime.lifecycle.is_draining();
     // The drain outlives this request; the instance stays up (admin included) once drained, so
     // a supervisor restart does not bring it back into rotation while it is being removed.
@@ -194,10 +185,7 @@ async fn drain(State(app): State<Admin>, headers: HeaderMap) -> Response {
 
 /// A POST with a JSON body rather than a GET, so an API key never lands in a URL (and in access
 /// logs on the way); behind the token because the answer reveals tenants and their sources.
-async fn explain(State(app): State<Admin>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    if !authorized(&app, &headers) {
-        return text(StatusCode::UNAUTHORIZED, "admin token required\n".into());
-    }
+async fn explain(State(app): State<Admin>, body: axum::body::Bytes) -> Response {
     let query: crate::explain::Query = match serde_json::from_slice(&body) {
         Ok(q) => q,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("invalid explain request: {e}\n")),

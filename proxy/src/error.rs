@@ -37,6 +37,10 @@ pub enum ProxyError {
     /// A transfer coding meshgate does not implement.
     #[error("{0}")]
     NotImplemented(&'static str),
+    /// `CONNECT` to an HTTP service: its requests must go through meshgate as requests (so the
+    /// header rules apply), never inside an opaque tunnel.
+    #[error("CONNECT reaches tcp services only; send requests for this HTTP service as plain HTTP (HTTP_PROXY, not HTTPS_PROXY)")]
+    ConnectToHttpService,
     /// The request body did not arrive within the request's deadline (read whole before
     /// forwarding, as a transcoded request's is).
     #[error("request body not received in time")]
@@ -53,7 +57,7 @@ impl ProxyError {
                 StatusCode::BAD_REQUEST
             }
             ProxyError::Key(_) | ProxyError::Policy(Deny::BadKey) => StatusCode::UNAUTHORIZED,
-            ProxyError::Policy(_) => StatusCode::FORBIDDEN,
+            ProxyError::Policy(_) | ProxyError::ConnectToHttpService => StatusCode::FORBIDDEN,
             ProxyError::Route(RouteError::UnknownHost) => StatusCode::NOT_FOUND,
             ProxyError::RateLimited { .. } | ProxyError::ConcurrencyLimited => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -119,6 +123,7 @@ impl ProxyError {
             ProxyError::HeadTooLarge(_) => "header_too_large",
             ProxyError::HeadTimeout => "header_timeout",
             ProxyError::NotImplemented(_) => "not_implemented",
+            ProxyError::ConnectToHttpService => "connect_not_tcp",
             ProxyError::Upstream(u) => match u {
                 UpstreamError::Unresolved(_) => "gateway_unresolved",
                 UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. } => "gateway_unreachable",

@@ -26,6 +26,17 @@ pub enum ListenerState {
 
 pub type CloseSignal = watch::Receiver<ListenerState>;
 
+/// Milliseconds since the process started to keep time: cheap to store in an atomic.
+pub fn millis() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+}
+
+/// The instant `millis` names.
+pub fn instant_of(ms: u64) -> Instant {
+    Instant::now() - Duration::from_millis(millis().saturating_sub(ms))
+}
+
 /// Waits until the listener is told to close: (spread, deadline). If nobody can tell it any
 /// more (the instance is going away), now.
 pub async fn closing(rx: &mut CloseSignal) -> (Duration, Instant) {

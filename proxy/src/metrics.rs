@@ -139,6 +139,9 @@ pub fn is_denial(reason: &str) -> bool {
             | "header_too_large"
             | "header_timeout"
             | "not_implemented"
+            | "connect_not_tcp"
+            | "source_connection_limit"
+            | "preface_limit"
     )
 }
 

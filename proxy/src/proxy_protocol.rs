@@ -350,6 +350,15 @@ pub enum ReadError {
 /// How long a trusted peer has to send its PROXY header.
 pub const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Whether `listener` takes a PROXY header from `peer` (a configured load balancer).
+pub fn trusts(listener: &crate::config::Listener, peer: std::net::SocketAddr) -> bool {
+    listener.proxy_protocol != Mode::Off
+        && listener
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(&peer.ip().to_canonical()))
+}
+
 /// Who is behind a new connection on `listener`: the TCP peer, or the source a trusted load
 /// balancer's PROXY header names (peers outside `trusted_proxies` are never asked for one, so
 /// they cannot spoof an address). Also the VPC endpoint from the header, and the bytes read past
@@ -359,10 +368,7 @@ pub async fn admit<S: tokio::io::AsyncRead + Unpin>(
     listener: Option<&crate::config::Listener>,
     peer: std::net::SocketAddr,
 ) -> Result<(std::net::SocketAddr, Option<String>, bytes::Bytes), ReadError> {
-    let trusted = listener.filter(|l| {
-        l.proxy_protocol != Mode::Off && l.trusted_proxies.iter().any(|n| n.contains(&peer.ip().to_canonical()))
-    });
-    let Some(l) = trusted else {
+    let Some(l) = listener.filter(|l| trusts(l, peer)) else {
         return Ok((peer, None, bytes::Bytes::new()));
     };
     let (info, rest) = read_header(stream, l.proxy_protocol == Mode::Required, HEADER_TIMEOUT).await?;

@@ -85,6 +85,98 @@ pub struct Runtime {
     pub lifecycle: Lifecycle,
     /// Client connections open across all listeners (for `limits.max_connections`).
     pub client_connections: AtomicUsize,
+    /// Client connections by source address (for `limits.max_connections_per_source`).
+    pub per_source: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    /// Connections that have not yet sent a complete first request head or finished their
+    /// QUIC handshake (for `limits.max_preface_connections`).
+    pub prefaces: Prefaces,
+}
+
+/// The connections still in their preface, oldest first. When there are
+/// `limits.max_preface_connections` of them, a new one does not wait or get refused: the
+/// oldest is asked to close instead. A real client sends its request right after connecting
+/// and leaves this set within a round trip; what stays is silent or trickling sockets, so a
+/// flood of them from many addresses evicts itself, never the clients that talk.
+#[derive(Default)]
+pub struct Prefaces {
+    queue: std::sync::Mutex<std::collections::VecDeque<std::sync::Weak<Evict>>>,
+    count: AtomicUsize,
+}
+
+/// How a connection in its preface is asked to close.
+#[derive(Default)]
+pub struct Evict {
+    notify: tokio::sync::Notify,
+    done: std::sync::atomic::AtomicBool,
+}
+
+/// A connection's place in [`Prefaces`], until dropped (its first request head arrived).
+pub struct PrefaceSlot {
+    runtime: Arc<Runtime>,
+    evict: Arc<Evict>,
+}
+
+impl PrefaceSlot {
+    /// Resolves when this connection is asked to close to make room for a newer one.
+    pub fn evicted(&self) -> impl Future<Output = ()> + Send + 'static {
+        let evict = self.evict.clone();
+        async move { evict.notify.notified().await }
+    }
+}
+
+impl Drop for PrefaceSlot {
+    fn drop(&mut self) {
+        self.evict.done.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.runtime
+            .prefaces
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Prefaces {
+    /// Connections in their preface now.
+    pub fn len(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Enters a new connection; if that makes more than `max`, the oldest is asked to close.
+    /// Returns whether one was.
+    pub fn enter(runtime: &Arc<Runtime>, max: usize) -> (PrefaceSlot, bool) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let me = &runtime.prefaces;
+        let before = me.count.fetch_add(1, SeqCst);
+        let evict = Arc::new(Evict::default());
+        let mut queue = me.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let mut evicted = false;
+        if before >= max {
+            while let Some(w) = queue.pop_front() {
+                if let Some(old) = w.upgrade().filter(|o| !o.done.load(SeqCst)) {
+                    old.done.store(true, SeqCst);
+                    old.notify.notify_one();
+                    evicted = true;
+                    break;
+                }
+            }
+        }
+        queue.push_back(Arc::downgrade(&evict));
+        // Entries of connections that left the preface stay until popped; keep them bounded.
+        if queue.len() > 2 * max.max(16) {
+            queue.retain(|w| w.upgrade().is_some_and(|e| !e.done.load(SeqCst)));
+        }
+        drop(queue);
+        (
+            PrefaceSlot {
+                runtime: runtime.clone(),
+                evict,
+            },
+            evicted,
+        )
+    }
 }
 
 impl Runtime {
@@ -94,6 +186,8 @@ impl Runtime {
             current: ArcSwap::from_pointee(first),
             lifecycle: Lifecycle::default(),
             client_connections: AtomicUsize::new(0),
+            per_source: Default::default(),
+            prefaces: Prefaces::default(),
         }
     }
 

@@ -102,6 +102,9 @@ pub struct Limits {
     pub max_header_bytes: usize,
     pub max_headers: usize,
     pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections_per_source: usize,
+    pub max_preface_connections: usize,
     pub h2_max_concurrent_streams: u32,
     pub max_request_body: Option<u64>,
 }
@@ -200,12 +203,14 @@ pub struct UpstreamSettings {
     pub max_streams_per_connection: usize,
     pub http1_max_connections: usize,
     pub max_pending_requests: usize,
+    pub body_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
 pub struct Admin {
     pub bind: SocketAddr,
-    /// The bearer token for mutating endpoints, read from `token_file` at load.
+    /// The bearer token for every endpoint but health, readiness and metrics, read from
+    /// `token_file` at load.
     pub token: Option<String>,
 }
 

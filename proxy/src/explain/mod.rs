@@ -200,6 +200,12 @@ pub fn explain(
             };
             Some((ProxyError::Route(r.clone()), Some(why)))
         }
+        // As the pipeline's tunnel: CONNECT reaches tcp services only (checked after routing,
+        // before the allow list).
+        (_, Ok(_), Some(Ok(_))) if connect => Some((
+            ProxyError::ConnectToHttpService,
+            Some("https:// through meshgate is a CONNECT tunnel, which only tcp services accept; call the service with http:// instead".into()),
+        )),
         (_, Ok(t), Some(Ok(s))) if !tenants.allows(*t, *s) => Some((
             Deny::ServiceNotAllowed.into(),
             Some(format!(

@@ -42,6 +42,9 @@ pub struct Settings {
     pub max_request_body: Option<u64>,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// A response whose body makes no progress (no frame from the mesh, or no write to the
+    /// client) for this long is cut, and its upstream stream reset.
+    pub body_idle_timeout: Duration,
     /// Added to every response (`alt_svc` of the listener).
     pub alt_svc: Option<HeaderValue>,
 }
@@ -60,7 +63,10 @@ enum Next {
 }
 
 /// Serves the connection until it closes, idles out, is drained, or becomes a tunnel.
-/// `rbuf` holds bytes already read (sniffing, PROXY header); `accepted` is when it was.
+/// `rbuf` holds bytes already read (sniffing, PROXY header); `accepted` is when it was;
+/// `preface` is held until the first head is complete (the connection's place among those
+/// still in their preface).
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     stream: TcpStream,
     mut rbuf: ReadBuf,
@@ -69,7 +75,11 @@ pub async fn serve(
     mut close: CloseSignal,
     settings: Settings,
     accepted: Instant,
+    preface: crate::runtime::PrefaceSlot,
 ) {
+    let evicted = preface.evicted();
+    tokio::pin!(evicted);
+    let mut preface = Some(preface);
     let drain = crate::lifecycle::closing_spread(&mut close);
     tokio::pin!(drain);
     let mut drain_deadline: Option<Instant> = None;
@@ -88,6 +98,7 @@ pub async fn serve(
                 match parse_head(rbuf.pending(), settings.limits) {
                     Ok(Some((head, n))) => {
                         rbuf.consume(n);
+                        drop(preface.take());
                         break head;
                     }
                     Ok(None) => {}
@@ -130,6 +141,8 @@ pub async fn serve(
                     }
                 }
                 _ = tokio::time::sleep_until(drained_idle.unwrap_or(deadline)), if drained_idle.is_some() => return,
+                // Still in its preface and the oldest of too many: make room for a newer one.
+                _ = &mut evicted, if preface.is_some() => return,
             }
         };
         served += 1;
@@ -182,10 +195,11 @@ fn head_error(e: HeadError) -> ProxyError {
 }
 
 /// Answers a head that could not be read (or not in time) and lets the connection close.
-async fn refuse_head(stream: &TcpStream, runtime: &Runtime, info: &ConnInfo, e: ProxyError) {
+async fn refuse_head(stream: &TcpStream, runtime: &Runtime, info: &Arc<ConnInfo>, e: ProxyError) {
     let gen = runtime.current();
     let resp = pipeline::refuse_head(&gen, info, e);
-    let _ = write_response(stream, resp, &Method::GET, Version::HTTP_11, true).await;
+    let idle = gen.snapshot.upstream.body_idle_timeout;
+    let _ = write_response(stream, resp, &Method::GET, Version::HTTP_11, true, idle).await;
 }
 
 /// Serves one request whose head was just read.
@@ -233,7 +247,7 @@ async fn request(
                 *req.uri_mut() = uri;
                 *req.version_mut() = version;
                 let resp = pipeline::refuse(&gen, info, &req, e);
-                let _ = write_response(stream, resp, req.method(), version, true).await;
+                let _ = write_response(stream, resp, req.method(), version, true, settings.body_idle_timeout).await;
                 return Next::Close;
             }
         },
@@ -260,7 +274,7 @@ async fn request(
             let resp = with_alt_svc(handled.await, settings);
             let status = resp.status();
             (
-                write_response(stream, resp, &method, version, close).await,
+                write_response(stream, resp, &method, version, close, settings.body_idle_timeout).await,
                 true,
                 status,
             )
@@ -280,7 +294,14 @@ async fn request(
                 };
                 let resp = with_alt_svc(resp, settings);
                 let status = resp.status();
-                let mut write = Box::pin(write_response(stream, resp, &method, version, close));
+                let mut write = Box::pin(write_response(
+                    stream,
+                    resp,
+                    &method,
+                    version,
+                    close,
+                    settings.body_idle_timeout,
+                ));
                 let written = loop {
                     tokio::select! {
                         w = &mut write => break w,
@@ -362,6 +383,7 @@ async fn write_response(
     method: &Method,
     version: Version,
     mut close: bool,
+    idle: Duration,
 ) -> Result<Written, ()> {
     let (parts, mut body) = resp.into_parts();
     let framing = response_framing(method, parts.status, version, body.size_hint().exact());
@@ -380,12 +402,20 @@ async fn write_response(
         close,
         version == Version::HTTP_10 && !close,
     );
-    let result = write_body(stream, &head, &mut body, framing).await;
+    let result = write_body(stream, &head, &mut body, framing, idle).await;
     buf::give(head);
     result.map(|()| Written { keep_alive: !close })
 }
 
-async fn write_body(stream: &TcpStream, head: &[u8], body: &mut ResponseBody, framing: BodyFraming) -> Result<(), ()> {
+/// Progress is bounded both ways: a frame from the mesh, and a write the client takes, each
+/// within `idle`; past it the response is cut (the caller closes the connection).
+async fn write_body(
+    stream: &TcpStream,
+    head: &[u8],
+    body: &mut ResponseBody,
+    framing: BodyFraming,
+    idle: Duration,
+) -> Result<(), ()> {
     if framing == BodyFraming::None {
         write_all(stream, &mut [std::io::IoSlice::new(head)])
             .await
@@ -405,12 +435,15 @@ async fn write_body(stream: &TcpStream, head: &[u8], body: &mut ResponseBody, fr
         let first = match poll_now(body) {
             Some(f) => f,
             None if head.is_some() => {
-                write_all(stream, &mut [std::io::IoSlice::new(head.take().expect("checked"))])
-                    .await
-                    .map_err(|_| ())?;
-                body.frame().await
+                bounded(
+                    idle,
+                    write_all(stream, &mut [std::io::IoSlice::new(head.take().expect("checked"))]),
+                )
+                .await
+                .map_err(|_| ())?;
+                next_frame(body, idle).await?
             }
-            None => body.frame().await,
+            None => next_frame(body, idle).await?,
         };
         let mut next = first;
         let mut bytes = 0;
@@ -459,11 +492,29 @@ async fn write_body(stream: &TcpStream, head: &[u8], body: &mut ResponseBody, fr
             slices.push(std::io::IoSlice::new(&tail));
         }
         if !slices.is_empty() {
-            write_all(stream, &mut slices).await.map_err(|_| ())?;
+            bounded(idle, write_all(stream, &mut slices)).await?;
         }
         frames.clear();
         if ended {
             return Ok(());
         }
     }
+}
+
+/// A write that must finish within `idle`.
+async fn bounded(idle: Duration, write: impl std::future::Future<Output = std::io::Result<()>>) -> Result<(), ()> {
+    match tokio::time::timeout(idle, write).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+/// The body's next frame, due within `idle`.
+async fn next_frame(
+    body: &mut ResponseBody,
+    idle: Duration,
+) -> Result<Option<Result<Frame<Bytes>, crate::upstream::BoxError>>, ()> {
+    tokio::time::timeout(idle, body.frame()).await.map_err(|_| {
+        tracing::debug!(?idle, "response body made no progress; cutting it");
+    })
 }

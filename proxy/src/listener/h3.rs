@@ -18,7 +18,7 @@ use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::{finish, told_to_close, Admission, ConnGauge};
+use super::{finish, told_to_close, Admission, PrefaceSlot};
 use crate::config::{Limits, ListenerTls};
 use crate::lifecycle::CloseSignal;
 use crate::pipeline::{self, ConnInfo};
@@ -43,6 +43,10 @@ impl http_body::Body for ChannelBody {
     }
 }
 
+/// Address validation (Retry) is asked for once more than this fraction of the preface slots
+/// hold handshakes or connections without a request yet.
+const RETRY_ABOVE_DIVISOR: usize = 8;
+
 /// The QUIC server configuration: TLS 1.3 (QUIC has no other), ALPN `h3`, stream limits from
 /// `limits`.
 pub fn server_config(tls: &ListenerTls, limits: &Limits) -> Result<quinn::ServerConfig, String> {
@@ -61,10 +65,13 @@ pub fn server_config(tls: &ListenerTls, limits: &Limits) -> Result<quinn::Server
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_concurrent_bidi_streams(quinn::VarInt::from_u32(limits.h2_max_concurrent_streams))
+        // A silent peer is gone after the idle timeout; meshgate sends no keep-alives of its
+        // own, so it never keeps an idle connection alive itself.
         .max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(Duration::from_secs(60)).expect("60 s is a valid QUIC idle timeout"),
+            quinn::IdleTimeout::try_from(limits.idle_timeout.max(Duration::from_secs(1)))
+                .unwrap_or_else(|_| quinn::IdleTimeout::from(quinn::VarInt::from_u32(60_000))),
         ))
-        .keep_alive_interval(Some(Duration::from_secs(20)));
+        .keep_alive_interval(None);
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
@@ -120,12 +127,21 @@ pub async fn serve(socket: std::net::UdpSocket, name: Arc<str>, runtime: Arc<Run
                         tls = new.clone();
                     }
                 }
-                let Some(guard) = admission.admit(&gen) else {
-                    incoming.refuse();
+                // A handshake in progress takes a preface slot, not a connection slot: a flood
+                // of handshakes that never finish cannot lock TCP clients out.
+                let preface = admission.admit_preface(&gen);
+                // Under load, make clients prove their address first (a Retry round trip) before
+                // any handshake work: spoofed floods then cost one packet each.
+                let handshaking = runtime.prefaces.len();
+                if !incoming.remote_address_validated()
+                    && incoming.may_retry()
+                    && handshaking > gen.snapshot.limits.max_preface_connections / RETRY_ABOVE_DIVISOR
+                {
+                    let _ = incoming.retry();
                     continue;
-                };
+                }
                 let limits = gen.snapshot.limits.clone();
-                conns.spawn(connection(runtime.clone(), name.clone(), incoming, guard, close.clone(), limits));
+                conns.spawn(connection(runtime.clone(), admission.clone(), incoming, preface, close.clone(), limits));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             deadline = told_to_close(&mut close) => break deadline,
@@ -139,14 +155,23 @@ pub async fn serve(socket: std::net::UdpSocket, name: Arc<str>, runtime: Arc<Run
 
 async fn connection(
     runtime: Arc<Runtime>,
-    name: Arc<str>,
+    admission: Admission,
     incoming: quinn::Incoming,
-    guard: ConnGauge,
+    preface: PrefaceSlot,
     mut close: CloseSignal,
     limits: Limits,
 ) {
+    let accepted = tokio::time::Instant::now();
     let peer = incoming.remote_address();
-    let conn = match tokio::time::timeout(limits.header_read_timeout.max(Duration::from_secs(5)), incoming).await {
+    let evicted = preface.evicted();
+    let handshake = tokio::select! {
+        h = tokio::time::timeout(limits.header_read_timeout, incoming) => h,
+        _ = evicted => {
+            tracing::debug!(client = %peer, "QUIC handshake evicted for a newer connection");
+            return;
+        }
+    };
+    let conn = match handshake {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             tracing::debug!(client = %peer, error = %e, "QUIC handshake failed");
@@ -157,12 +182,25 @@ async fn connection(
             return;
         }
     };
+    // Now a connection: counted against the connection limits (its address is validated).
+    let gen = runtime.current();
+    let Some(mut guard) = admission.admit(&gen) else {
+        conn.close(quinn::VarInt::from_u32(0x101), b"connection limit"); // H3_GENERAL_PROTOCOL_ERROR
+        return;
+    };
+    if !admission.admit_source(&gen, &mut guard, peer.ip()) {
+        conn.close(quinn::VarInt::from_u32(0x101), b"connection limit");
+        return;
+    }
+    drop(gen);
     let guard = Arc::new(guard);
+    let name = admission.name.clone();
     let mut info = ConnInfo::new(name.clone(), peer, None);
     info.lifetime = Some(guard.clone());
     info.close = Some(close.clone());
     info.is_h2.store(true, Ordering::Relaxed);
     info.scheme = "https";
+    *info.preface.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(preface));
     let info = Arc::new(info);
 
     let mut h3 = match h3::server::builder()
@@ -181,13 +219,28 @@ async fn connection(
     tokio::pin!(asked);
     let mut deadline: Option<tokio::time::Instant> = None;
     let head_timeout = limits.header_read_timeout;
+    let first_due = accepted + limits.header_read_timeout;
     loop {
         // After our GOAWAY, h3 only ends `accept` once the client says goodbye too: stop as
         // soon as the requests in flight are done instead of waiting for that.
         if deadline.is_some() && requests.is_empty() {
             break;
         }
+        // No request by the first head's deadline, or none in flight for the idle timeout:
+        // close (a client's QUIC pings do not keep a connection that carries nothing).
+        let idle_check = if info.requests.load(Ordering::Relaxed) == 0 {
+            first_due
+        } else {
+            crate::lifecycle::instant_of(info.last_done.load(Ordering::Relaxed)) + limits.idle_timeout
+        };
         tokio::select! {
+            _ = tokio::time::sleep_until(idle_check), if deadline.is_none() && requests.is_empty() => {
+                let idle = info.in_flight.load(Ordering::Relaxed) == 0 && tokio::time::Instant::now() >= idle_check;
+                if idle {
+                    tracing::debug!(client = %peer, "closing an idle HTTP/3 connection");
+                    break;
+                }
+            }
             accepted = h3.accept() => match accepted {
                 Ok(Some(resolver)) => {
                     let (runtime, info) = (runtime.clone(), info.clone());
@@ -366,10 +419,15 @@ where
     parts.version = http::Version::HTTP_3;
     send.send_response(Response::from_parts(parts, ())).await?;
     *head_sent = true;
-    while let Some(frame) = body.frame().await {
+    // No frame from the mesh, or none the client takes, within the body idle timeout: cut.
+    let idle = runtime.current().snapshot.upstream.body_idle_timeout;
+    let stalled = || -> BoxError { "response body made no progress within upstream.body_idle_timeout".into() };
+    while let Some(frame) = tokio::time::timeout(idle, body.frame()).await.map_err(|_| stalled())? {
         let frame = frame?;
         match frame.into_data() {
-            Ok(d) => send.send_data(d).await?,
+            Ok(d) => tokio::time::timeout(idle, send.send_data(d))
+                .await
+                .map_err(|_| stalled())??,
             Err(f) => {
                 if let Ok(t) = f.into_trailers() {
                     send.send_trailers(t).await?;

@@ -62,40 +62,68 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, runtime: Arc<Runtime>,
                 };
                 let accepted_at = Instant::now();
                 let gen = runtime.current();
-                let Some(guard) = admission.admit(&gen) else {
+                let Some(mut guard) = admission.admit(&gen) else {
                     drop(stream);
                     continue;
                 };
-                let _ = stream.set_nodelay(true);
                 let listener_cfg = gen.listener(&name).cloned();
+                // Counted by the PROXY header's source when a trusted load balancer sends one.
+                let behind_lb = listener_cfg.as_ref().is_some_and(|l| proxy_protocol::trusts(l, peer));
+                if !behind_lb && !admission.admit_source(&gen, &mut guard, peer.ip()) {
+                    continue;
+                }
+                let preface = admission.admit_preface(&gen);
+                let _ = stream.set_nodelay(true);
                 let limits = gen.snapshot.limits.clone();
-                let (runtime, name, close) = (runtime.clone(), name.clone(), close.clone());
+                let (runtime, name, close, admission) = (runtime.clone(), name.clone(), close.clone(), admission.clone());
                 conns.spawn(async move {
-                    // Shared with any tunnel this connection becomes (CONNECT, WebSocket).
-                    let guard = Arc::new(guard);
                     let mut stream = stream;
-                    let (client, vpce, prefix) = match proxy_protocol::admit(&mut stream, listener_cfg.as_ref(), peer).await {
-                        Ok(x) => x,
-                        Err(e) => {
+                    // The first request head is due within the header read timeout of the
+                    // accept: the PROXY header and the protocol preface count against it.
+                    let deadline = accepted_at + limits.header_read_timeout;
+                    let evicted = preface.evicted();
+                    tokio::pin!(evicted);
+                    let admitted = tokio::select! {
+                        a = tokio::time::timeout_at(deadline, proxy_protocol::admit(&mut stream, listener_cfg.as_ref(), peer)) => a,
+                        _ = &mut evicted => return,
+                    };
+                    let (client, vpce, prefix) = match admitted {
+                        Ok(Ok(x)) => x,
+                        Ok(Err(e)) => {
                             tracing::warn!(listener = %name, %peer, error = %e, "PROXY header rejected; closing");
                             runtime.metrics.record_denied(&name, "bad_proxy_header");
                             return;
                         }
+                        Err(_) => {
+                            runtime.metrics.record_denied(&name, "bad_proxy_header");
+                            return;
+                        }
                     };
+                    if behind_lb && !admission.admit_source(&gen, &mut guard, client.ip()) {
+                        return;
+                    }
+                    // Shared with any tunnel this connection becomes (CONNECT, WebSocket).
+                    let guard = Arc::new(guard);
                     let mut info = ConnInfo::new(name.clone(), client, vpce);
                     info.lifetime = Some(guard.clone());
                     info.close = Some(close.clone());
                     let info = Arc::new(info);
                     let alt_svc = listener_cfg.as_ref().and_then(|l| l.alt_svc.clone());
-                    let deadline = accepted_at + limits.header_read_timeout;
+                    let body_idle_timeout = gen.snapshot.upstream.body_idle_timeout;
+                    drop(listener_cfg);
+                    drop(gen);
                     let mut rbuf = ReadBuf::with(&prefix);
-                    match sniff(&stream, &mut rbuf, deadline).await {
+                    let sniffed = tokio::select! {
+                        s = sniff(&stream, &mut rbuf, deadline) => s,
+                        _ = &mut evicted => None,
+                    };
+                    match sniffed {
                         Some(true) => {
                             let prefix = bytes::Bytes::copy_from_slice(rbuf.pending());
                             drop(rbuf);
                             // Boxed: hyper's HTTP/2 connection state would otherwise size every
                             // connection's task, HTTP/1.1 ones included.
-                            Box::pin(serve_h2(runtime, info, &limits, Prefixed::new(prefix, stream), alt_svc, close)).await;
+                            Box::pin(serve_h2(runtime, info, &limits, Prefixed::new(prefix, stream), alt_svc, close, preface, accepted_at)).await;
                         }
                         Some(false) => {
                             let settings = h1::Settings {
@@ -105,10 +133,11 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, runtime: Arc<Runtime>,
                                 },
                                 max_request_body: limits.max_request_body,
                                 header_read_timeout: limits.header_read_timeout,
-                                idle_timeout: limits.header_read_timeout,
+                                idle_timeout: limits.idle_timeout,
+                                body_idle_timeout,
                                 alt_svc,
                             };
-                            h1::serve(stream, rbuf, runtime, info, close, settings, accepted_at).await;
+                            h1::serve(stream, rbuf, runtime, info, close, settings, accepted_at, preface).await;
                         }
                         None => {}
                     }
@@ -158,7 +187,10 @@ async fn sniff(stream: &TcpStream, rbuf: &mut ReadBuf, deadline: Instant) -> Opt
     }
 }
 
-/// An h2c connection (prior knowledge), served by hyper's HTTP/2 server.
+/// An h2c connection (prior knowledge), served by hyper's HTTP/2 server. Its first request
+/// must arrive within the header read timeout of the accept, and it is closed (GOAWAY) once
+/// it has had no request in flight for `limits.idle_timeout`: pings alone do not keep it.
+#[allow(clippy::too_many_arguments)]
 async fn serve_h2(
     runtime: Arc<Runtime>,
     info: Arc<ConnInfo>,
@@ -166,9 +198,15 @@ async fn serve_h2(
     io: Prefixed<TcpStream>,
     alt_svc: Option<http::HeaderValue>,
     mut close: CloseSignal,
+    preface: super::PrefaceSlot,
+    accepted: Instant,
 ) {
     let peer = info.client;
+    let evicted = preface.evicted();
+    tokio::pin!(evicted);
+    *info.preface.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(preface));
     let conn_info = info.clone();
+    let body_idle = runtime.current().snapshot.upstream.body_idle_timeout;
     let svc = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         let gen = runtime.current();
         // Extended CONNECT (RFC 8441) takes the stream over after its 2xx.
@@ -180,19 +218,45 @@ async fn serve_h2(
             if let Some(v) = alt_svc {
                 r.headers_mut().insert(http::header::ALT_SVC, v);
             }
-            Ok::<_, std::convert::Infallible>(r)
+            Ok::<_, std::convert::Infallible>(r.map(|b| super::stall::guard(b, body_idle)))
         }
     });
     let conn = h2_builder(limits).serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
-    let deadline = tokio::select! {
-        res = conn.as_mut() => {
-            if let Err(e) = res {
-                tracing::debug!(client = %peer, error = %e, "h2c connection ended with error");
+    let first_due = accepted + limits.header_read_timeout;
+    let idle = limits.idle_timeout;
+    let drain = crate::lifecycle::closing_spread(&mut close);
+    tokio::pin!(drain);
+    let deadline = loop {
+        // When to look again: the first request's deadline, or the end of the idle time.
+        let check = if info.requests.load(Ordering::Relaxed) == 0 {
+            first_due
+        } else if info.in_flight.load(Ordering::Relaxed) == 0 {
+            crate::lifecycle::instant_of(info.last_done.load(Ordering::Relaxed)) + idle
+        } else {
+            Instant::now() + idle
+        };
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(client = %peer, error = %e, "h2c connection ended with error");
+                }
+                return;
             }
-            return;
+            _ = tokio::time::sleep_until(check) => {
+                let now = Instant::now();
+                let silent = info.requests.load(Ordering::Relaxed) == 0 && now >= first_due;
+                let idled = info.in_flight.load(Ordering::Relaxed) == 0
+                    && now >= crate::lifecycle::instant_of(info.last_done.load(Ordering::Relaxed)) + idle;
+                if silent || idled {
+                    tracing::debug!(client = %peer, silent, "closing an idle h2c connection");
+                    break now + Duration::from_secs(1);
+                }
+            }
+            deadline = &mut drain => break deadline,
+            // Still without a request and the oldest of too many in their preface.
+            _ = &mut evicted, if info.requests.load(Ordering::Relaxed) == 0 => return,
         }
-        deadline = crate::lifecycle::closing_spread(&mut close) => deadline,
     };
     info.closing.store(true, Ordering::SeqCst);
     // GOAWAY: streams in flight finish, until the deadline.

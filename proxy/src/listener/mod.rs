@@ -4,8 +4,10 @@
 
 pub mod h3;
 pub mod http;
+mod stall;
 pub mod tcp;
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,12 +18,13 @@ use crate::lifecycle::CloseSignal;
 use crate::metrics::ListenerLabels;
 use crate::runtime::{Generation, Runtime};
 
-/// Counts a client connection (gauge, listener and global totals) until dropped: by the
-/// connection's task, or by a tunnel the connection became.
+/// Counts a client connection (gauge, listener and global totals, and its source once known)
+/// until dropped: by the connection's task, or by a tunnel the connection became.
 pub(crate) struct ConnGauge {
     gauge: prometheus_client::metrics::gauge::Gauge,
     listener: Arc<AtomicUsize>,
     runtime: Arc<Runtime>,
+    source: Option<SourceSlot>,
 }
 
 impl Drop for ConnGauge {
@@ -32,7 +35,28 @@ impl Drop for ConnGauge {
     }
 }
 
-/// What every accept loop keeps about its listener.
+/// One of a source address's `limits.max_connections_per_source` connections.
+pub(crate) struct SourceSlot {
+    ip: IpAddr,
+    runtime: Arc<Runtime>,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut m = self.runtime.per_source.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+pub use crate::runtime::PrefaceSlot;
+
+/// What every accept loop keeps about its listener (cheap to clone into connection tasks).
+#[derive(Clone)]
 pub(crate) struct Admission {
     pub runtime: Arc<Runtime>,
     pub name: Arc<str>,
@@ -69,6 +93,7 @@ impl Admission {
             gauge: self.gauge.clone(),
             listener: self.open_here.clone(),
             runtime: self.runtime.clone(),
+            source: None,
         };
         let listener_max = gen
             .listener(&self.name)
@@ -79,6 +104,40 @@ impl Admission {
             return None;
         }
         Some(guard)
+    }
+
+    /// Counts the connection against its source address's cap: the TCP peer, or the source a
+    /// trusted load balancer's PROXY header names (then this runs after the header is read).
+    /// Over the cap the connection is refused (counted as denied, `None`).
+    pub fn admit_source(&self, gen: &Generation, guard: &mut ConnGauge, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        let max = gen.snapshot.limits.max_connections_per_source;
+        let mut m = self.runtime.per_source.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            drop(m);
+            self.deny("source_connection_limit");
+            return false;
+        }
+        *n += 1;
+        drop(m);
+        guard.source = Some(SourceSlot {
+            ip,
+            runtime: self.runtime.clone(),
+        });
+        true
+    }
+
+    /// A place among the connections still in their preface; when
+    /// `limits.max_preface_connections` are, the oldest of them is asked to close (counted as
+    /// denied, `preface_limit`).
+    pub fn admit_preface(&self, gen: &Generation) -> PrefaceSlot {
+        let (slot, evicted) =
+            crate::runtime::Prefaces::enter(&self.runtime, gen.snapshot.limits.max_preface_connections);
+        if evicted {
+            self.deny("preface_limit");
+        }
+        slot
     }
 
     /// Counts a refused connection in `meshgate_denied_total`.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
-use super::{accept_failed, finish, told_to_close, Admission};
+use super::{accept_failed, finish, told_to_close, Admission, ConnGauge, PrefaceSlot};
 use crate::io::Prefixed;
 use crate::lifecycle::CloseSignal;
 use crate::pipeline::{tunnel, ConnInfo};
@@ -30,15 +30,20 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, runtime: Arc<Runtime>,
                         continue;
                     }
                 };
+                let accepted = Instant::now();
                 let gen = runtime.current();
-                let Some(guard) = admission.admit(&gen) else {
+                let Some(mut guard) = admission.admit(&gen) else {
                     continue;
                 };
+                let behind_lb = gen.listener(&name).is_some_and(|l| proxy_protocol::trusts(l, peer));
+                if !behind_lb && !admission.admit_source(&gen, &mut guard, peer.ip()) {
+                    continue;
+                }
+                let preface = admission.admit_preface(&gen);
                 let _ = stream.set_nodelay(true);
-                let (name, close) = (name.clone(), close.clone());
+                let (close, admission) = (close.clone(), admission.clone());
                 conns.spawn(async move {
-                    let _guard = guard;
-                    handle(&gen, name, stream, peer, close).await;
+                    handle(&gen, &admission, guard, stream, peer, close, preface, accepted, behind_lb).await;
                 });
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -51,23 +56,45 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, runtime: Arc<Runtime>,
 
 /// `gen` is the config current at accept time: the listener's service index belongs to it, so
 /// a reload while the PROXY header is read cannot point the connection elsewhere.
+#[allow(clippy::too_many_arguments)]
 async fn handle(
-    gen: &Generation,
-    name: Arc<str>,
+    gen: &Arc<Generation>,
+    admission: &Admission,
+    mut guard: ConnGauge,
     mut stream: TcpStream,
     peer: std::net::SocketAddr,
     close: CloseSignal,
+    preface: PrefaceSlot,
+    started: Instant,
+    behind_lb: bool,
 ) {
-    let started = Instant::now();
+    let name = admission.name.clone();
     let cfg = gen.listener(&name);
-    let (client, vpce, prefix) = match proxy_protocol::admit(&mut stream, cfg, peer).await {
-        Ok(x) => x,
-        Err(e) => {
+    // The PROXY header is the whole preface of a TCP connection: due within the header read
+    // timeout of the accept.
+    let deadline = tokio::time::Instant::from_std(started) + gen.snapshot.limits.header_read_timeout;
+    let evicted = preface.evicted();
+    let admitted = tokio::select! {
+        a = tokio::time::timeout_at(deadline, proxy_protocol::admit(&mut stream, cfg, peer)) => a,
+        _ = evicted => return,
+    };
+    let (client, vpce, prefix) = match admitted {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
             tracing::warn!(listener = %name, %peer, error = %e, "PROXY header rejected; closing");
             gen.metrics.record_denied(&name, "bad_proxy_header");
             return;
         }
+        Err(_) => {
+            gen.metrics.record_denied(&name, "bad_proxy_header");
+            return;
+        }
     };
+    drop(preface);
+    if behind_lb && !admission.admit_source(gen, &mut guard, client.ip()) {
+        return;
+    }
+    let _guard = guard;
     let Some(service_id) = cfg.and_then(|l| l.service) else {
         return;
     };

@@ -15,8 +15,7 @@ use crate::runtime::Generation;
 /// the access log is enabled.
 pub(super) struct AccessLog {
     pub gen: Arc<Generation>,
-    pub listener: Arc<str>,
-    pub client: SocketAddr,
+    pub conn: Arc<super::ConnInfo>,
     pub tenant: Option<usize>,
     pub service: Option<usize>,
     pub method: Method,
@@ -41,8 +40,10 @@ impl AccessLog {
         let bytes_in = self.bytes_in.load(Ordering::Relaxed);
         let gen = &self.gen;
         gen.metrics.requests_in_flight.dec();
+        self.conn.last_done.store(crate::lifecycle::millis(), Ordering::Relaxed);
+        self.conn.in_flight.fetch_sub(1, Ordering::Relaxed);
         gen.request_metrics.record(
-            &self.listener,
+            &self.conn.listener,
             self.tenant,
             self.service,
             self.status,
@@ -53,8 +54,8 @@ impl AccessLog {
         );
         tracing::info!(
             target: "access",
-            listener = %self.listener,
-            client = %self.client,
+            listener = %self.conn.listener,
+            client = %self.conn.client,
             tenant = self.tenant.map_or("-", |t| gen.tenants.get(t).name.as_str()),
             service = self.service.map_or("-", |s| gen.snapshot.services[s].name.as_str()),
             method = %self.method,

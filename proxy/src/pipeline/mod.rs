@@ -14,7 +14,7 @@ mod log;
 pub mod tunnel;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -56,6 +56,14 @@ pub struct ConnInfo {
     /// Requests seen, and whether they came as HTTP/2 (which drains with GOAWAY instead).
     pub requests: AtomicU64,
     pub is_h2: AtomicBool,
+    /// Requests whose response has not ended, and when the last one ended (ms on
+    /// [`crate::lifecycle::millis`]): how multiplexed listeners (h2c, HTTP/3) tell an idle
+    /// connection.
+    pub in_flight: AtomicUsize,
+    pub last_done: AtomicU64,
+    /// Held until the connection's first request: its place among the connections still in
+    /// their preface (`limits.max_preface_connections`).
+    pub preface: std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>,
     /// Keeps the connection counted (limits, gauges) while a tunnel it became outlives the
     /// connection's own task; and the listener's close signal, so drains cut tunnels too.
     pub lifetime: Option<Arc<dyn std::any::Any + Send + Sync>>,
@@ -76,6 +84,9 @@ impl ConnInfo {
             closing: Default::default(),
             requests: AtomicU64::new(0),
             is_h2: Default::default(),
+            in_flight: AtomicUsize::new(0),
+            last_done: AtomicU64::new(crate::lifecycle::millis()),
+            preface: Default::default(),
             lifetime: None,
             scheme: "http",
             close: None,
@@ -86,16 +97,23 @@ impl ConnInfo {
 }
 
 /// The access log a request starts with, before anything about it is decided.
-fn start_log<B>(gen: &Arc<Generation>, conn: &ConnInfo, req: &Request<B>, request_id: &HeaderValue) -> Box<AccessLog> {
+fn start_log<B>(
+    gen: &Arc<Generation>,
+    conn: &Arc<ConnInfo>,
+    req: &Request<B>,
+    request_id: &HeaderValue,
+) -> Box<AccessLog> {
     gen.metrics.requests_in_flight.inc();
-    conn.requests.fetch_add(1, Ordering::Relaxed);
+    if conn.requests.fetch_add(1, Ordering::Relaxed) == 0 {
+        conn.preface.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+    conn.in_flight.fetch_add(1, Ordering::Relaxed);
     if req.version() >= Version::HTTP_2 {
         conn.is_h2.store(true, Ordering::Relaxed);
     }
     Box::new(AccessLog {
         gen: gen.clone(),
-        listener: conn.listener.clone(),
-        client: conn.client,
+        conn: conn.clone(),
         tenant: None,
         service: None,
         method: req.method().clone(),
@@ -144,7 +162,12 @@ where
 
 /// Refuses a request the listener has already judged (its framing cannot be trusted, say)
 /// with the same response, log line and metrics as a refusal from the pipeline itself.
-pub fn refuse<B>(gen: &Arc<Generation>, conn: &ConnInfo, req: &Request<B>, e: ProxyError) -> Response<ResponseBody> {
+pub fn refuse<B>(
+    gen: &Arc<Generation>,
+    conn: &Arc<ConnInfo>,
+    req: &Request<B>,
+    e: ProxyError,
+) -> Response<ResponseBody> {
     let id = request_id(req);
     let log = start_log(gen, conn, req, &id);
     let h1 = req.version() < Version::HTTP_2;
@@ -153,7 +176,7 @@ pub fn refuse<B>(gen: &Arc<Generation>, conn: &ConnInfo, req: &Request<B>, e: Pr
 
 /// Refuses a request whose head could not be read (malformed, too large, not in time): the
 /// log line has no method or path, only the reason.
-pub fn refuse_head(gen: &Arc<Generation>, conn: &ConnInfo, e: ProxyError) -> Response<ResponseBody> {
+pub fn refuse_head(gen: &Arc<Generation>, conn: &Arc<ConnInfo>, e: ProxyError) -> Response<ResponseBody> {
     let mut req = Request::new(());
     *req.method_mut() = Method::from_bytes(b"-").expect("a valid token");
     *req.uri_mut() = Uri::from_static("/-");
@@ -197,7 +220,10 @@ fn respond(
         Ok(Forwarded::Transcoded(resp, lease)) => leased(gen, &mut log, resp, lease, Inner::Transcoded),
         Err(e) => {
             // Also after a body that did not arrive in time: the rest of it may still come.
-            refused_malformed = matches!(e.status(), StatusCode::BAD_REQUEST | StatusCode::REQUEST_TIMEOUT);
+            // And after a refusal of a client that is in no tenant: its next request on the
+            // connection would be refused too.
+            refused_malformed = matches!(e.status(), StatusCode::BAD_REQUEST | StatusCode::REQUEST_TIMEOUT)
+                || matches!(e, ProxyError::Policy(Deny::UnknownClient));
             log.status = e.status().as_u16();
             log.reason = e.reason();
             if e.status().is_server_error() {

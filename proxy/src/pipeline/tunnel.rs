@@ -112,26 +112,26 @@ pub(super) async fn connect<B>(
         .authorize(conn.client.ip(), key.as_ref().map(|k| &k.0), conn.vpce.as_deref())?;
     let tenant = gen.tenants.get(tenant_id);
     log.tenant = Some(tenant_id);
-    // HTTP services by their routes; TCP services (never HTTP-routed) by host or alias and
-    // port. Only the service's own port: routing otherwise tolerates any port on an unambiguous
-    // host, which for a tunnel would quietly connect somewhere the client did not name.
-    let http = gen
-        .routes
-        .resolve(&authority)
-        .ok()
-        .filter(|id| snap.services[*id].port == port);
-    let service_id = match http {
-        Some(id) => id,
-        None => snap
-            .services
-            .iter()
-            .find(|s| {
-                s.protocol == UpstreamProtocol::Tcp && s.port == port && (s.host == host || s.aliases.contains(&host))
-            })
-            .map(|s| s.id)
-            .ok_or(RouteError::UnknownHost)?,
+    // TCP services by host or alias and their own port (routing otherwise tolerates any port
+    // on an unambiguous host, which for a tunnel would quietly connect somewhere the client did
+    // not name). An HTTP service is refused: inside a tunnel its requests would skip every
+    // header rule (identity headers, X-Forwarded-For, the key header, x-envoy-*).
+    let tcp = snap.services.iter().find(|s| {
+        s.protocol == UpstreamProtocol::Tcp && s.port == port && (s.host == host || s.aliases.contains(&host))
+    });
+    let Some(service) = tcp else {
+        let http = gen
+            .routes
+            .resolve(&authority)
+            .ok()
+            .filter(|id| snap.services[*id].port == port);
+        if let Some(id) = http {
+            log.service = Some(id);
+            return Err(ProxyError::ConnectToHttpService);
+        }
+        return Err(RouteError::UnknownHost.into());
     };
-    let service = &snap.services[service_id];
+    let service_id = service.id;
     log.service = Some(service_id);
     if !gen.tenants.allows(tenant_id, service_id) {
         return Err(Deny::ServiceNotAllowed.into());
@@ -270,6 +270,16 @@ pub async fn tcp<C: Io>(
     };
     let tenant = gen.tenants.get(tenant_id);
     log.tenant = &tenant.name;
+    // The tenant's rate and concurrency limits hold for connections as for requests: each
+    // connection takes a token and holds a concurrency slot while it is open.
+    let _slot = match tenant_limits(gen, tenant_id) {
+        Ok(slot) => slot,
+        Err(e) => {
+            log.result = e.reason();
+            deny(log.result);
+            return;
+        }
+    };
     let pool = gen.upstream.pool(tenant.identity, service);
     let upstream = match pool.dedicated(false, client).await {
         Ok(io) => io,

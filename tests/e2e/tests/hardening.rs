@@ -381,10 +381,10 @@ async fn idempotent_requests_are_retried_once_on_a_reset_and_others_never() {
 
 #[tokio::test]
 async fn idle_keep_alive_connections_are_closed() {
-    // HTTP/1.1: the header read timeout also bounds the wait for the next request on a
-    // keep-alive connection, so an idle client does not hold its slot.
+    // HTTP/1.1: `limits.idle_timeout` bounds the wait for the next request on a keep-alive
+    // connection, so an idle client does not hold its slot.
     let env = EnvBuilder::default()
-        .extra("limits:\n  header_read_timeout: 1s\n")
+        .extra("limits:\n  idle_timeout: 1s\n")
         .start()
         .await
         .unwrap();

@@ -47,11 +47,17 @@ fn services(mesh: &meshsim::Mesh) -> String {
         )
     };
     format!(
-        "services:\n{}{}{}{}  details:\n    host: {dh}\n    port: 9080\n    protocol: http2\n    identity: {di}\n    transport: double-hbone\n    hbone:\n      gateway: \"{gw}\"\n      gateway_identity: {gid}\n      network: {NETWORK}\n  wrong-port:\n    host: wrong-port.bookinfo.test\n    port: 9080\n    protocol: http1\n    transport: hbone\n    hbone:\n      address: \"{ra}\"\n      target: \"{rip}:9999\"\n  wrong-ip:\n    host: wrong-ip.bookinfo.test\n    port: 9080\n    protocol: http1\n    transport: hbone\n    hbone:\n      address: \"{ra}\"\n      target: \"{other}:9080\"\ntenants:\n  billing:\n    sources: [127.20.0.0/16]\n    allow: [\"*\"]\n",
+        "services:\n{}{}{}{}{}  details:\n    host: {dh}\n    port: 9080\n    protocol: http2\n    identity: {di}\n    transport: double-hbone\n    hbone:\n      gateway: \"{gw}\"\n      gateway_identity: {gid}\n      network: {NETWORK}\n  wrong-port:\n    host: wrong-port.bookinfo.test\n    port: 9080\n    protocol: http1\n    transport: hbone\n    hbone:\n      address: \"{ra}\"\n      target: \"{rip}:9999\"\n  wrong-ip:\n    host: wrong-ip.bookinfo.test\n    port: 9080\n    protocol: http1\n    transport: hbone\n    hbone:\n      address: \"{ra}\"\n      target: \"{other}:9080\"\ntenants:\n  billing:\n    sources: [127.20.0.0/16]\n    allow: [\"*\"]\n",
         single("reviews", "http1", "reviews-a", ""),
         single("ratings", "http2", "ratings-a", ""),
         single("secure", "http1", "secure-a", ""),
         single("impostor", "http1", "impostor-a", ""),
+        // The reviews pod as a tcp service: what CONNECT tunnels reach.
+        format!(
+            "  reviews-raw:\n    host: reviews-raw.bookinfo.test\n    port: 9080\n    protocol: tcp\n    identity: {i}\n    transport: hbone\n    hbone:\n      address: \"{a}\"\n",
+            i = id("reviews"),
+            a = addr("reviews-a"),
+        ),
         dh = host("details"),
         di = id("details"),
         gw = mesh.ambient_gateway_addr().expect("ambient gateway"),
@@ -273,7 +279,9 @@ async fn connect_tunnel_over_hbone_names_the_client() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let env = env().await;
     let mut s = connect_from(env.addr(), BILLING_IP.parse().unwrap()).await.unwrap();
-    let h = host("reviews");
+    // CONNECT reaches tcp services only: the reviews pod as one, an opaque stream through its
+    // ztunnel, inside which the client speaks HTTP/1.1 to the app itself.
+    let h = "reviews-raw.bookinfo.test";
     s.write_all(format!("CONNECT {h}:9080 HTTP/1.1\r\nHost: {h}:9080\r\n\r\n").as_bytes())
         .await
         .unwrap();

@@ -59,7 +59,15 @@ async fn admin_endpoints() {
 
     let r = env.get(BILLING_IP, &host("reviews"), "/", &[]).await.unwrap();
     assert_eq!(r.status, 200);
-    let (st, pool) = env.admin_get("/pool").await.unwrap();
+    // With a token set, everything but health, readiness and metrics needs it: /config lists
+    // every tenant's sources and identities.
+    for path in ["/pool", "/config"] {
+        let (st, _) = env.admin_get(path).await.unwrap();
+        assert_eq!(st, StatusCode::UNAUTHORIZED, "{path} without the token");
+        let (st, _) = admin_with_token(&env, Method::GET, path, "wrong").await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED, "{path} with a wrong token");
+    }
+    let (st, pool) = admin_with_token(&env, Method::GET, "/pool", "s3cret").await;
     assert_eq!(st, StatusCode::OK);
     let pool: serde_json::Value = serde_json::from_str(&pool).unwrap();
     let reviews = pool["pools"]
@@ -71,7 +79,7 @@ async fn admin_endpoints() {
     assert!(!reviews["connections"].as_array().unwrap().is_empty(), "{reviews}");
     assert!(reviews["connections"][0]["age_seconds"].as_f64().is_some());
 
-    let (st, cfg) = env.admin_get("/config").await.unwrap();
+    let (st, cfg) = admin_with_token(&env, Method::GET, "/config", "s3cret").await;
     assert_eq!(st, StatusCode::OK);
     assert!(!cfg.contains(&key_hash(LAPTOP_KEY)), "key hash leaked: {cfg}");
     assert!(!cfg.contains("key.pem"), "key path leaked: {cfg}");
@@ -107,22 +115,26 @@ async fn admin_endpoints() {
     let (st, _) = admin_request(env.admin_addr(), Method::POST, "/drain").await.unwrap();
     assert_eq!(st, StatusCode::UNAUTHORIZED);
     assert_eq!(env.admin_get("/readyz").await.unwrap().0, StatusCode::OK);
-    let (st, body) = admin_post_with_token(&env, "/reload", "s3cret").await;
+    let (st, _) = admin_request(env.admin_addr(), Method::POST, "/explain").await.unwrap();
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    let (st, body) = admin_with_token(&env, Method::POST, "/reload", "s3cret").await;
     assert_eq!(st, StatusCode::OK, "{body}");
-    let (st, _) = admin_post_with_token(&env, "/drain", "s3cret").await;
+    let (st, _) = admin_with_token(&env, Method::POST, "/drain", "s3cret").await;
     assert_eq!(st, StatusCode::ACCEPTED);
     let (st, body) = env.admin_get("/readyz").await.unwrap();
     assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body, "not ready: draining\n");
 }
 
-async fn admin_post_with_token(env: &Env, path: &str, token: &str) -> (StatusCode, String) {
+async fn admin_with_token(env: &Env, method: Method, path: &str, token: &str) -> (StatusCode, String) {
     use bytes::Bytes;
     use http_body_util::Full;
     let mut c = Client::connect(env.admin_addr(), "127.0.0.1".parse().unwrap(), false)
         .await
         .unwrap();
-    let req = http::Request::post(path)
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
         .header("host", "admin")
         .header("authorization", format!("Bearer {token}"))
         .body(Full::new(Bytes::new()))

@@ -159,7 +159,7 @@ async fn connect_via_proxy(env: &Env, src: &str, target: &str, extra: &str) -> (
 }
 
 #[tokio::test]
-async fn connect_opens_a_tunnel_to_a_tcp_service_and_to_an_http_service() {
+async fn connect_opens_a_tunnel_to_a_tcp_service_and_refuses_an_http_service() {
     let env = env("").await;
     // A TCP service: bytes echoed, half-close passed on.
     let (head, s) = connect_via_proxy(&env, BILLING_IP, "db.data.svc.cluster.local:5432", "").await;
@@ -180,14 +180,26 @@ async fn connect_opens_a_tunnel_to_a_tcp_service_and_to_an_http_service() {
     assert_eq!(back, payload);
 
     // An HTTP service through a tunnel (a client that always tunnels, like many HTTPS_PROXY
-    // users): the sidecar sees meshgate's identity and answers the client's own HTTP/1.1.
+    // users) is refused: inside a tunnel its requests would skip every header rule, a forged
+    // x-forwarded-client-cert among them. The refusal says what to do instead, and the same
+    // connection then carries the request as a request, with the rules applied.
     let key = format!("Proxy-Authorization: Bearer {LAPTOP_KEY}\r\n");
     let target = format!("{}:9080", host("details"));
     let (head, mut s) = connect_via_proxy(&env, STRANGER_IP, &target, &key).await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("a length");
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.unwrap();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("CONNECT reaches tcp services only"), "{body}");
+    let forged = "By=spiffe://x;URI=spiffe://cluster.local/ns/kube-system/sa/admin";
     s.write_all(
         format!(
-            "GET /inside HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            "GET /inside HTTP/1.1\r\nHost: {}\r\n{key}x-forwarded-client-cert: {forged}\r\nx-forwarded-for: 6.6.6.6\r\nConnection: close\r\n\r\n",
             host("details")
         )
         .as_bytes(),
@@ -202,10 +214,13 @@ async fn connect_opens_a_tunnel_to_a_tcp_service_and_to_an_http_service() {
     let resp = String::from_utf8_lossy(&resp);
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.contains("\"path\":\"/inside\""), "{resp}");
+    assert!(!resp.contains("kube-system"), "a forged XFCC reached the app: {resp}");
     assert!(
         resp.contains("spiffe://cluster.local/ns/meshgate/sa/meshgate"),
         "{resp}"
     );
+    // meshgate appends the client's address to the client's own X-Forwarded-For.
+    assert!(resp.contains(&format!("6.6.6.6, {STRANGER_IP}")), "{resp}");
 }
 
 #[tokio::test]

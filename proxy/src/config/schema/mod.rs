@@ -175,9 +175,13 @@ pub enum ListenerProtocol {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub bind: Spanned<Addr>,
-    /// File holding a bearer token required by the mutating endpoints (`/reload`, `/drain`).
+    /// File holding a bearer token required by every endpoint but `/healthz`, `/readyz` and
+    /// `/metrics`.
     #[serde(default)]
     pub token_file: Option<Spanned<String>>,
+    /// Serve the admin API without a token on a non-loopback address (refused otherwise).
+    #[serde(default)]
+    pub allow_unauthenticated: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -352,9 +356,22 @@ pub struct RawLimits {
     pub max_header_bytes: usize,
     #[serde(default = "d_max_headers")]
     pub max_headers: usize,
-    /// Time a client has to send a complete request head (slowloris).
+    /// Time a client has to send a complete request head (slowloris); for the first request of
+    /// a connection it counts from the accept, PROXY header and protocol preface included.
     #[serde(default = "d_header_read_timeout")]
     pub header_read_timeout: Dur,
+    /// A client connection with no request in flight is closed after this (HTTP/1.1 keep-alive,
+    /// h2c, HTTP/3; TCP listeners have their own `idle_timeout`).
+    #[serde(default = "d_client_idle_timeout")]
+    pub idle_timeout: Dur,
+    /// Client connections from one source address at once (the PROXY header's source behind a
+    /// trusted load balancer): one machine cannot take every connection slot.
+    #[serde(default = "d_max_connections_per_source")]
+    pub max_connections_per_source: usize,
+    /// Connections accepted that have not yet sent a complete first request head (or finished
+    /// a QUIC handshake): silent or trickling sockets cannot take every connection slot.
+    #[serde(default = "d_max_preface_connections")]
+    pub max_preface_connections: usize,
     #[serde(default = "d_h2_max_concurrent_streams")]
     pub h2_max_concurrent_streams: u32,
     /// Request body size limit in bytes; none by default (uploads stream through).
@@ -377,6 +394,15 @@ pub fn d_header_read_timeout() -> Dur {
 pub fn d_h2_max_concurrent_streams() -> u32 {
     256
 }
+pub fn d_client_idle_timeout() -> Dur {
+    Dur(Duration::from_secs(60))
+}
+pub fn d_max_connections_per_source() -> usize {
+    256
+}
+pub fn d_max_preface_connections() -> usize {
+    1024
+}
 
 impl Default for RawLimits {
     fn default() -> Self {
@@ -385,6 +411,9 @@ impl Default for RawLimits {
             max_header_bytes: d_max_header_bytes(),
             max_headers: d_max_headers(),
             header_read_timeout: d_header_read_timeout(),
+            idle_timeout: d_client_idle_timeout(),
+            max_connections_per_source: d_max_connections_per_source(),
+            max_preface_connections: d_max_preface_connections(),
             h2_max_concurrent_streams: d_h2_max_concurrent_streams(),
             max_request_body: None,
         }
@@ -424,10 +453,17 @@ pub struct RawUpstream {
     /// fail at once with 503 instead of queueing into the request timeout.
     #[serde(default = "d_max_pending")]
     pub max_pending_requests: usize,
+    /// A response body that makes no progress (no byte from the mesh reaches the client) for
+    /// this long is reset: a client that stops reading cannot hold an upstream stream forever.
+    #[serde(default = "d_body_idle_timeout")]
+    pub body_idle_timeout: Dur,
 }
 
 pub fn d_max_pending() -> usize {
     1024
+}
+pub fn d_body_idle_timeout() -> Dur {
+    Dur(Duration::from_secs(60))
 }
 
 pub fn d_connect_timeout() -> Dur {
@@ -479,6 +515,7 @@ impl Default for RawUpstream {
             max_streams_per_connection: d_max_streams(),
             http1_max_connections: d_http1_max_connections(),
             max_pending_requests: d_max_pending(),
+            body_idle_timeout: d_body_idle_timeout(),
         }
     }
 }

@@ -42,6 +42,17 @@ pub(super) fn admin(
                 }
             }
         });
+        // Reload, drain and the running config (every tenant's sources and identities) must
+        // not be open to whoever can reach a public address.
+        if a.token_file.is_none() && !a.bind.value.0.ip().is_loopback() && !a.allow_unauthenticated {
+            errs.at(
+                line(&a.bind),
+                format!(
+                    "admin.bind {} is not a loopback address and admin.token_file is not set: anyone who reaches it could reload, drain or read the config; set token_file, bind to 127.0.0.1, or set allow_unauthenticated: true",
+                    a.bind.value.0
+                ),
+            );
+        }
         Admin {
             bind: a.bind.value.0,
             token,
@@ -78,6 +89,9 @@ pub(super) fn limits(raw: &RawConfig, errs: &mut Collector) -> Limits {
         max_header_bytes: lim.max_header_bytes,
         max_headers: lim.max_headers,
         header_read_timeout: lim.header_read_timeout.0,
+        idle_timeout: lim.idle_timeout.0,
+        max_connections_per_source: lim.max_connections_per_source,
+        max_preface_connections: lim.max_preface_connections,
         h2_max_concurrent_streams: lim.h2_max_concurrent_streams,
         max_request_body: lim.max_request_body,
     };
@@ -85,6 +99,8 @@ pub(super) fn limits(raw: &RawConfig, errs: &mut Collector) -> Limits {
     if limits.max_header_bytes < 8192
         || limits.max_headers == 0
         || limits.max_connections == 0
+        || limits.max_connections_per_source == 0
+        || limits.max_preface_connections == 0
         || limits.h2_max_concurrent_streams == 0
     {
         errs.at(lim_line, "limits: max_header_bytes must be >= 8192 and the counts >= 1");
@@ -162,6 +178,7 @@ pub(super) fn upstream(raw: &RawConfig, errs: &mut Collector) -> UpstreamSetting
         max_streams_per_connection: up.max_streams_per_connection,
         http1_max_connections: up.http1_max_connections,
         max_pending_requests: up.max_pending_requests,
+        body_idle_timeout: up.body_idle_timeout.0,
     };
     if !(0.0..=0.5).contains(&upstream.max_connection_age_jitter) {
         errs.at(up_line, "upstream.max_connection_age_jitter must be between 0 and 0.5");
