@@ -704,3 +704,23 @@ fn h3_listener_errors() {
         "is not a valid header value",
     );
 }
+
+#[test]
+fn a_public_admin_address_needs_a_token_or_an_explicit_opt_out() {
+    let f = Fixture::new();
+    let public = replace("admin:\n  bind: 127.0.0.1:0", "admin:\n  bind: 0.0.0.0:0");
+    assert_rejected(&f, &public, 6, "admin.token_file is not set");
+    let opted_out = replace(
+        "admin:\n  bind: 127.0.0.1:0",
+        "admin:\n  bind: 0.0.0.0:0\n  allow_unauthenticated: true",
+    );
+    let (code, _, err) = check(&f.config(&opted_out));
+    assert_eq!(code, 0, "{err}");
+    f.write("admin-token", "s3cret\n");
+    let with_token = replace(
+        "admin:\n  bind: 127.0.0.1:0",
+        "admin:\n  bind: 0.0.0.0:0\n  token_file: admin-token",
+    );
+    let (code, _, err) = check(&f.config(&with_token));
+    assert_eq!(code, 0, "{err}");
+}

@@ -40,7 +40,8 @@ async fn env_with(extra: &str) -> Env {
 struct H3Client {
     send: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
     _endpoint: quinn::Endpoint,
-    _driver: tokio::task::JoinHandle<()>,
+    /// Ends when the connection does.
+    driver: tokio::task::JoinHandle<()>,
 }
 
 struct H3Resp {
@@ -95,7 +96,7 @@ async fn try_connect(env: &Env, src: &str, limit: std::time::Duration) -> Result
     Ok(H3Client {
         send,
         _endpoint: endpoint,
-        _driver: driver,
+        driver,
     })
 }
 
@@ -260,4 +261,17 @@ async fn grpc_over_http3_carries_messages_and_trailers() {
     assert_eq!(r.body, framed, "the echo returns the message as sent");
     let trailers = r.trailers.expect("gRPC status arrives in HTTP/3 trailers");
     assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+}
+
+#[tokio::test]
+async fn idle_http3_connections_are_closed() {
+    let env = env_with("limits:\n  idle_timeout: 1s\n").await;
+    let mut c = connect(&env, BILLING_IP).await;
+    let req = http::Request::get(format!("https://{}/", host("reviews")))
+        .body(())
+        .unwrap();
+    assert_eq!(c.request(req, None).await.status, 200);
+    // Nothing in flight: the server closes the connection, whatever the client's QUIC pings.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(20), &mut c.driver).await;
+    assert!(ended.is_ok(), "an idle HTTP/3 connection was held open");
 }

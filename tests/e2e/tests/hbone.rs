@@ -46,18 +46,19 @@ fn services(mesh: &meshsim::Mesh) -> String {
             a = addr(pod),
         )
     };
+    // The reviews pod as a tcp service: what CONNECT tunnels reach.
+    let raw = format!(
+        "  reviews-raw:\n    host: reviews-raw.bookinfo.test\n    port: 9080\n    protocol: tcp\n    identity: {i}\n    transport: hbone\n    hbone:\n      address: \"{a}\"\n",
+        i = id("reviews"),
+        a = addr("reviews-a"),
+    );
     format!(
         "services:\n{}{}{}{}{}  details:\n    host: {dh}\n    port: 9080\n    protocol: http2\n    identity: {di}\n    transport: double-hbone\n    hbone:\n      gateway: \"{gw}\"\n      gateway_identity: {gid}\n      network: {NETWORK}\n  wrong-port:\n    host: wrong-port.bookinfo.test\n    port: 9080\n    protocol: http1\n    transport: hbone\n    hbone:\n      address: \"{ra}\"\n      target: \"{rip}:9999\"\n  wrong-ip:\n    host: wrong-ip.bookinfo.test\n    port: 9080\n    protocol: http1\n    transport: hbone\n    hbone:\n      address: \"{ra}\"\n      target: \"{other}:9080\"\ntenants:\n  billing:\n    sources: [127.20.0.0/16]\n    allow: [\"*\"]\n",
         single("reviews", "http1", "reviews-a", ""),
         single("ratings", "http2", "ratings-a", ""),
         single("secure", "http1", "secure-a", ""),
         single("impostor", "http1", "impostor-a", ""),
-        // The reviews pod as a tcp service: what CONNECT tunnels reach.
-        format!(
-            "  reviews-raw:\n    host: reviews-raw.bookinfo.test\n    port: 9080\n    protocol: tcp\n    identity: {i}\n    transport: hbone\n    hbone:\n      address: \"{a}\"\n",
-            i = id("reviews"),
-            a = addr("reviews-a"),
-        ),
+        raw,
         dh = host("details"),
         di = id("details"),
         gw = mesh.ambient_gateway_addr().expect("ambient gateway"),

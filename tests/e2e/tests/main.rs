@@ -12,6 +12,7 @@ mod hardening;
 mod hbone;
 #[path = "h3.rs"]
 mod http3;
+mod isolation;
 mod issuers;
 mod ops;
 mod prometheus;

@@ -315,3 +315,58 @@ async fn tunnels_count_against_connection_limits_and_are_cut_by_a_drain() {
     let r = tokio::time::timeout(Duration::from_secs(15), tunnel.read_to_end(&mut rest)).await;
     assert!(r.is_ok(), "tunnel outlived the drain");
 }
+
+#[tokio::test]
+async fn tcp_connections_are_held_to_the_tenant_concurrency_limit() {
+    // billing may hold one connection at a time: the second is refused (closed at once and
+    // counted), and once the first ends a new one is carried again.
+    let config = tcp_config().replacen(
+        "  billing-vms:\n",
+        "  billing-vms:\n    max_concurrent_requests: 1\n",
+        1,
+    );
+    let env = EnvBuilder::default()
+        .mesh(spec())
+        .listener("  - name: db\n    bind: 127.0.0.1:0\n    protocol: tcp\n    service: db\n")
+        .services_and_tenants(&config)
+        .start()
+        .await
+        .unwrap();
+    let addr = env.gate.addr("db").unwrap();
+    let echo = |mut s: tokio::net::TcpStream| async move {
+        s.write_all(b"ping").await.ok()?;
+        let mut b = [0u8; 4];
+        tokio::time::timeout(CLIENT_TIMEOUT, s.read_exact(&mut b))
+            .await
+            .ok()?
+            .ok()?;
+        Some((b, s))
+    };
+    let first = connect_from(addr, BILLING_IP.parse().unwrap()).await.unwrap();
+    let (b, first) = echo(first).await.expect("the first connection is carried");
+    assert_eq!(&b, b"ping");
+    let second = connect_from(addr, "127.20.0.6".parse().unwrap()).await.unwrap();
+    assert!(
+        echo(second).await.is_none(),
+        "a second connection was carried over the limit"
+    );
+    let text = env.gate.app.metrics().encode();
+    assert!(
+        text.contains("meshgate_denied_total{listener=\"db\",reason=\"concurrency_limited\"} 1"),
+        "{text}"
+    );
+    drop(first);
+    let again = async {
+        loop {
+            let s = connect_from(addr, BILLING_IP.parse().unwrap()).await.unwrap();
+            if let Some((b, _)) = echo(s).await {
+                return b;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let b = tokio::time::timeout(CLIENT_TIMEOUT, again)
+        .await
+        .expect("no connection carried after the first ended");
+    assert_eq!(&b, b"ping");
+}
