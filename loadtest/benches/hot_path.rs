@@ -81,6 +81,58 @@ fn benches(c: &mut Criterion) {
         b.iter(|| meshgate::config::sni_for(black_box("reviews.bookinfo.svc.cluster.local"), 9080, Some("v2")))
     });
 
+    // The VM-facing HTTP/1.1 codec: a typical head (what curl and most clients send), a
+    // chunked body, and a response head.
+    let limits = meshgate::h1::HeadLimits {
+        max_head: 64 * 1024,
+        max_headers: 100,
+    };
+    let head = b"GET /api/v1/reviews/42?details=true HTTP/1.1\r\nHost: reviews.bookinfo.svc.cluster.local\r\n\
+        User-Agent: curl/8.5.0\r\nAccept: */*\r\nX-Request-Id: 6d1c1e6e-3a3b-4a8a-9a43-8d7f5b2d7c10\r\n\
+        X-Meshgate-Key: mgk_0123456789abcdef0123456789abcdef\r\n\r\n";
+    c.bench_function("h1/parse_head", |b| {
+        b.iter(|| {
+            meshgate::h1::parse::parse_head(black_box(head), limits)
+                .unwrap()
+                .unwrap()
+        })
+    });
+    let chunked = b"400\r\n"
+        .iter()
+        .chain(&[b'x'; 1024])
+        .chain(b"\r\n0\r\n\r\n")
+        .copied()
+        .collect::<Vec<u8>>();
+    c.bench_function("h1/decode_chunked_1k", |b| {
+        b.iter(|| {
+            let mut d = meshgate::h1::chunked::ChunkedDecoder::new(None, 16 * 1024);
+            let mut used = 0;
+            while !d.is_done() {
+                used += d.decode(black_box(&chunked[used..])).unwrap().consumed;
+            }
+            used
+        })
+    });
+    let mut headers = http::HeaderMap::new();
+    headers.insert("content-type", "application/json".parse().unwrap());
+    headers.insert("x-request-id", "6d1c1e6e-3a3b-4a8a-9a43-8d7f5b2d7c10".parse().unwrap());
+    headers.insert("server", "envoy".parse().unwrap());
+    let mut out = Vec::with_capacity(1024);
+    c.bench_function("h1/encode_head", |b| {
+        b.iter(|| {
+            out.clear();
+            meshgate::h1::write::encode_head(
+                &mut out,
+                http::StatusCode::OK,
+                black_box(&headers),
+                meshgate::h1::write::BodyFraming::Length(128),
+                false,
+                false,
+            );
+            out.len()
+        })
+    });
+
     // The pool against the live mesh: a checkout of a warm HTTP/2 connection and its return
     // (the timing includes one `block_on`, a few hundred nanoseconds).
     let running = meshgate::config::parse(&path, &text, SystemTime::now()).unwrap();

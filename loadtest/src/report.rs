@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::runner::{Report, ScenarioReport, Target};
 
-/// One target of issue #6, checked against this run's figures.
+/// One target of issues #6 and #14, checked against this run's figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
     pub goal: String,
@@ -30,47 +30,62 @@ pub fn checks(scenarios: &[ScenarioReport]) -> Vec<Check> {
         pass: None,
     };
 
-    let goal = "CPU per request, small HTTP/1.1 → h2: meshgate ≤ 0.7 × HAProxy";
-    out.push(match pair("h1-small") {
-        Some((m, h)) => match (m.cpu_secs_per_10k, h.cpu_secs_per_10k) {
-            (Some(a), Some(b)) => Check {
-                goal: goal.into(),
-                measured: format!("{a:.3} vs {b:.3} CPU s per 10k requests: {:.2}×", a / b),
-                pass: Some(a <= 0.7 * b),
-            },
-            _ => missing(goal),
-        },
-        None => missing(goal),
-    });
+    // Issue #14: CPU per request at most 0.70 × HAProxy's on the small-request scenarios and
+    // 0.60 × on the large-body ones.
+    for (scenarios_of_goal, bound) in [
+        (&["h1-small", "h2c-small", "mixed-deny", "cold-start"][..], 0.70),
+        (&["h1-64k", "h1-1m"][..], 0.60),
+    ] {
+        let goal = format!(
+            "CPU per request ≤ {bound:.2} × HAProxy's in {}",
+            scenarios_of_goal.join(", ")
+        );
+        let ratios: Vec<(String, f64)> = scenarios_of_goal
+            .iter()
+            .filter_map(|n| {
+                let (m, h) = pair(n)?;
+                Some((n.to_string(), m.cpu_secs_per_10k? / h.cpu_secs_per_10k?))
+            })
+            .collect();
+        out.push(if ratios.is_empty() {
+            missing(&goal)
+        } else {
+            Check {
+                goal: goal.clone(),
+                measured: ratios
+                    .iter()
+                    .map(|(n, r)| format!("{n} {r:.2}×"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                pass: Some(ratios.iter().all(|(_, r)| *r <= bound)),
+            }
+        });
+    }
 
-    let goal = "CPU per request ≤ HAProxy's in every scenario";
-    let mut worst: Option<(String, f64)> = None;
-    for s in scenarios {
-        if let (Some(m), Some(h)) = (s.of(Target::Meshgate), s.of(Target::Haproxy)) {
-            if let (Some(a), Some(b)) = (m.cpu_secs_per_10k, h.cpu_secs_per_10k) {
-                let r = a / b;
-                if worst.as_ref().is_none_or(|(_, w)| r > *w) {
-                    worst = Some((s.name.clone(), r));
-                }
+    let goal = "p99 latency at half of HAProxy's saturation rate ≤ HAProxy's p99, in every round";
+    out.push(match find("half-load") {
+        Some(s) => {
+            let rounds: Vec<(usize, f64, f64)> = (1..=s.runs.iter().map(|r| r.round).max().unwrap_or(0))
+                .filter_map(|round| {
+                    let p99 = |t: Target| {
+                        s.runs
+                            .iter()
+                            .find(|r| r.round == round && r.target == t)
+                            .map(|r| r.p99_ms)
+                    };
+                    Some((round, p99(Target::Meshgate)?, p99(Target::Haproxy)?))
+                })
+                .collect();
+            Check {
+                goal: goal.into(),
+                measured: rounds
+                    .iter()
+                    .map(|(r, m, h)| format!("round {r}: {m:.2} vs {h:.2} ms"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                pass: Some(!rounds.is_empty() && rounds.iter().all(|(_, m, h)| m <= h)),
             }
         }
-    }
-    out.push(match worst {
-        Some((name, r)) => Check {
-            goal: goal.into(),
-            measured: format!("highest ratio {r:.2}× ({name})"),
-            pass: Some(r <= 1.0),
-        },
-        None => missing(goal),
-    });
-
-    let goal = "p99 latency at half of HAProxy's saturation rate ≤ HAProxy's p99";
-    out.push(match pair("half-load") {
-        Some((m, h)) => Check {
-            goal: goal.into(),
-            measured: format!("{:.2} ms vs {:.2} ms", m.p99_ms, h.p99_ms),
-            pass: Some(m.p99_ms <= h.p99_ms),
-        },
         None => missing(goal),
     });
 
@@ -94,9 +109,12 @@ pub fn checks(scenarios: &[ScenarioReport]) -> Vec<Check> {
         None => missing(goal),
     });
 
-    let goal = "Memory ≤ 16 KiB per idle client connection";
+    // Issue #14: at most 4 KiB per idle connection, measured with 10,000 of them (the 1,000
+    // figure is reported, but a fixed cost weighs ten times as much there).
+    let goal = "Memory ≤ 4 KiB per idle client connection (10,000 HTTP/1.1, 10,000 h2c)";
     let idle: Vec<(String, f64)> = scenarios
         .iter()
+        .filter(|s| s.name.ends_with("10k"))
         .filter_map(|s| Some((s.name.clone(), s.of(Target::Meshgate)?.kib_per_idle_connection?)))
         .collect();
     out.push(if idle.is_empty() {
@@ -109,7 +127,7 @@ pub fn checks(scenarios: &[ScenarioReport]) -> Vec<Check> {
                 .map(|(n, k)| format!("{n}: {k:.1} KiB"))
                 .collect::<Vec<_>>()
                 .join(", "),
-            pass: Some(idle.iter().all(|(_, k)| *k <= 16.0)),
+            pass: Some(idle.iter().all(|(_, k)| *k <= 4.0)),
         }
     });
 

@@ -89,6 +89,10 @@ pub const SCENARIOS: &[(&str, &str)] = &[
         "10,000 idle HTTP/1.1 client connections: memory per connection",
     ),
     (
+        "idle-h2c-10k",
+        "10,000 idle h2c client connections after one request each: memory per connection",
+    ),
+    (
         "cold-start",
         "a freshly started proxy: its first requests (32 in flight), upstream handshakes included",
     ),
@@ -552,11 +556,11 @@ pub async fn compare(opts: &Options) -> anyhow::Result<Report> {
             notes: vec![],
         };
         match *name {
-            "idle-1k" | "idle-10k" => {
+            "idle-1k" | "idle-10k" | "idle-h2c-10k" => {
                 let n = opts
                     .idle_override
                     .unwrap_or(if *name == "idle-1k" { 1000 } else { 10_000 });
-                idle(&top, opts, n, &mut rep).await?;
+                idle(&top, opts, n, *name == "idle-h2c-10k", &mut rep).await?;
             }
             "cold-start" => cold_start(&top, opts, &mut rep).await?,
             _ => {
@@ -694,13 +698,18 @@ async fn requests(
     Ok(())
 }
 
-async fn idle(top: &Topology, opts: &Options, n: usize, rep: &mut ScenarioReport) -> anyhow::Result<()> {
+async fn idle(top: &Topology, opts: &Options, n: usize, h2c: bool, rep: &mut ScenarioReport) -> anyhow::Result<()> {
     for target in [Target::Meshgate, Target::Haproxy] {
         let p = match target {
             Target::Meshgate => start_meshgate(top, opts).await?,
             _ => start_haproxy(top, opts).await?,
         };
-        let mut load = load_for(top, target, p.addr, &shape(false, "/?bytes=128", 1), opts)?;
+        let one = if h2c {
+            shape(false, "/?bytes=128", 1).h2c()
+        } else {
+            shape(false, "/?bytes=128", 1)
+        };
+        let mut load = load_for(top, target, p.addr, &one, opts)?;
         // Spread over many source addresses: loopback ports per address run out near 28,000.
         load.sources = gen::sources(ALLOWED_NET, 256)?;
         // One request first so the upstream pool exists before the baseline is read.
