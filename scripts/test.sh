@@ -11,8 +11,9 @@ command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || need_apt+=(prometheus)
 # HAProxy: the load tests' smoke run compares meshgate with it (loadtest/tests/smoke.rs).
 { command -v haproxy || [ -x /usr/sbin/haproxy ]; } >/dev/null 2>&1 || need_apt+=(haproxy)
-# moto's AWS server (PyPI moto[server]) for the autoscaler's end-to-end tests, in a venv under
-# target/ (the tests look there first, then on PATH); Debian's python3 needs python3-venv for it.
+# moto's AWS server (PyPI moto[server]) for the autoscaler's end-to-end tests, in a venv at
+# target/tools-venv (the tests look there first, then on PATH); Debian's python3 needs
+# python3-venv for it.
 venv=target/tools-venv
 if [ ! -x "$venv/bin/moto_server" ]; then
   command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
@@ -35,11 +36,43 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
-if [ ! -x "$venv/bin/moto_server" ]; then
-  rm -rf "$venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]==5.*'
-fi
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || {
+  echo "python3 venv support missing (Debian: apt-get install python3-venv)" >&2
+  exit 1
+}
+
+# The Python tools live in venvs kept in a per-user cache, like cargo's registry, keyed by
+# what is installed in them: a fresh clone links them into target/ instead of installing them
+# again (two minutes of pip on this machine), and a changed requirement makes a new venv. A
+# venv is only linked once its install finished; a failed install fails the run.
+tools_cache="${MESHGATE_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/meshgate-tools}"
+# cached_venv LINK SPEC... : target/LINK -> a venv with `pip install SPEC...` done.
+cached_venv() {
+  local link="$1"
+  shift
+  local key
+  key=$({ python3 --version; for a in "$@"; do if [ -f "$a" ]; then cat "$a"; else echo "$a"; fi; done; } | sha256sum | cut -c1-16)
+  local dir="$tools_cache/$link-$key"
+  if [ ! -f "$dir/.complete" ]; then
+    # Built where it will live (a venv's scripts name their interpreter by absolute path);
+    # marked complete only after pip succeeded, so an interrupted install is redone.
+    rm -rf "$dir"
+    mkdir -p "$tools_cache"
+    python3 -m venv "$dir"
+    local args=()
+    for a in "$@"; do if [ -f "$a" ]; then args+=(-r "$a"); else args+=("$a"); fi; done
+    "$dir/bin/pip" install --quiet --disable-pip-version-check "${args[@]}"
+    touch "$dir/.complete"
+  fi
+  mkdir -p target
+  rm -rf "target/$link"
+  ln -s "$dir" "target/$link"
+}
+# moto's server for the autoscaler's end-to-end tests; pytest, python-hcl2 and PyYAML for the
+# deployment checks. checkov in a venv of its own: it depends on bc-python-hcl2, which installs a
+# module named `hcl2` like python-hcl2 does, and on its own boto3.
+cached_venv tools-venv 'moto[server]==5.*' terraform/tests/requirements.txt
+cached_venv checkov-venv terraform/tests/requirements-checkov.txt
 
 # cargo-nextest runs each test in a process of its own, in parallel across test binaries.
 if ! cargo nextest --version >/dev/null 2>&1; then
@@ -51,25 +84,5 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo nextest run --workspace --locked
 
 # Deployment checks (terraform/tests, infra/istio/tests), after the Rust tests so that
-# target/debug/meshgate and meshgate-autoscaler exist. pytest, python-hcl2 and PyYAML go into the
-# same venv as moto; checkov into a venv of its own: it depends on bc-python-hcl2, which installs a
-# module named `hcl2` like python-hcl2 does, and on its own boto3. Each is (re)installed only when
-# missing or when its pinned requirements changed; a failed install fails the run.
-python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || {
-  echo "python3 venv support missing (Debian: apt-get install python3-venv)" >&2
-  exit 1
-}
-req=terraform/tests/requirements.txt
-if ! cmp -s "$req" "$venv/.deploy-tests-requirements.txt"; then
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$req"
-  cp "$req" "$venv/.deploy-tests-requirements.txt"
-fi
-checkov_venv=target/checkov-venv
-req=terraform/tests/requirements-checkov.txt
-if [ ! -x "$checkov_venv/bin/checkov" ] || ! cmp -s "$req" "$checkov_venv/.requirements.txt"; then
-  rm -rf "$checkov_venv"
-  python3 -m venv "$checkov_venv"
-  "$checkov_venv/bin/pip" install --quiet --disable-pip-version-check -r "$req"
-  cp "$req" "$checkov_venv/.requirements.txt"
-fi
+# target/debug/meshgate and meshgate-autoscaler exist.
 PYTHONDONTWRITEBYTECODE=1 "$venv/bin/python" -m pytest -p no:cacheprovider -q terraform/tests infra/istio/tests

@@ -2,7 +2,7 @@
 //! `GET /healthz`, `GET /readyz`, `GET /metrics`, `GET /config`, `GET /pool`,
 //! `POST /reload`, `POST /drain`, `POST /explain`. With `admin.token_file` set, everything but
 //! `/healthz`, `/readyz` and `/metrics` requires `Authorization: Bearer <token>`. Request heads
-//! must arrive within 10 s. Connections from a listener's `trusted_proxies` may start with a
+//! must arrive within `limits.header_read_timeout`. Connections from a listener's `trusted_proxies` may start with a
 //! PROXY header (load balancer health checks).
 
 use std::sync::Arc;
@@ -31,9 +31,6 @@ struct Admin {
     runtime: Arc<Runtime>,
     control: Arc<dyn Control>,
 }
-
-/// How long an admin client has to send a request head (slowloris on the admin port).
-const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Endpoints open without the token: health checks and scrapes.
 fn open_endpoint(path: &str) -> bool {
@@ -68,13 +65,15 @@ pub async fn serve(listener: TcpListener, runtime: Arc<Runtime>, control: Arc<dy
         // connections from the listeners' `trusted_proxies` may start with a PROXY header, which
         // is read and dropped (optional, never required: Prometheus and operators connect
         // without one).
-        let trusted = app
-            .runtime
-            .current()
+        let gen = app.runtime.current();
+        let trusted = gen
             .snapshot
             .listeners
             .iter()
             .any(|l| l.proxy_protocol != Mode::Off && l.trusted_proxies.iter().any(|n| n.contains(&ip)));
+        // Slowloris on the admin port: request heads are held to the same limit as clients'.
+        let head_timeout = gen.snapshot.limits.header_read_timeout;
+        drop(gen);
         let router = router.clone();
         tokio::spawn(async move {
             let mut stream = stream;
@@ -92,7 +91,7 @@ pub async fn serve(listener: TcpListener, runtime: Arc<Runtime>, control: Arc<dy
             let io = TokioIo::new(Prefixed::new(prefix, stream));
             let served = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(ADMIN_HEADER_TIMEOUT)
+                .header_read_timeout(head_timeout)
                 .serve_connection(io, TowerToHyperService::new(router))
                 .await;
             if let Err(e) = served {

@@ -365,3 +365,26 @@ async fn reload_moves_a_listener_new_bound_old_drained() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_admin_port_closes_connections_whose_head_never_ends() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = EnvBuilder::default()
+        .admin()
+        .extra("limits:\n  header_read_timeout: 1s\n")
+        .start()
+        .await
+        .unwrap();
+    let mut s = connect_from(env.admin_addr(), "127.0.0.1".parse().unwrap())
+        .await
+        .unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "an admin connection with a head that never ends was held open"
+    );
+    // And the port still answers others.
+    assert_eq!(env.admin_get("/healthz").await.unwrap().0, StatusCode::OK);
+}
