@@ -17,9 +17,11 @@ const MAX_EXTENSION: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChunkError {
-    /// The coding is broken: the connection must be closed after a 400.
+    /// The coding is broken, or one chunk declares more than the whole body may hold (an
+    /// absurd size, refused at once whether past what can be counted or past
+    /// `limits.max_request_body`): 400, and the connection closed.
     Malformed(&'static str),
-    /// The body is larger than `limits.max_request_body` (413).
+    /// Chunks of sensible sizes that add up to more than `limits.max_request_body`: 413.
     TooLarge,
 }
 
@@ -159,6 +161,9 @@ impl ChunkedDecoder {
                     if self.size == 0 {
                         self.state = State::TrailerStart;
                     } else {
+                        if self.limit.is_some_and(|l| self.size > l) {
+                            return Err(ChunkError::Malformed("chunk size beyond limits.max_request_body"));
+                        }
                         self.total += self.size;
                         if self.limit.is_some_and(|l| self.total > l) {
                             return Err(ChunkError::TooLarge);
@@ -365,7 +370,9 @@ mod tests {
 
     #[test]
     fn the_limit_is_checked_against_declared_sizes_before_data_arrives() {
-        assert_eq!(run(b"10\r\n", 4, Some(15)), Err(ChunkError::TooLarge));
+        // One absurd chunk: malformed at once. Sensible chunks adding up past it: too large.
+        let absurd = Err(ChunkError::Malformed("chunk size beyond limits.max_request_body"));
+        assert_eq!(run(b"10\r\n", 4, Some(15)), absurd);
         assert_eq!(run(b"8\r\n12345678\r\n8\r\n", 64, Some(15)), Err(ChunkError::TooLarge));
         assert!(run(b"8\r\n12345678\r\n7\r\n1234567\r\n0\r\n\r\n", 64, Some(15)).is_ok());
     }

@@ -77,8 +77,8 @@ pub async fn serve(
     accepted: Instant,
     preface: crate::runtime::PrefaceSlot,
 ) {
-    let evicted = preface.evicted();
-    tokio::pin!(evicted);
+    // On the heap, and only until the first head: an idle connection's task stays small.
+    let mut evicted = Some(Box::pin(preface.evicted()));
     let mut preface = Some(preface);
     let drain = crate::lifecycle::closing_spread(&mut close);
     tokio::pin!(drain);
@@ -99,6 +99,7 @@ pub async fn serve(
                     Ok(Some((head, n))) => {
                         rbuf.consume(n);
                         drop(preface.take());
+                        evicted = None;
                         break head;
                     }
                     Ok(None) => {}
@@ -142,7 +143,7 @@ pub async fn serve(
                 }
                 _ = tokio::time::sleep_until(drained_idle.unwrap_or(deadline)), if drained_idle.is_some() => return,
                 // Still in its preface and the oldest of too many: make room for a newer one.
-                _ = &mut evicted, if preface.is_some() => return,
+                _ = async { evicted.as_mut().expect("checked").await }, if evicted.is_some() => return,
             }
         };
         served += 1;

@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::{accept_failed, finish, told_to_close, Admission};
+use super::{accept_failed, finish, told_to_close, Admission, PrefaceSlot};
 use crate::config::Limits;
 use crate::h1::{self, buf::ReadBuf};
 use crate::io::Prefixed;
@@ -66,77 +66,24 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, runtime: Arc<Runtime>,
                     drop(stream);
                     continue;
                 };
-                let listener_cfg = gen.listener(&name).cloned();
                 // Counted by the PROXY header's source when a trusted load balancer sends one.
-                let behind_lb = listener_cfg.as_ref().is_some_and(|l| proxy_protocol::trusts(l, peer));
+                let behind_lb = gen.listener(&name).is_some_and(|l| proxy_protocol::trusts(l, peer));
                 if !behind_lb && !admission.admit_source(&gen, &mut guard, peer.ip()) {
                     continue;
                 }
                 let preface = admission.admit_preface(&gen);
                 let _ = stream.set_nodelay(true);
-                let limits = gen.snapshot.limits.clone();
-                let (runtime, name, close, admission) = (runtime.clone(), name.clone(), close.clone(), admission.clone());
+                let conn = Accepted { stream, peer, accepted_at, gen, guard, preface, behind_lb, runtime: runtime.clone(), admission: admission.clone(), close: close.clone() };
                 conns.spawn(async move {
-                    let mut stream = stream;
-                    // The first request head is due within the header read timeout of the
-                    // accept: the PROXY header and the protocol preface count against it.
-                    let deadline = accepted_at + limits.header_read_timeout;
-                    let evicted = preface.evicted();
-                    tokio::pin!(evicted);
-                    let admitted = tokio::select! {
-                        a = tokio::time::timeout_at(deadline, proxy_protocol::admit(&mut stream, listener_cfg.as_ref(), peer)) => a,
-                        _ = &mut evicted => return,
-                    };
-                    let (client, vpce, prefix) = match admitted {
-                        Ok(Ok(x)) => x,
-                        Ok(Err(e)) => {
-                            tracing::warn!(listener = %name, %peer, error = %e, "PROXY header rejected; closing");
-                            runtime.metrics.record_denied(&name, "bad_proxy_header");
-                            return;
-                        }
-                        Err(_) => {
-                            runtime.metrics.record_denied(&name, "bad_proxy_header");
-                            return;
-                        }
-                    };
-                    if behind_lb && !admission.admit_source(&gen, &mut guard, client.ip()) {
-                        return;
-                    }
-                    // Shared with any tunnel this connection becomes (CONNECT, WebSocket).
-                    let guard = Arc::new(guard);
-                    let mut info = ConnInfo::new(name.clone(), client, vpce);
-                    info.lifetime = Some(guard.clone());
-                    info.close = Some(close.clone());
-                    let info = Arc::new(info);
-                    let alt_svc = listener_cfg.as_ref().and_then(|l| l.alt_svc.clone());
-                    let body_idle_timeout = gen.snapshot.upstream.body_idle_timeout;
-                    drop(listener_cfg);
-                    drop(gen);
-                    let mut rbuf = ReadBuf::with(&prefix);
-                    let sniffed = tokio::select! {
-                        s = sniff(&stream, &mut rbuf, deadline) => s,
-                        _ = &mut evicted => None,
-                    };
-                    match sniffed {
-                        Some(true) => {
-                            let prefix = bytes::Bytes::copy_from_slice(rbuf.pending());
-                            drop(rbuf);
+                    // The setup is boxed and freed before the protocol's server takes over: an
+                    // idle connection's task holds only what that server needs.
+                    match Box::pin(setup(conn)).await {
+                        Some(Ready::H2 { runtime, info, limits, io, alt_svc, close, preface, accepted_at }) => {
                             // Boxed: hyper's HTTP/2 connection state would otherwise size every
                             // connection's task, HTTP/1.1 ones included.
-                            Box::pin(serve_h2(runtime, info, &limits, Prefixed::new(prefix, stream), alt_svc, close, preface, accepted_at)).await;
+                            Box::pin(serve_h2(runtime, info, &limits, io, alt_svc, close, preface, accepted_at)).await;
                         }
-                        Some(false) => {
-                            let settings = h1::Settings {
-                                limits: h1::HeadLimits {
-                                    max_head: limits.max_header_bytes,
-                                    max_headers: limits.max_headers,
-                                },
-                                max_request_body: limits.max_request_body,
-                                header_read_timeout: limits.header_read_timeout,
-                                idle_timeout: limits.idle_timeout,
-                                body_idle_timeout,
-                                alt_svc,
-                            };
+                        Some(Ready::H1 { stream, rbuf, runtime, info, close, settings, accepted_at, preface }) => {
                             h1::serve(stream, rbuf, runtime, info, close, settings, accepted_at, preface).await;
                         }
                         None => {}
@@ -149,6 +96,138 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, runtime: Arc<Runtime>,
     };
     drop(listener);
     finish(&name, conns, deadline).await;
+}
+
+/// A connection just accepted and admitted.
+struct Accepted {
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    accepted_at: Instant,
+    gen: Arc<crate::runtime::Generation>,
+    guard: super::ConnGauge,
+    preface: PrefaceSlot,
+    behind_lb: bool,
+    runtime: Arc<Runtime>,
+    admission: Admission,
+    close: CloseSignal,
+}
+
+/// A connection ready for its protocol's server.
+enum Ready {
+    H2 {
+        runtime: Arc<Runtime>,
+        info: Arc<ConnInfo>,
+        limits: Limits,
+        io: Prefixed<TcpStream>,
+        alt_svc: Option<http::HeaderValue>,
+        close: CloseSignal,
+        preface: PrefaceSlot,
+        accepted_at: Instant,
+    },
+    H1 {
+        stream: TcpStream,
+        rbuf: ReadBuf,
+        runtime: Arc<Runtime>,
+        info: Arc<ConnInfo>,
+        close: CloseSignal,
+        settings: h1::Settings,
+        accepted_at: Instant,
+        preface: PrefaceSlot,
+    },
+}
+
+/// The PROXY header (behind a trusted load balancer) and the protocol sniff, both due within
+/// the header read timeout of the accept; `None` if the connection ends here.
+async fn setup(conn: Accepted) -> Option<Ready> {
+    let Accepted {
+        mut stream,
+        peer,
+        accepted_at,
+        gen,
+        mut guard,
+        preface,
+        behind_lb,
+        runtime,
+        admission,
+        close,
+    } = conn;
+    let name = admission.name.clone();
+    let listener_cfg = gen.listener(&name);
+    let limits = gen.snapshot.limits.clone();
+    let deadline = accepted_at + limits.header_read_timeout;
+    let evicted = preface.evicted();
+    tokio::pin!(evicted);
+    let admitted = tokio::select! {
+        a = tokio::time::timeout_at(deadline, proxy_protocol::admit(&mut stream, listener_cfg, peer)) => a,
+        _ = &mut evicted => return None,
+    };
+    let (client, vpce, prefix) = match admitted {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            tracing::warn!(listener = %name, %peer, error = %e, "PROXY header rejected; closing");
+            runtime.metrics.record_denied(&name, "bad_proxy_header");
+            return None;
+        }
+        Err(_) => {
+            runtime.metrics.record_denied(&name, "bad_proxy_header");
+            return None;
+        }
+    };
+    if behind_lb && !admission.admit_source(&gen, &mut guard, client.ip()) {
+        return None;
+    }
+    // Shared with any tunnel this connection becomes (CONNECT, WebSocket).
+    let guard = Arc::new(guard);
+    let mut info = ConnInfo::new(name.clone(), client, vpce);
+    info.lifetime = Some(guard);
+    info.close = Some(close.clone());
+    let info = Arc::new(info);
+    let alt_svc = listener_cfg.and_then(|l| l.alt_svc.clone());
+    let body_idle_timeout = gen.snapshot.upstream.body_idle_timeout;
+    let mut rbuf = ReadBuf::with(&prefix);
+    let sniffed = tokio::select! {
+        s = sniff(&stream, &mut rbuf, deadline) => s,
+        _ = &mut evicted => None,
+    };
+    match sniffed? {
+        true => {
+            let prefix = bytes::Bytes::copy_from_slice(rbuf.pending());
+            drop(rbuf);
+            Some(Ready::H2 {
+                runtime,
+                info,
+                limits,
+                io: Prefixed::new(prefix, stream),
+                alt_svc,
+                close,
+                preface,
+                accepted_at,
+            })
+        }
+        false => {
+            let settings = h1::Settings {
+                limits: h1::HeadLimits {
+                    max_head: limits.max_header_bytes,
+                    max_headers: limits.max_headers,
+                },
+                max_request_body: limits.max_request_body,
+                header_read_timeout: limits.header_read_timeout,
+                idle_timeout: limits.idle_timeout,
+                body_idle_timeout,
+                alt_svc,
+            };
+            Some(Ready::H1 {
+                stream,
+                rbuf,
+                runtime,
+                info,
+                close,
+                settings,
+                accepted_at,
+                preface,
+            })
+        }
+    }
 }
 
 /// Reads until the first bytes say which protocol the client speaks: `Some(true)` for the
@@ -207,18 +286,21 @@ async fn serve_h2(
     *info.preface.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(preface));
     let conn_info = info.clone();
     let body_idle = runtime.current().snapshot.upstream.body_idle_timeout;
+    let watch = super::stall::Watch::default();
+    let watched = watch.clone();
     let svc = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         let gen = runtime.current();
         // Extended CONNECT (RFC 8441) takes the stream over after its 2xx.
         let upgrade = (req.method() == http::Method::CONNECT).then(|| ClientUpgrade::hyper(&mut req));
         let conn_info = conn_info.clone();
         let alt_svc = alt_svc.clone();
+        let watched = watched.clone();
         async move {
             let mut r = pipeline::handle(gen, conn_info, req, upgrade).await;
             if let Some(v) = alt_svc {
                 r.headers_mut().insert(http::header::ALT_SVC, v);
             }
-            Ok::<_, std::convert::Infallible>(r.map(|b| super::stall::guard(b, body_idle)))
+            Ok::<_, std::convert::Infallible>(r.map(|b| watched.guard(b)))
         }
     });
     let conn = h2_builder(limits).serve_connection(TokioIo::new(io), svc);
@@ -227,6 +309,8 @@ async fn serve_h2(
     let idle = limits.idle_timeout;
     let drain = crate::lifecycle::closing_spread(&mut close);
     tokio::pin!(drain);
+    let mut sweep = tokio::time::interval(body_idle / 4);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deadline = loop {
         // When to look again: the first request's deadline, or the end of the idle time.
         let check = if info.requests.load(Ordering::Relaxed) == 0 {
@@ -254,6 +338,7 @@ async fn serve_h2(
                 }
             }
             deadline = &mut drain => break deadline,
+            _ = sweep.tick() => watch.sweep(body_idle),
             // Still without a request and the oldest of too many in their preface.
             _ = &mut evicted, if info.requests.load(Ordering::Relaxed) == 0 => return,
         }

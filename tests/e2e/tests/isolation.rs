@@ -358,3 +358,24 @@ fn start_handshake(to: SocketAddr) -> tokio::task::JoinHandle<()> {
         let _ = tokio::time::timeout(Duration::from_secs(30), connecting).await;
     })
 }
+
+#[tokio::test]
+async fn a_chunk_size_past_the_body_limit_is_refused_at_once() {
+    let env = EnvBuilder::default()
+        .extra("limits:\n  max_request_body: 1000\n")
+        .start()
+        .await
+        .unwrap();
+    // 64 KiB declared, nothing sent: the answer comes at once, not after waiting for the data.
+    let text = exchange_raw(
+        &env,
+        format!(
+            "POST / HTTP/1.1\r\nHost: {}\r\nTransfer-Encoding: chunked\r\n\r\n10000\r\n",
+            host("reviews")
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("beyond limits.max_request_body"), "{text}");
+}

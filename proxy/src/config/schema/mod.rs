@@ -5,6 +5,8 @@
 //! library reports their line. Cross-references (allow lists, duplicate names, files) are checked
 //! in `validate/`; the fields they need are `Spanned` so that errors can still name a line.
 //! Defaults are written once, as functions next to their field, and documented in docs/config.md.
+//! One file for the whole tree of sections (the value types are in `values.rs`): it reads as
+//! the map of the config file, section by section.
 
 use std::time::Duration;
 
