@@ -24,5 +24,6 @@ pub mod policy;
 pub mod proxy_protocol;
 pub mod route;
 pub mod runtime;
+pub mod telemetry;
 pub mod transcode;
 pub mod upstream;

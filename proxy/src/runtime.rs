@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::policy::limits::TenantState;
 use crate::policy::Tenants;
 use crate::route::RouteTable;
+use crate::telemetry::PeerMetadata;
 use crate::upstream::Upstream;
 
 /// One config generation: what requests share. A reload swaps the whole value.
@@ -35,6 +36,9 @@ pub struct Generation {
     pub request_metrics: crate::metrics::RequestMetrics,
     /// Indexed by tenant id; carried over by name across reloads.
     pub tenant_state: Vec<Arc<TenantState>>,
+    /// Indexed by tenant id: the peer metadata of tenants with `telemetry:`, encoded once
+    /// here so that a request only clones it.
+    pub peer_metadata: Vec<Option<Arc<PeerMetadata>>>,
 }
 
 impl Generation {
@@ -61,7 +65,14 @@ impl Generation {
             .collect();
         let tenant_names: Vec<&str> = snapshot.tenants.iter().map(|t| t.name.as_str()).collect();
         let service_names: Vec<&str> = snapshot.services.iter().map(|s| s.name.as_str()).collect();
+        let peer_metadata = snapshot
+            .tenants
+            .iter()
+            .map(|t| t.telemetry.as_deref().map(|names| Arc::new(PeerMetadata::new(names))))
+            .collect();
+        metrics.set_tenant_telemetry(&snapshot.tenants);
         Generation {
+            peer_metadata,
             request_metrics: crate::metrics::RequestMetrics::new(metrics.clone(), &tenant_names, &service_names),
             tenants: Tenants::new(&snapshot.tenants),
             routes: RouteTable::for_services(&snapshot.services),

@@ -724,3 +724,84 @@ fn a_public_admin_address_needs_a_token_or_an_explicit_opt_out() {
     let (code, _, err) = check(&f.config(&with_token));
     assert_eq!(code, 0, "{err}");
 }
+
+#[test]
+fn telemetry_blocks_merge_field_by_field() {
+    let f = Fixture::new();
+    let text = format!(
+        "{BASE}telemetry:\n  workload: fleet\n  cluster_id: vm-net\n  labels:\n    team: platform\n    tier: batch\ntracing:\n  sample_rate: 0.25\n"
+    )
+    .replacen(
+        "    allow: [reviews]\n",
+        "    allow: [reviews]\n    telemetry:\n      workload: billing-batch\n      version: v3\n      labels:\n        team: billing\n",
+        1,
+    );
+    let path = f.config(&text);
+    let (code, _, err) = check(&path);
+    assert_eq!(code, 0, "{err}");
+    let snap = meshgate::config::load(&path).unwrap();
+    assert_eq!(snap.tracing.sample_rate, 0.25);
+    let billing = snap.tenants[0].telemetry.as_deref().unwrap();
+    assert_eq!(billing.workload, "billing-batch");
+    // The certificate's namespace (ns meshgate), as the mesh will see it.
+    assert_eq!(billing.namespace, "meshgate");
+    assert_eq!(billing.app, "billing-batch");
+    assert_eq!(billing.version.as_deref(), Some("v3"));
+    assert_eq!(billing.canonical_service, "billing-batch");
+    assert_eq!(billing.canonical_revision, "v3");
+    assert_eq!(billing.cluster_id.as_deref(), Some("vm-net"));
+    assert_eq!(
+        billing.labels,
+        [
+            ("team".to_string(), "billing".to_string()),
+            ("tier".into(), "batch".into())
+        ]
+    );
+    let laptops = snap.tenants[1].telemetry.as_deref().unwrap();
+    assert_eq!(laptops.workload, "fleet");
+    assert_eq!(laptops.canonical_revision, "latest");
+    assert_eq!(laptops.labels[0], ("team".to_string(), "platform".to_string()));
+
+    // Without any telemetry: block, no tenant sends metadata; tracing has its default.
+    let snap = meshgate::config::load(&f.config(BASE)).unwrap();
+    assert!(snap.tenants.iter().all(|t| t.telemetry.is_none()));
+    assert_eq!(snap.tracing.sample_rate, 0.01);
+}
+
+#[test]
+fn telemetry_errors_name_their_line() {
+    let f = Fixture::new();
+    let tenant_block = |body: &str| {
+        replace(
+            "    allow: [reviews]\n",
+            &format!("    allow: [reviews]\n    telemetry:\n{body}"),
+        )
+    };
+    // Line 23 is `telemetry:` under billing-vms; its keys start at 24.
+    assert_rejected(
+        &f,
+        &tenant_block("      workload: billing-batch\n      namespace: billing\n"),
+        25,
+        "the mesh takes the namespace from the client certificate",
+    );
+    assert_rejected(
+        &f,
+        &tenant_block("      workload: w\n      labels:\n        app: x\n"),
+        26,
+        "own field",
+    );
+    assert_rejected(
+        &f,
+        &tenant_block("      workload: w\n      labels:\n        \"bad key\": x\n"),
+        26,
+        "label key",
+    );
+    assert_rejected(&f, &tenant_block("      workload: \"\"\n"), 24, "must not be empty");
+    assert_rejected(&f, &tenant_block("      app: billing\n"), 24, "needs `workload:`");
+    assert_rejected(
+        &f,
+        &format!("{BASE}tracing:\n  sample_rate: 5\n"),
+        27,
+        "between 0 and 1",
+    );
+}

@@ -153,6 +153,31 @@ pub struct Tenant {
     /// Which identity the tenant's requests present upstream: 0 is `mesh.identity`, `k` is the
     /// snapshot's `tenant_identities[k - 1]` (see `Snapshot::identity_at`).
     pub identity: usize,
+    /// How the mesh's telemetry names the tenant's requests; `None`: no peer metadata is sent.
+    pub telemetry: Option<Arc<Telemetry>>,
+}
+
+/// How the mesh's telemetry names a tenant, every default applied (docs/config.md,
+/// "Telemetry"). The names become Istio's `source_*` labels at the destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Telemetry {
+    pub workload: String,
+    /// Only informative under mTLS: Istio takes `source_workload_namespace` from the client
+    /// certificate, so validation makes this the certificate's namespace.
+    pub namespace: String,
+    pub app: String,
+    pub version: Option<String>,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+    pub cluster_id: Option<String>,
+    /// Extra workload labels, sorted by key.
+    pub labels: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingSettings {
+    /// Fraction of the traces meshgate starts that are marked sampled.
+    pub sample_rate: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -254,6 +279,7 @@ pub struct Snapshot {
     pub tenant_names: Vec<String>,
     pub api_key_header: HeaderName,
     pub upstream: UpstreamSettings,
+    pub tracing: TracingSettings,
 }
 
 impl Snapshot {

@@ -24,6 +24,19 @@ pub struct RequestLabels {
     pub code: String,
 }
 
+/// A tenant's names in the mesh's telemetry (`telemetry:`), to join meshgate's `tenant` label
+/// with the destination's `source_workload`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantTelemetryLabels {
+    pub tenant: String,
+    pub workload: String,
+    pub namespace: String,
+    pub app: String,
+    pub version: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerReasonLabels {
     pub listener: String,
@@ -107,6 +120,7 @@ pub struct Metrics {
     pub identity_expiry: Family<IdentityLabels, Gauge<f64, AtomicU64>>,
     pub identity_renewals: Family<RenewalLabels, Counter>,
     pub identity_renewal_failures: Family<IdentityLabels, Gauge>,
+    pub tenant_info: Family<TenantTelemetryLabels, Gauge>,
     pub draining: Gauge,
     pub drained: Gauge,
     pub ready: Gauge,
@@ -261,6 +275,11 @@ impl Metrics {
             "Consecutive failed certificate requests for an issued identity (0 once one succeeds)",
             Family::<IdentityLabels, Gauge>::default()
         );
+        let tenant_info = reg!(
+            "meshgate_tenant_info",
+            "1 per tenant with telemetry: the workload names the mesh's telemetry shows for it",
+            Family::<TenantTelemetryLabels, Gauge>::default()
+        );
         let draining = reg!(
             "meshgate_draining",
             "1 while the instance drains (readiness off, connections being closed)",
@@ -323,6 +342,7 @@ impl Metrics {
             identity_expiry,
             identity_renewals,
             identity_renewal_failures,
+            tenant_info,
             draining,
             drained,
             ready,
@@ -448,6 +468,26 @@ impl Metrics {
                 result: if ok { "ok" } else { "error" }.to_string(),
             })
             .inc();
+    }
+
+    /// Replaces `meshgate_tenant_info` with the tenants of a new config generation.
+    pub fn set_tenant_telemetry(&self, tenants: &[crate::config::Tenant]) {
+        self.tenant_info.clear();
+        for t in tenants {
+            if let Some(names) = &t.telemetry {
+                self.tenant_info
+                    .get_or_create(&TenantTelemetryLabels {
+                        tenant: t.name.clone(),
+                        workload: names.workload.clone(),
+                        namespace: names.namespace.clone(),
+                        app: names.app.clone(),
+                        version: names.version.clone().unwrap_or_else(|| "unknown".into()),
+                        canonical_service: names.canonical_service.clone(),
+                        canonical_revision: names.canonical_revision.clone(),
+                    })
+                    .set(1);
+            }
+        }
     }
 
     /// Sets the identity expiry gauge to the current identity only.

@@ -194,6 +194,9 @@ fn respond(
             }
         }
     };
+    // The id the mesh saw (the client's own, or the one meshgate gave the request), so a VM
+    // can quote it when asking about a request.
+    resp.headers_mut().insert(&X_REQUEST_ID, log.request_id.clone());
     resp.body_mut().log = Some(log);
     // After a malformed request the rest of the connection's bytes cannot be trusted to be
     // framed the way the client meant: close it.
@@ -363,6 +366,11 @@ where
     h.insert(&X_FORWARDED_FOR, xff);
     h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme));
     h.insert(&X_REQUEST_ID, request_id);
+    if let Some(m) = &gen.peer_metadata[tenant_id] {
+        h.insert(&crate::telemetry::PEER_METADATA, m.header.clone());
+        h.insert(&crate::telemetry::PEER_METADATA_ID, m.id.clone());
+    }
+    crate::telemetry::ensure_trace_context(h, snap.tracing.sample_rate);
 
     let path = match &call {
         Some(c) => {

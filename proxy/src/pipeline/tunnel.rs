@@ -139,7 +139,9 @@ pub(super) async fn connect<B>(
     let upgrade = upgrade.ok_or(ProxyError::Malformed("CONNECT is not available on this listener"))?;
     let slot = tenant_limits(gen, tenant_id)?;
     let pool = gen.upstream.pool(tenant.identity, service);
-    let upstream = pool.dedicated(true, conn.client).await?;
+    let upstream = pool
+        .dedicated(true, conn.client, gen.peer_metadata[tenant_id].as_deref())
+        .await?;
     let (metrics, name, client) = (gen.metrics.clone(), service.name.clone(), conn.client);
     let (lifetime, close) = (conn.lifetime.clone(), conn.close.clone());
     tokio::spawn(async move {
@@ -169,7 +171,7 @@ pub(super) async fn upgraded(
     slot: Option<Slot>,
 ) -> Result<Forwarded, ProxyError> {
     let pool = gen.upstream.pool(identity, service);
-    let stream = pool.dedicated(false, conn.client).await?;
+    let stream = pool.dedicated(false, conn.client, None).await?;
     let io = hyper_util::rt::TokioIo::new(stream);
     let http_err = |e: hyper::Error| UpstreamError::Http(e.to_string());
     // The new protocol runs on its own upstream connection either way: an HTTP/1.1 connection
@@ -228,8 +230,9 @@ pub(super) async fn upgraded(
 
 /// One connection of a TCP listener (`protocol: tcp`), after its PROXY header: authorized by
 /// its source (there is no key in a byte stream), then carried as opaque bytes to the
-/// listener's service over an mTLS connection of its own with ALPN `istio` only
-/// (istio-wire.md §0, §2.5), as Envoy's `tcp_proxy` does. Half-close is passed on both ways,
+/// listener's service over an mTLS connection of its own with ALPN `istio` (istio-wire.md §0),
+/// or `istio-peer-exchange` first and the TCP metadata exchange (§2.5) when the tenant has
+/// `telemetry:`, as Envoy's `tcp_proxy` does. Half-close is passed on both ways,
 /// backpressure is the socket buffers', and a connection with no byte moving either way for
 /// `idle` is closed.
 pub async fn tcp<C: Io>(
@@ -281,7 +284,10 @@ pub async fn tcp<C: Io>(
         }
     };
     let pool = gen.upstream.pool(tenant.identity, service);
-    let upstream = match pool.dedicated(false, client).await {
+    let upstream = match pool
+        .dedicated(false, client, gen.peer_metadata[tenant_id].as_deref())
+        .await
+    {
         Ok(io) => io,
         Err(e) => {
             let reason = ProxyError::Upstream(e.clone()).reason();

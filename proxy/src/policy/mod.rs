@@ -174,6 +174,7 @@ mod tests {
                 rate_limit: None,
                 max_concurrent_requests: None,
                 identity: 0,
+                telemetry: None,
             },
             Tenant {
                 name: "billing".into(),
@@ -184,6 +185,7 @@ mod tests {
                 rate_limit: None,
                 max_concurrent_requests: None,
                 identity: 0,
+                telemetry: None,
             },
             Tenant {
                 name: "laptops".into(),
@@ -194,6 +196,7 @@ mod tests {
                 rate_limit: None,
                 max_concurrent_requests: None,
                 identity: 0,
+                telemetry: None,
             },
             Tenant {
                 name: "ci".into(),
@@ -204,6 +207,7 @@ mod tests {
                 rate_limit: None,
                 max_concurrent_requests: None,
                 identity: 0,
+                telemetry: None,
             },
         ])
     }
@@ -269,6 +273,7 @@ mod tests {
             rate_limit: None,
             max_concurrent_requests: None,
             identity: 0,
+            telemetry: None,
         });
         let t = Tenants::new(&tenants);
         assert_eq!(t.authorize(ip("10.20.5.1"), None, Some("vpce-1")), Ok(4));
@@ -306,6 +311,7 @@ mod tests {
                     rate_limit: None,
                     max_concurrent_requests: None,
                     identity: 0,
+                    telemetry: None,
                 });
             }
         }

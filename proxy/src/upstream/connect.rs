@@ -23,7 +23,8 @@ pub fn alpn_for(protocol: UpstreamProtocol) -> Vec<Vec<u8>> {
     let list: &[&[u8]] = match protocol {
         UpstreamProtocol::Http2 => &[b"istio-h2", b"istio", b"h2"],
         UpstreamProtocol::Http1 => &[b"istio-http/1.1", b"istio", b"http/1.1"],
-        // Not `istio-peer-exchange`: that would oblige us to speak the TCP metadata exchange (§2.5).
+        // `istio-peer-exchange` only for tenants with `telemetry:` ([`TlsParams::exchanging`]):
+        // it obliges both sides to the TCP metadata exchange (§2.5).
         UpstreamProtocol::Tcp => &[b"istio"],
     };
     list.iter().map(|p| p.to_vec()).collect()
@@ -43,6 +44,16 @@ impl TlsParams {
         let mut p = TlsParams::new(identity, service);
         let mut config = (*p.config).clone();
         config.alpn_protocols = alpn_for(UpstreamProtocol::Tcp);
+        p.config = Arc::new(config);
+        p
+    }
+
+    /// For a TCP service when the tenant has `telemetry:`: ALPN `istio-peer-exchange`, then
+    /// `istio` (Istio's `ALPNInMeshWithMxc`), so the sidecar runs the metadata exchange.
+    pub fn exchanging(identity: &Identity, service: &Service) -> TlsParams {
+        let mut p = TlsParams::new(identity, service);
+        let mut config = (*p.config).clone();
+        config.alpn_protocols = vec![crate::telemetry::MX_ALPN.to_vec(), b"istio".to_vec()];
         p.config = Arc::new(config);
         p
     }

@@ -5,6 +5,7 @@ pub mod connect;
 pub mod gateway;
 pub mod h2client;
 pub mod hbone;
+pub mod mx;
 pub mod pool;
 
 use std::sync::Arc;

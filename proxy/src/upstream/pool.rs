@@ -117,6 +117,9 @@ pub struct Pool {
     tls: TlsParams,
     /// The same identity and server check with ALPN `istio` alone, for CONNECT tunnels.
     opaque_tls: TlsParams,
+    /// ALPN `istio-peer-exchange`, `istio`: byte streams of tenants with `telemetry:` (TCP
+    /// services only; nothing else carries opaque bytes).
+    mx_tls: Option<TlsParams>,
     gateway: Arc<Gateway>,
     /// Set for `transport: hbone` / `double-hbone`: connections are CONNECT streams over a
     /// shared mTLS connection instead of mTLS connections through `gateway`.
@@ -167,6 +170,8 @@ impl Pool {
     ) -> Arc<Pool> {
         let tls = TlsParams::new(identity, &service);
         let opaque_tls = TlsParams::opaque(identity, &service);
+        let mx_tls = (service.protocol == crate::config::UpstreamProtocol::Tcp)
+            .then(|| TlsParams::exchanging(identity, &service));
         let hbone = match &service.transport {
             crate::config::Transport::Hbone(route) => Some(Arc::new(super::hbone::Connector::new(
                 route,
@@ -184,6 +189,7 @@ impl Pool {
             metrics,
             tls,
             opaque_tls,
+            mx_tls,
             gateway,
             state: Mutex::new(State::default()),
             waiters: AtomicUsize::new(0),
@@ -515,13 +521,35 @@ impl Pool {
     /// tunnel, an HTTP/1.1 upgrade, a TCP listener's connection): a CONNECT stream naming the
     /// client for HBONE services, otherwise an mTLS connection through the gateway, with ALPN
     /// `istio` alone when `opaque` (bytes, not HTTP) or the service's HTTP ALPN otherwise.
-    pub async fn dedicated(&self, opaque: bool, client: SocketAddr) -> Result<Box<dyn crate::io::Io>, UpstreamError> {
+    /// `metadata`: the tenant's peer metadata, offered through the TCP metadata exchange on a
+    /// TCP service (HBONE carries none: ztunnel learns the peer from its certificate).
+    pub async fn dedicated(
+        &self,
+        opaque: bool,
+        client: SocketAddr,
+        metadata: Option<&crate::telemetry::PeerMetadata>,
+    ) -> Result<Box<dyn crate::io::Io>, UpstreamError> {
         match &self.hbone {
             Some(h) => Ok(Box::new(TokioIo::new(h.open(Some(client)).await?.1))),
             None => {
-                let tls = if opaque { &self.opaque_tls } else { &self.tls };
-                let (_, c) = connect_via(&self.gateway, tls, &self.settings, &self.service.name).await?;
-                Ok(Box::new(c.stream))
+                let (tls, metadata) = match (metadata, &self.mx_tls) {
+                    (Some(m), Some(mx)) => (mx, Some(m)),
+                    _ if opaque => (&self.opaque_tls, None),
+                    _ => (&self.tls, None),
+                };
+                let (addr, c) = connect_via(&self.gateway, tls, &self.settings, &self.service.name).await?;
+                match metadata {
+                    Some(m) if c.alpn.as_deref() == Some(crate::telemetry::MX_ALPN) => {
+                        let s = super::mx::Exchanging::start(c.stream, &m.preamble).await.map_err(|e| {
+                            UpstreamError::Tls {
+                                addr: addr.to_string(),
+                                reason: format!("metadata exchange: {e}"),
+                            }
+                        })?;
+                        Ok(Box::new(s))
+                    }
+                    _ => Ok(Box::new(c.stream)),
+                }
             }
         }
     }

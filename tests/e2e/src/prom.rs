@@ -117,6 +117,16 @@ impl Prometheus {
     /// Starts prometheus scraping `targets` as job `meshgate` every second, evaluating
     /// `rule_files` every second. Waits (bounded) until its API answers.
     pub async fn start(targets: &[SocketAddr], rule_files: &[PathBuf]) -> Prometheus {
+        Self::start_with(targets, &[], rule_files).await
+    }
+
+    /// [`Prometheus::start`], also scraping each `(job, target)` of `other_jobs` (e.g. the
+    /// mesh's sidecars, at `/stats/prometheus` as Istio serves them).
+    pub async fn start_with(
+        targets: &[SocketAddr],
+        other_jobs: &[(&str, SocketAddr)],
+        rule_files: &[PathBuf],
+    ) -> Prometheus {
         let bin = tool("prometheus", PROMETHEUS_HINT);
         let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
         let mut rules = String::new();
@@ -134,8 +144,14 @@ impl Prometheus {
             let dir = tempfile::tempdir().unwrap();
             let config = format!(
                 "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n{rules}\
-                 scrape_configs:\n  - job_name: meshgate\n    static_configs:\n      - targets: [{}]\n",
-                targets.join(", ")
+                 scrape_configs:\n  - job_name: meshgate\n    static_configs:\n      - targets: [{}]\n{}",
+                targets.join(", "),
+                other_jobs
+                    .iter()
+                    .map(|(job, t)| format!(
+                        "  - job_name: {job}\n    metrics_path: /stats/prometheus\n    static_configs:\n      - targets: [\"{t}\"]\n"
+                    ))
+                    .collect::<String>()
             );
             let config_path = dir.path().join("prometheus.yml");
             std::fs::write(&config_path, config).unwrap();

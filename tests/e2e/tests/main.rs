@@ -18,6 +18,7 @@ mod ops;
 mod prometheus;
 mod proxy_protocol;
 mod tcp;
+mod telemetry;
 mod tenant_identity;
 mod transcode;
 mod websocket;

@@ -266,15 +266,23 @@ fn run(cmd: &mut Command) -> String {
 /// the TLS handshake (no route for its SNI), so every request to it is an upstream failure
 /// (502 upstream_tls) while the gateway keeps serving everything else. Tenant `laptops` may
 /// call it (allow "*").
+/// The default services and tenants, plus a service no pod serves, and `telemetry:` for
+/// billing-vms so the mesh's own metrics name it (the dashboard's mesh panel).
 fn services_with_ghost() -> String {
-    default_services_and_tenants().replacen(
-        "tenants:\n",
-        &format!(
-            "  ghost:\n    host: {}\n    port: 9080\n    protocol: http2\ntenants:\n",
-            host("ghost")
-        ),
-        1,
-    )
+    default_services_and_tenants()
+        .replacen(
+            "tenants:\n",
+            &format!(
+                "  ghost:\n    host: {}\n    port: 9080\n    protocol: http2\ntenants:\n",
+                host("ghost")
+            ),
+            1,
+        )
+        .replacen(
+            "    allow: [reviews, reviews-v2, ratings]\n",
+            "    allow: [reviews, reviews-v2, ratings]\n    telemetry:\n      workload: billing-batch\n      app: billing\n",
+            1,
+        )
 }
 
 const KEY: (&str, &str) = ("x-meshgate-key", LAPTOP_KEY);
@@ -604,6 +612,8 @@ fn dashboard_is_well_formed() {
         "meshgate_draining",
         "meshgate_ready",
         "meshgate_build_info",
+        "meshgate_tenant_info",
+        "istio_requests_total",
         "process_cpu_seconds_total",
         "process_resident_memory_bytes",
         "up{",
@@ -754,7 +764,8 @@ async fn prometheus_evaluates_every_dashboard_query_and_rule() {
 }
 
 async fn check_with_prometheus(env: &Env) {
-    let prom = &Prometheus::start(&[env.admin_addr()], &rule_paths()).await;
+    let mesh_metrics = env.mesh.serve_istio_metrics().await.unwrap();
+    let prom = &Prometheus::start_with(&[env.admin_addr()], &[("istio-mesh", mesh_metrics)], &rule_paths()).await;
     // Everything below shares one bound: scrapes and rule evaluations run every second, so
     // rate() over 1m has its two samples within seconds; 90 s only stops a hung test.
     let deadline = Instant::now() + Duration::from_secs(90);

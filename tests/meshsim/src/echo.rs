@@ -137,6 +137,8 @@ pub(crate) struct SidecarView {
     pub peer_metadata_id: Option<String>,
     /// `x-envoy-peer-metadata` the sidecar consumed (and removed) from the request.
     pub peer_metadata: Option<String>,
+    /// The `source_*` labels Istio's stats would give this request.
+    pub source: crate::peer::Source,
 }
 
 #[derive(Debug, Default)]
@@ -326,6 +328,7 @@ pub(crate) async fn serve(
             "xfcc": xfcc,
             "peer_metadata_id": view.peer_metadata_id,
             "peer_metadata": view.peer_metadata,
+            "source": view.source,
         });
         let mut text = json.to_string();
         text.push('\n');

@@ -15,6 +15,7 @@ pub mod hbone;
 pub mod hello;
 pub mod issuers;
 pub mod mesh;
+pub mod peer;
 pub mod sidecar;
 pub mod spec;
 pub mod stats;
@@ -24,6 +25,7 @@ pub use ca::{IdentityFiles, IssueOptions, MeshCa, WorkloadCert};
 pub use echo::{pattern_byte, pattern_sha256};
 pub use hbone::{ConnectSeen, HboneStats};
 pub use mesh::Mesh;
+pub use peer::Source;
 pub use spec::{
     demo_spec, outbound_sni, spiffe_id, MeshSpec, PodIdentity, PodSpec, ServiceSpec, ALPN_ISTIO_H2, ALPN_ISTIO_HTTP10,
     ALPN_ISTIO_HTTP11, CLUSTER_DOMAIN, ISTIO_MTLS_ALPNS, TRUST_DOMAIN,

@@ -35,6 +35,8 @@ pub struct Mesh {
     gateway_service: tokio::sync::Mutex<Option<Service>>,
     pods: Vec<Pod>,
     ambient: crate::hbone::Ambient,
+    /// The sidecars' Prometheus endpoint, once [`Mesh::serve_istio_metrics`] started it.
+    istio_metrics: Mutex<Option<Service>>,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -133,6 +135,7 @@ impl Mesh {
             gateway_service: tokio::sync::Mutex::new(Some(service)),
             pods,
             ambient,
+            istio_metrics: Mutex::new(None),
         })
     }
 
@@ -266,9 +269,82 @@ impl Mesh {
         }
     }
 
+    /// What the sidecars' stats filters would export (destination reporter), in the Prometheus
+    /// text format: `istio_requests_total` for HTTP pods, `istio_tcp_connections_opened_total`
+    /// for TCP ones, with the `source_*` labels taken from peer metadata as [`crate::peer`]
+    /// decodes it.
+    pub fn istio_metrics(&self) -> String {
+        let pods: Vec<Arc<PodInfo>> = self.pods.iter().map(|p| p.info.clone()).collect();
+        istio_metrics_text(&pods)
+    }
+
+    /// Serves [`Mesh::istio_metrics`] at `GET /stats/prometheus` (any path) on a loopback port,
+    /// for a Prometheus server to scrape like a mesh's sidecars.
+    pub async fn serve_istio_metrics(&self) -> anyhow::Result<SocketAddr> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let addr = listener.local_addr()?;
+        let pods: Arc<Vec<Arc<PodInfo>>> = Arc::new(self.pods.iter().map(|p| p.info.clone()).collect());
+        let service = Service::spawn(listener, move |stream, _| {
+            let pods = pods.clone();
+            async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    let text = istio_metrics_text(&pods);
+                    async move {
+                        let mut r = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(text)));
+                        r.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static("text/plain; version=0.0.4"),
+                        );
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            }
+        });
+        *self.istio_metrics.lock().unwrap_or_else(|e| e.into_inner()) = Some(service);
+        Ok(addr)
+    }
+
     fn pod(&self, name: &str) -> Option<&Pod> {
         self.pods.iter().find(|p| p.info.name == name)
     }
+}
+
+fn istio_metrics_text(pods: &[Arc<PodInfo>]) -> String {
+    fn esc(v: &str) -> String {
+        v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    }
+    let mut http = String::new();
+    let mut tcp = String::new();
+    for pod in pods {
+        for (src, n) in pod.counters.snapshot().sources {
+            let line = format!(
+                "{{reporter=\"destination\",source_workload=\"{}\",source_workload_namespace=\"{}\",source_app=\"{}\",source_version=\"{}\",source_canonical_service=\"{}\",source_canonical_revision=\"{}\",source_cluster=\"{}\",source_principal=\"{}\",destination_workload=\"{}\",destination_workload_namespace=\"{}\",destination_canonical_service=\"{}\",destination_service_name=\"{}\"}} {n}\n",
+                esc(&src.workload),
+                esc(&src.namespace),
+                esc(&src.app),
+                esc(&src.version),
+                esc(&src.canonical_service),
+                esc(&src.canonical_revision),
+                esc(&src.cluster),
+                esc(&src.principal),
+                esc(&pod.service),
+                esc(&pod.namespace),
+                esc(&pod.service),
+                esc(&pod.service),
+            );
+            if pod.tcp {
+                tcp.push_str("istio_tcp_connections_opened_total");
+                tcp.push_str(&line);
+            } else {
+                http.push_str("istio_requests_total");
+                http.push_str(&line);
+            }
+        }
+    }
+    format!("# TYPE istio_requests_total counter\n{http}# TYPE istio_tcp_connections_opened_total counter\n{tcp}")
 }
 
 fn spawn_gateway(listener: TcpListener, gw: Arc<GatewayShared>) -> Service {

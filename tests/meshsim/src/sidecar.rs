@@ -40,6 +40,9 @@ use crate::tasks::OwnedExecutor;
 /// Envoy's HTTP filter-chain ALPN, in server priority order (`ALPNHttp`, §2.4). It deliberately
 /// has no `istio`: that would hide the real protocol.
 pub const SIDECAR_ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+/// A TCP chain with metadata exchange (`ALPNDownstreamWithMxc`, §2.4): a client offering
+/// `istio-peer-exchange` gets it, and the exchange runs (§2.5).
+pub const SIDECAR_TCP_ALPN: [&[u8]; 3] = [b"istio-peer-exchange", b"h2", b"http/1.1"];
 
 /// TLS handshake deadline (from TCP accept to handshake done).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -86,6 +89,7 @@ pub fn envoy_server_provider() -> CryptoProvider {
 /// the hello first and picking the config without ALPN in that case reproduces Envoy.
 pub(crate) struct SidecarTls {
     with_alpn: Arc<ServerConfig>,
+    tcp_with_alpn: Arc<ServerConfig>,
     without_alpn: Arc<ServerConfig>,
 }
 
@@ -106,20 +110,22 @@ impl SidecarTls {
             .context("server certificate")?;
         let mut with_alpn = base.clone();
         with_alpn.alpn_protocols = SIDECAR_ALPN.iter().map(|p| p.to_vec()).collect();
+        let mut tcp_with_alpn = base.clone();
+        tcp_with_alpn.alpn_protocols = SIDECAR_TCP_ALPN.iter().map(|p| p.to_vec()).collect();
         Ok(SidecarTls {
             with_alpn: Arc::new(with_alpn),
+            tcp_with_alpn: Arc::new(tcp_with_alpn),
             without_alpn: Arc::new(base),
         })
     }
 
-    fn for_client_alpn<'a>(&self, offered: Option<impl Iterator<Item = &'a [u8]>>) -> Arc<ServerConfig> {
-        let overlap = offered
-            .map(|mut it| it.any(|p| SIDECAR_ALPN.contains(&p)))
-            .unwrap_or(false);
-        if overlap {
-            self.with_alpn.clone()
-        } else {
-            self.without_alpn.clone()
+    fn for_client_alpn<'a>(&self, offered: Option<impl Iterator<Item = &'a [u8]>>, tcp: bool) -> Arc<ServerConfig> {
+        let list: &[&[u8]] = if tcp { &SIDECAR_TCP_ALPN } else { &SIDECAR_ALPN };
+        let overlap = offered.map(|mut it| it.any(|p| list.contains(&p))).unwrap_or(false);
+        match (overlap, tcp) {
+            (true, true) => self.tcp_with_alpn.clone(),
+            (true, false) => self.with_alpn.clone(),
+            (false, _) => self.without_alpn.clone(),
         }
     }
 }
@@ -143,6 +149,8 @@ pub(crate) struct PodInfo {
     pub(crate) goaway: watch::Sender<u64>,
     metadata_id: HeaderValue,
     metadata: HeaderValue,
+    /// This pod's own metadata-exchange preamble, for TCP peers that ask for the exchange.
+    mx_preamble: Vec<u8>,
 }
 
 impl PodInfo {
@@ -158,12 +166,21 @@ impl PodInfo {
         counters: PodCounters,
         tls: SidecarTls,
     ) -> anyhow::Result<Self> {
-        let metadata = peer_metadata_value(&[
-            ("NAME", name),
-            ("NAMESPACE", namespace),
-            ("SERVICE_ACCOUNT", service_account),
-            ("CLUSTER_ID", "Kubernetes"),
+        let labels: &[(&str, &str)] = &[("app", service), ("service.istio.io/canonical-name", service)];
+        use crate::peer::Field;
+        let fields = crate::peer::encode_struct(&[
+            ("NAME", Field::Str(name)),
+            ("NAMESPACE", Field::Str(namespace)),
+            ("SERVICE_ACCOUNT", Field::Str(service_account)),
+            ("CLUSTER_ID", Field::Str("Kubernetes")),
+            ("WORKLOAD_NAME", Field::Str(service)),
+            ("LABELS", Field::Map(labels)),
         ]);
+        let metadata = {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(&fields)
+        };
+        let metadata_id = format!("sidecar~10.0.0.1~{name}.{namespace}~{namespace}.svc.cluster.local");
         Ok(PodInfo {
             name: name.to_string(),
             service: service.to_string(),
@@ -176,7 +193,8 @@ impl PodInfo {
             counters,
             tls,
             goaway: watch::Sender::new(0),
-            metadata_id: HeaderValue::from_str(&format!("sidecar~{name}"))?,
+            mx_preamble: crate::peer::preamble(&fields, &metadata_id),
+            metadata_id: HeaderValue::from_str(&metadata_id)?,
             metadata: HeaderValue::from_str(&metadata)?,
         })
     }
@@ -251,7 +269,7 @@ pub(crate) async fn serve_connection(pod: Arc<PodInfo>, tcp: TcpStream, peer_add
     let _ = tcp.set_nodelay(true);
     let handshake = async {
         let start = LazyConfigAcceptor::new(Acceptor::default(), tcp).await?;
-        let config = pod.tls.for_client_alpn(start.client_hello().alpn());
+        let config = pod.tls.for_client_alpn(start.client_hello().alpn(), pod.tcp);
         start.into_stream(config).await
     };
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
@@ -329,7 +347,7 @@ pub(crate) async fn serve_connection(pod: Arc<PodInfo>, tcp: TcpStream, peer_add
 /// Envoy's inbound TCP chain with `tcp_proxy` to an echo app: L4 RBAC on the peer principal,
 /// then every byte received is sent back; the client's half-close (EOF) is passed on as ours
 /// once everything has been echoed.
-async fn serve_tcp<S>(pod: &PodInfo, conn: &ConnInfo, tls: S, peer_addr: SocketAddr)
+async fn serve_tcp<S>(pod: &PodInfo, conn: &ConnInfo, mut tls: S, peer_addr: SocketAddr)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -341,9 +359,31 @@ where
         }
     }
     pod.counters.tcp_connections.inc();
+    // The metadata exchange runs only when it was negotiated (§2.5); otherwise the peer is
+    // attributed from its certificate alone, as Istio does.
+    let mut first = Vec::new();
+    let mut metadata = None;
+    if conn.alpn.as_deref() == Some("istio-peer-exchange") {
+        match tokio::time::timeout(IDLE_TIMEOUT, crate::peer::server_exchange(&mut tls, &pod.mx_preamble)).await {
+            Ok(Ok((m, rest))) => (metadata, first) = (m, rest),
+            Ok(Err(e)) => {
+                tracing::debug!(pod = %pod.name, %peer_addr, error = %e, "metadata exchange failed");
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+    pod.counters.sources.record(crate::peer::Source::attribute(
+        conn.peer.uris.first().map(String::as_str),
+        metadata.as_ref(),
+    ));
     let (mut rd, mut wr) = tokio::io::split(tls);
     let mut buf = vec![0u8; 64 * 1024];
     let result = async {
+        if !first.is_empty() {
+            wr.write_all(&first).await?;
+            pod.counters.tcp_bytes.add(first.len() as u64);
+        }
         loop {
             let n = tokio::time::timeout(IDLE_TIMEOUT, rd.read(&mut buf)).await??;
             if n == 0 {
@@ -472,16 +512,24 @@ async fn handle_request(
         if !allowed.iter().any(|p| principal_matches(p, &conn.peer.uris)) {
             pod.counters.rbac_denied.inc();
             let mut resp = echo::full(StatusCode::FORBIDDEN, "text/plain", "RBAC: access denied");
-            add_response_headers(pod, &mut resp);
+            add_response_headers(pod, &mut resp, false);
             return Ok(resp);
         }
     }
 
     // Metadata exchange (§3.2): the inbound filter reads these and removes them.
     let headers = req.headers_mut();
+    let peer_metadata = headers.remove(PEER_METADATA);
+    // Istio ignores metadata it cannot decode: the peer is then attributed as unknown.
+    let decoded = peer_metadata
+        .as_ref()
+        .and_then(|v| crate::peer::decode_header(v.as_bytes()).ok());
+    let source = crate::peer::Source::attribute(conn.peer.uris.first().map(String::as_str), decoded.as_ref());
+    pod.counters.sources.record(source.clone());
     let view = SidecarView {
         peer_metadata_id: headers.remove(PEER_METADATA_ID).map(|v| lossy(&v)),
-        peer_metadata: headers.remove(PEER_METADATA).map(|v| lossy(&v)),
+        peer_metadata: peer_metadata.map(|v| lossy(&v)),
+        source,
     };
 
     // XFCC APPEND_FORWARD (§3.1): keep what came in, append this hop's element.
@@ -501,17 +549,22 @@ async fn handle_request(
         headers.insert(XFCC, v);
     }
 
+    let received_metadata = view.peer_metadata.is_some();
     let mut resp = echo::serve(pod, conn, view, req).await?;
-    add_response_headers(pod, &mut resp);
+    add_response_headers(pod, &mut resp, received_metadata);
     Ok(resp)
 }
 
-fn add_response_headers(pod: &PodInfo, resp: &mut Response<EchoBody>) {
+/// `metadata`: the request carried peer metadata; only then does Istio's filter answer with
+/// the pod's own (`if (!downstream_ || ctx.request_peer_received_)`).
+fn add_response_headers(pod: &PodInfo, resp: &mut Response<EchoBody>, metadata: bool) {
     let h = resp.headers_mut();
     // OVERWRITE, as Istio configures the inbound HCM (§2.7).
     h.insert(SERVER, HeaderValue::from_static("istio-envoy"));
-    h.insert(PEER_METADATA_ID, pod.metadata_id.clone());
-    h.insert(PEER_METADATA, pod.metadata.clone());
+    if metadata {
+        h.insert(PEER_METADATA_ID, pod.metadata_id.clone());
+        h.insert(PEER_METADATA, pod.metadata.clone());
+    }
 }
 
 /// One XFCC element as Envoy builds it for `subject, uri, dns` (§3.1): `By` (our URI SAN),
@@ -557,51 +610,6 @@ fn lossy(v: &HeaderValue) -> String {
     String::from_utf8_lossy(v.as_bytes()).into_owned()
 }
 
-/// `x-envoy-peer-metadata`: base64 of a `google.protobuf.Struct` with string fields, the shape
-/// Istio's metadata exchange puts there. Hand-encoded (a handful of bytes) to avoid protobuf and
-/// base64 dependencies.
-fn peer_metadata_value(fields: &[(&str, &str)]) -> String {
-    fn varint(out: &mut Vec<u8>, mut n: usize) {
-        while n >= 0x80 {
-            out.push((n as u8 & 0x7f) | 0x80);
-            n >>= 7;
-        }
-        out.push(n as u8);
-    }
-    fn field(out: &mut Vec<u8>, tag: u8, bytes: &[u8]) {
-        out.push(tag);
-        varint(out, bytes.len());
-        out.extend_from_slice(bytes);
-    }
-    let mut msg = Vec::new();
-    for (k, v) in fields {
-        let mut value = Vec::new();
-        field(&mut value, 0x1a, v.as_bytes()); // Value.string_value = 3
-        let mut entry = Vec::new();
-        field(&mut entry, 0x0a, k.as_bytes()); // key = 1
-        field(&mut entry, 0x12, &value); // value = 2
-        field(&mut msg, 0x0a, &entry); // Struct.fields = 1 (map entry)
-    }
-    base64_encode(&msg)
-}
-
-fn base64_encode(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -633,20 +641,5 @@ mod tests {
             xfcc_element(Some("spiffe://td/ns/x/sa/y"), &peer),
             "By=spiffe://td/ns/x/sa/y;Hash=ab;Subject=\"\";URI=spiffe://td/ns/a/sa/b"
         );
-    }
-
-    #[test]
-    fn base64_matches_rfc4648_vectors() {
-        for (i, o) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(base64_encode(i.as_bytes()), o);
-        }
     }
 }

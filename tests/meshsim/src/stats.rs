@@ -46,6 +46,8 @@ pub struct PodStats {
     pub tcp_connections: u64,
     /// Bytes the TCP echo app received (and sent back).
     pub tcp_bytes: u64,
+    /// Requests (and TCP connections) by the `source_*` labels Istio's stats would give them.
+    pub sources: BTreeMap<crate::peer::Source, u64>,
 }
 
 /// Wakes whoever waits for a stats change. Shared by every counter of one mesh.
@@ -89,6 +91,34 @@ impl Counter {
     }
     pub(crate) fn get(&self) -> u64 {
         self.value.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts per attributed source, announcing changes like [`Counter`].
+#[derive(Debug)]
+pub(crate) struct SourceCounter {
+    map: std::sync::Mutex<BTreeMap<crate::peer::Source, u64>>,
+    changes: Arc<Changes>,
+}
+
+impl SourceCounter {
+    pub(crate) fn new(changes: &Arc<Changes>) -> Self {
+        SourceCounter {
+            map: std::sync::Mutex::new(BTreeMap::new()),
+            changes: changes.clone(),
+        }
+    }
+    pub(crate) fn record(&self, source: crate::peer::Source) {
+        *self
+            .map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(source)
+            .or_default() += 1;
+        self.changes.bump();
+    }
+    fn snapshot(&self) -> BTreeMap<crate::peer::Source, u64> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -136,6 +166,7 @@ pub(crate) struct PodCounters {
     pub rbac_denied: Counter,
     pub tcp_connections: Counter,
     pub tcp_bytes: Counter,
+    pub sources: SourceCounter,
 }
 
 impl PodCounters {
@@ -148,6 +179,7 @@ impl PodCounters {
             rbac_denied: Counter::new(ch),
             tcp_connections: Counter::new(ch),
             tcp_bytes: Counter::new(ch),
+            sources: SourceCounter::new(ch),
         }
     }
 
@@ -160,6 +192,7 @@ impl PodCounters {
             rbac_denied: self.rbac_denied.get(),
             tcp_connections: self.tcp_connections.get(),
             tcp_bytes: self.tcp_bytes.get(),
+            sources: self.sources.snapshot(),
         }
     }
 }

@@ -38,6 +38,43 @@ pub struct RawConfig {
     pub log: Option<RawLog>,
     #[serde(default)]
     pub reload: Option<RawReload>,
+    /// The workload names the mesh's telemetry sees for tenants without a `telemetry:` block
+    /// of their own (and the fields theirs leave out).
+    #[serde(default)]
+    pub telemetry: Option<Spanned<RawTelemetry>>,
+    #[serde(default)]
+    pub tracing: Option<Spanned<RawTracing>>,
+}
+
+/// How a tenant appears in Istio's telemetry (`source_workload`, `source_app`, ...): sent as
+/// the peer metadata a sidecar sends (docs/config.md, "Telemetry").
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelemetry {
+    pub workload: Option<Spanned<String>>,
+    pub namespace: Option<Spanned<String>>,
+    pub app: Option<Spanned<String>>,
+    pub version: Option<Spanned<String>>,
+    pub canonical_service: Option<Spanned<String>>,
+    pub canonical_revision: Option<Spanned<String>>,
+    pub cluster_id: Option<Spanned<String>>,
+    /// Extra workload labels (as a pod's labels).
+    #[serde(default)]
+    pub labels: OrderedMap<String>,
+}
+
+/// Trace context for requests that arrive without one.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    /// Fraction (0 to 1) of the traces meshgate starts that are marked sampled.
+    #[serde(default = "d_sample_rate")]
+    pub sample_rate: f64,
+}
+
+/// Istio's default (`meshConfig.defaultConfig.tracing.sampling: 1.0`, in percent).
+pub fn d_sample_rate() -> f64 {
+    0.01
 }
 
 /// Graceful drain on SIGTERM / `POST /drain`.
@@ -336,6 +373,10 @@ pub struct RawTenant {
     /// the mesh sees a distinct principal per tenant.
     #[serde(default)]
     pub identity: Option<Spanned<RawIdentity>>,
+    /// How the mesh's telemetry names this tenant's requests; fields left out come from the
+    /// top-level `telemetry:`.
+    #[serde(default)]
+    pub telemetry: Option<Spanned<RawTelemetry>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

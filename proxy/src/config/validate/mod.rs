@@ -1,12 +1,14 @@
 //! Turns a parsed [`RawConfig`] into a [`Snapshot`], or into every error it contains, each with
 //! its line. Cross-references, uniqueness and the identity files are checked here, one part of
 //! the file per module: `listeners.rs`, `services.rs`, `tenants.rs`, `settings.rs` (admin,
-//! limits, drain, upstream, the key header) and `identity.rs` (files and issuers).
+//! limits, drain, upstream, the key header), `identity.rs` (files and issuers) and
+//! `telemetry.rs` (the names the mesh's telemetry sees, tracing).
 
 mod identity;
 mod listeners;
 mod services;
 mod settings;
+mod telemetry;
 mod tenants;
 
 use std::path::{Path, PathBuf};
@@ -89,6 +91,8 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
     let upstream = settings::upstream(&raw, errs);
     // Identity, last: it touches files, and its errors are clearer once the rest is right.
     let (identity, tenant_identities) = identity::identities(path, &raw, &mut tenants, (&td, td_ok), now, errs);
+    telemetry::telemetry(&raw, &mut tenants.list, identity.as_ref(), &tenant_identities, errs);
+    let tracing = telemetry::tracing(&raw, errs);
     Some(Snapshot {
         path: path.to_owned(),
         listeners: listeners.list,
@@ -107,5 +111,6 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
         tenant_names: tenants.names,
         api_key_header: api_key_header?,
         upstream,
+        tracing,
     })
 }

@@ -110,6 +110,7 @@ pub(super) fn tenants<'a>(
             }),
             max_concurrent_requests: t.max_concurrent_requests,
             identity: 0,
+            telemetry: None,
             key_hashes,
             allow: if allow_all {
                 Allow::All
