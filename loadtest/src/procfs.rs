@@ -20,12 +20,18 @@ fn ticks_per_sec() -> f64 {
 /// User + system CPU time the process has used so far.
 pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name (field 2) may contain spaces; the fields after it start past ')'.
+    Ok(Duration::from_secs_f64(cpu_ticks(&stat)? as f64 / ticks_per_sec()))
+}
+
+/// utime + stime, in clock ticks, from the text of `/proc/PID/stat`.
+fn cpu_ticks(stat: &str) -> anyhow::Result<u64> {
+    // The command name (field 2) may contain spaces and parentheses; the fields after it start
+    // past the last ')'.
     let rest = &stat[stat.rfind(')').ok_or_else(|| anyhow::anyhow!("bad stat"))? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
+    anyhow::ensure!(f.len() > 12, "stat has {} fields after the name", f.len());
     // After the name: state is field 3, so utime (14) and stime (15) are at 11 and 12 here.
-    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-    Ok(Duration::from_secs_f64(ticks as f64 / ticks_per_sec()))
+    Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
 }
 
 /// (resident now, peak resident) in KiB, from `/proc/PID/status`.
@@ -43,16 +49,42 @@ pub fn memory_kib(pid: u32) -> anyhow::Result<(u64, u64)> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
     #[test]
-    fn reads_our_own_process() {
+    fn utime_and_stime_found_after_an_awkward_name() {
+        // Fields 14 and 15 are 250 and 50 ticks; the name has spaces and a ')'.
+        let stat = "4242 (my (odd) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0 7 0 0";
+        assert_eq!(super::cpu_ticks(stat).unwrap(), 300);
+        assert!(super::cpu_ticks("4242 (truncated) S 1 2").is_err());
+    }
+
+    #[test]
+    fn measures_what_this_thread_spends() {
         let pid = std::process::id();
+        let before = super::cpu_time(pid).unwrap();
+        // Half a second of work on this thread: the process's CPU time grows by about that
+        // (ticks are 10 ms; other test threads can only add to it).
+        let start = Instant::now();
         let mut x = 0u64;
-        for i in 0..20_000_000u64 {
-            x = x.wrapping_mul(31).wrapping_add(i);
+        while start.elapsed() < Duration::from_millis(500) {
+            for i in 0..100_000u64 {
+                x = x.wrapping_mul(31).wrapping_add(i);
+            }
         }
         assert!(x != 1);
-        assert!(super::cpu_time(pid).unwrap() > std::time::Duration::ZERO);
+        let spent = super::cpu_time(pid).unwrap() - before;
+        assert!(
+            spent >= Duration::from_millis(300),
+            "{spent:?} of CPU for 500 ms of work"
+        );
+
+        // Touching 64 MiB raises the resident size by about that much.
+        let (rss_before, _) = super::memory_kib(pid).unwrap();
+        let block = vec![1u8; 64 << 20];
         let (rss, peak) = super::memory_kib(pid).unwrap();
-        assert!(rss > 0 && peak >= rss);
+        assert!(block.iter().step_by(4096).all(|b| *b == 1));
+        assert!(rss >= rss_before + 48 * 1024, "{rss_before} KiB -> {rss} KiB");
+        assert!(peak >= rss);
     }
 }

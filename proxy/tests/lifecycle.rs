@@ -45,6 +45,21 @@ async fn start_binary(
     dir: &std::path::Path,
     extra: &str,
 ) -> (Proc, std::net::SocketAddr, std::net::SocketAddr) {
+    let (proc, listen, admin, _) = start_binary_with(mesh, dir, extra, &["--log-format", "json"], false).await;
+    (proc, listen, admin)
+}
+
+/// Lines the process wrote to stderr so far (its log).
+type Captured = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// [`start_binary`] with `args` after `run -c FILE`, and its stderr captured when `capture`.
+async fn start_binary_with(
+    mesh: &meshsim::Mesh,
+    dir: &std::path::Path,
+    extra: &str,
+    args: &[&str],
+    capture: bool,
+) -> (Proc, std::net::SocketAddr, std::net::SocketAddr, Captured) {
     let cert = mesh.ca().issue("meshgate", "meshgate").unwrap();
     cert.write_files(dir, &mesh.ca().root_pem()).unwrap();
     let listen: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -56,12 +71,25 @@ async fn start_binary(
     );
     let path = dir.join("meshgate.yaml");
     std::fs::write(&path, config).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_meshgate"))
-        .args(["run", "-c", path.to_str().unwrap(), "--log-format", "json"])
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshgate"))
+        .args(["run", "-c", path.to_str().unwrap()])
+        .args(args)
+        // The log settings under test are the config's and the flags', not the environment's.
+        .env_remove("RUST_LOG")
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(if capture { Stdio::piped() } else { Stdio::inherit() })
         .spawn()
         .unwrap();
+    let captured = Captured::default();
+    if let Some(stderr) = child.stderr.take() {
+        let lines = captured.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+    }
     let proc = Proc(child);
     eventually(Duration::from_secs(30), "meshgate to become ready", || async {
         matches!(
@@ -70,7 +98,7 @@ async fn start_binary(
         )
     })
     .await;
-    (proc, listen, admin)
+    (proc, listen, admin, captured)
 }
 
 #[tokio::test]
@@ -191,4 +219,112 @@ async fn second_sigterm_exits_at_once() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(status.code(), Some(1));
+}
+
+/// The README's promise: one access-log line per request with client, tenant, service, method,
+/// authority, path, status, reason, duration, bytes, upstream reuse and request id; and
+/// `--log-format`/`--log-level` override the config's `log:`.
+#[tokio::test]
+async fn one_access_log_line_per_request_and_flags_override_the_config() {
+    let mesh = meshsim::Mesh::start(meshsim::demo_spec()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // The config says pretty and warn (no access lines at all); the flags say JSON and info.
+    let log = "log:\n  level: warn\n  format: pretty\n";
+    let (proc, listen, _admin, lines) = start_binary_with(
+        &mesh,
+        dir.path(),
+        log,
+        &["--log-format", "json", "--log-level", "info"],
+        true,
+    )
+    .await;
+    let send = |method: &'static str, h: String, id: &'static str, body: &'static [u8]| async move {
+        let mut c = Client::connect(listen, BILLING_IP.parse().unwrap(), false)
+            .await
+            .unwrap();
+        let req = http::Request::builder()
+            .method(method)
+            .uri("/logged?q=1")
+            .header("host", h)
+            .header("x-request-id", id)
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(body)))
+            .unwrap();
+        c.send(req).await.unwrap().status
+    };
+    assert_eq!(
+        send("POST", host("reviews"), "log-ok-1", b"hello").await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send("GET", host("details"), "log-denied-1", b"").await,
+        StatusCode::FORBIDDEN
+    );
+
+    let entry = |id: &'static str| {
+        let lines = lines.clone();
+        async move {
+            let found: Vec<serde_json::Value> = lines
+                .lock()
+                .unwrap()
+                .iter()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|j| j["target"] == "access" && j["request_id"] == id)
+                .collect();
+            found
+        }
+    };
+    eventually(Duration::from_secs(10), "both access-log lines", || async {
+        !entry("log-ok-1").await.is_empty() && !entry("log-denied-1").await.is_empty()
+    })
+    .await;
+    let ok = entry("log-ok-1").await;
+    assert_eq!(ok.len(), 1, "one line per request: {ok:?}");
+    let j = &ok[0];
+    assert_eq!(j["level"], "INFO");
+    assert_eq!(j["listener"], "vm");
+    assert!(
+        j["client"].as_str().unwrap().starts_with(&format!("{BILLING_IP}:")),
+        "{j}"
+    );
+    assert_eq!(j["tenant"], "billing-vms");
+    assert_eq!(j["service"], "reviews");
+    assert_eq!(j["method"], "POST");
+    assert_eq!(j["authority"], host("reviews"));
+    assert_eq!(j["path"], "/logged");
+    assert_eq!(j["status"], 200);
+    assert_eq!(j["reason"], "");
+    assert!(j["duration_ms"].as_f64().unwrap() > 0.0, "{j}");
+    assert_eq!(j["bytes_in"], 5);
+    assert!(j["bytes_out"].as_u64().unwrap() > 0, "{j}");
+    assert!(matches!(j["upstream_conn"].as_str(), Some("new" | "reused")), "{j}");
+    assert_eq!(j["completed"], true);
+    let denied = entry("log-denied-1").await;
+    assert_eq!(denied.len(), 1, "{denied:?}");
+    let j = &denied[0];
+    assert_eq!(
+        (j["status"].as_u64(), j["reason"].as_str()),
+        (Some(403), Some("service_not_allowed"))
+    );
+    assert_eq!(j["service"], "details");
+    assert_eq!(j["upstream_conn"], "-");
+    drop(proc);
+
+    // Without the flags, the config's own settings hold: warn keeps access lines out, and
+    // whatever is logged is not JSON.
+    let dir = tempfile::tempdir().unwrap();
+    let (proc, listen, _admin, lines) = start_binary_with(&mesh, dir.path(), log, &[], true).await;
+    let mut c = Client::connect(listen, BILLING_IP.parse().unwrap(), false)
+        .await
+        .unwrap();
+    let req = http::Request::get("/")
+        .header("host", host("reviews"))
+        .header("x-request-id", "log-quiet-1")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(c.send(req).await.unwrap().status, StatusCode::OK);
+    drop(c);
+    drop(proc);
+    let lines = lines.lock().unwrap();
+    assert!(!lines.iter().any(|l| l.contains("log-quiet-1")), "{lines:?}");
+    assert!(!lines.iter().any(|l| l.starts_with('{')), "{lines:?}");
 }

@@ -16,6 +16,7 @@ use tokio::net::TcpSocket;
 
 pub use meshsim;
 
+pub mod bao;
 pub mod prom;
 
 pub const TD: &str = "cluster.local";

@@ -70,7 +70,6 @@ async fn tenant_rate_limit_gives_429_with_retry_after_and_spares_others() {
     eprintln!("sent 12: {ok} ok, {limited} rate-limited");
     // The burst passes; the refill (one token per 100 s) adds nothing within this test.
     assert_eq!((ok, limited), (5, 7));
-    assert_eq!(ok + limited, 12);
     // Another tenant is unaffected.
     let r = env
         .get("127.99.0.1", &host("details"), "/", &[("x-meshgate-key", LAPTOP_KEY)])
@@ -206,14 +205,18 @@ async fn oversized_and_too_many_headers_are_refused() {
         "a".repeat(40_000)
     );
     let text = raw(&env, BILLING_IP, big.as_bytes()).await;
-    assert!(text.starts_with("HTTP/1.1 431") || text.is_empty(), "{text}");
+    // The promised status with its one-line reason, then a close: never a bare close.
+    assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+    assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
+    assert!(text.contains("meshgate: "), "{text}");
     let mut many = format!("GET / HTTP/1.1\r\nHost: {}\r\n", host("reviews"));
     for i in 0..40 {
         many.push_str(&format!("X-H{i}: v\r\n"));
     }
     many.push_str("\r\n");
     let text = raw(&env, BILLING_IP, many.as_bytes()).await;
-    assert!(text.starts_with("HTTP/1.1 431") || text.is_empty(), "{text}");
+    assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+    assert!(text.contains("meshgate: "), "{text}");
     assert_eq!(env.mesh.stats().pods_total(|p| p.app_requests), 0);
 }
 
@@ -225,14 +228,23 @@ async fn slow_header_senders_are_disconnected() {
         .await
         .unwrap();
     let mut s = connect_from(env.addr(), BILLING_IP.parse().unwrap()).await.unwrap();
+    let started = std::time::Instant::now();
     s.write_all(b"GET / HTTP/1.1\r\nHost: rev").await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    // Bounded wait for the server's verdict (408 or a close), not a timing assertion.
-    let n = tokio::time::timeout(Duration::from_secs(15), s.read(&mut buf))
+    // Part of a head arrived, so the answer is the promised 408 and a close; read to the end.
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut got))
         .await
-        .expect("slowloris connection held open");
-    let text = String::from_utf8_lossy(&buf[..n.unwrap_or(0)]).to_string();
-    assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+        .expect("slowloris connection held open")
+        .unwrap();
+    let waited = started.elapsed();
+    let text = String::from_utf8_lossy(&got).to_string();
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("meshgate: "), "{text}");
+    // Not before the configured timeout; the 15 s bound above is only a ceiling.
+    assert!(
+        waited >= Duration::from_millis(950),
+        "answered after {waited:?}, before header_read_timeout"
+    );
 }
 
 #[tokio::test]
@@ -250,8 +262,8 @@ async fn ambiguous_framing_is_rejected() {
         let before = env.mesh.stats().pods_total(|p| p.app_requests);
         let text = raw(&env, BILLING_IP, c.as_bytes()).await;
         assert!(
-            text.starts_with("HTTP/1.1 400") || text.is_empty(),
-            "case {i} was not refused: {text}"
+            text.starts_with("HTTP/1.1 400"),
+            "case {i} was not refused with 400: {text}"
         );
         let reached = env.mesh.stats().pods_total(|p| p.app_requests) - before;
         // A bad chunk is only found while the body streams, after the headers went upstream: the
@@ -444,7 +456,20 @@ async fn http2_rapid_reset_closes_the_attacking_connection_only() {
     eprintln!("rapid reset: {sent} streams opened and reset; refused at {refused_at:?}; connection: {ended:?}; {reached} reached the app");
     let result = ended.expect("the attacking connection was not closed").unwrap();
     let err = result.expect_err("the server closed the connection without an error code");
-    assert!(err.is_go_away() || err.is_io() || err.reason().is_some(), "{err:?}");
+    // The server tore the connection down: h2's rapid-reset guard sends GOAWAY
+    // ENHANCE_YOUR_CALM and closes, so the client sees that GOAWAY, or, when it was still
+    // writing its resets, the closed socket. Any other error (a protocol error of the client's
+    // own making, a different GOAWAY code) fails.
+    let closed_by_server = err.get_io().is_some_and(|io| {
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
+        )
+    });
+    assert!(
+        (err.is_go_away() && err.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)) || closed_by_server,
+        "{err:?}"
+    );
     drop(client);
     // Far fewer requests than resets did any work upstream.
     assert!(reached < sent / 2, "{reached} of {sent} reset streams reached the app");

@@ -4,8 +4,6 @@
 mod autoscaler;
 #[path = "core.rs"]
 mod data_path;
-#[path = "demo.rs"]
-mod demo_cmd;
 mod faults;
 mod grpc;
 mod hardening;

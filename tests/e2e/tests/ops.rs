@@ -243,9 +243,11 @@ async fn config_file_change_is_picked_up_by_the_watcher() {
 
 #[tokio::test]
 async fn identity_rotation_under_load_keeps_every_request_and_uses_the_new_cert() {
+    // The watcher's own timer is out of the way (1 h): the test drives each poll itself, so the
+    // half-written state below is certainly seen, as many times as it says.
     let env = EnvBuilder::default()
         .admin()
-        .extra("reload:\n  interval: 100ms\n")
+        .extra("reload:\n  interval: 1h\n")
         .start()
         .await
         .unwrap();
@@ -258,8 +260,25 @@ async fn identity_rotation_under_load_keeps_every_request_and_uses_the_new_cert(
     // Written one file at a time, key first, as a naive rotation would: in between, the key does
     // not match the cert and must be ignored, not installed and not counted as an error.
     std::fs::write(env.dir.path().join("key.pem"), &new.key_pem).unwrap();
-    load.wait_for_more(100).await;
+    let app = env.gate.app.clone();
+    let polled = app.reload_identity().await;
+    assert!(
+        matches!(polled, Err(meshgate::identity::IdentityError::KeyMismatch { .. })),
+        "the half-written pair was not seen as one: {polled:?}"
+    );
+    // More polls of the same half-written files (fewer than the ones after which a mismatch
+    // counts as a failed reload), with requests flowing: the old pair stays in use.
+    for _ in 1..meshgate::app::MISMATCH_POLLS - 1 {
+        load.wait_for_more(50).await;
+        assert!(matches!(app.reload_identity().await, Ok(false)));
+        let j = env.get(BILLING_IP, &host("reviews"), "/", &[]).await.unwrap().json();
+        assert_eq!(xfcc_hash(&j), old_hash, "a request presented the half-written pair");
+    }
     std::fs::write(env.dir.path().join("cert-chain.pem"), &new.chain_pem).unwrap();
+    assert!(
+        matches!(app.reload_identity().await, Ok(true)),
+        "the completed pair was not installed"
+    );
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let new_hash = loop {

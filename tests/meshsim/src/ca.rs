@@ -218,6 +218,12 @@ impl MeshCa {
         CertificateDer::from_pem_slice(self.root_pem.as_bytes()).expect("rcgen produced an unreadable root PEM")
     }
 
+    /// The intermediate's certificate and private key in one PEM, as an operator hands a
+    /// plug-in CA to another issuer (Vault's `pki/config/ca` `pem_bundle`).
+    pub fn intermediate_bundle_pem(&self) -> String {
+        format!("{}{}", self.intermediate_pem, self.intermediate_key_pem)
+    }
+
     /// The intermediate signing CA as PEM.
     pub fn intermediate_pem(&self) -> String {
         self.intermediate_pem.clone()

@@ -4,13 +4,9 @@
 //!   HTTP/2, authenticated by a mesh client certificate or `authorization: Bearer <token>`,
 //!   with istio-csr's stricter CSR rules (§4.3): no subject, no DNS/IP/email SANs, URI SANs
 //!   equal to the caller's identity; lifetime min(requested, max).
-//! - [`VaultPki`]: **not Vault.** No Vault server can run here (Vault is not packaged for
-//!   Debian and not buildable offline), so this is an HTTP server implementing the documented
-//!   Vault PKI request/response (§4.4): `POST /v1/<mount>/issue/<role>` and `sign/<role>` with
-//!   `X-Vault-Token`, role `allowed_uri_sans` and `max_ttl`, `POST /v1/auth/<mount>/login` for
-//!   AppRole, errors as `{"errors": [...]}`, and 503 "Vault is sealed" when sealed.
 //!
-//! Both count what they issue and can be taken down and brought back, for renewal tests.
+//! It counts what it issues and can be taken down and brought back, for renewal tests. Vault
+//! needs no stand-in: the tests run the real OpenBao server (`tests/e2e/src/bao.rs`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,14 +15,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::{HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::{HeaderValue, Request, Response};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
-use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 
 use crate::ca::{IssueOptions, MeshCa};
@@ -360,282 +354,9 @@ fn decode_request(mut msg: Bytes) -> Option<(String, i64)> {
     Some((csr?, validity))
 }
 
-// ---- Vault PKI -------------------------------------------------------------------------------
-
-/// A PKI role: which URI SANs it may issue and its longest lifetime.
-#[derive(Debug, Clone)]
-pub struct VaultRole {
-    pub name: String,
-    pub allowed_uri_sans: Vec<String>,
-    pub max_ttl: Duration,
-    /// Vault's `require_cn` (true by default in Vault): requests must name a `common_name`.
-    pub require_cn: bool,
-}
-
-struct VaultState {
-    ca: MeshCa,
-    mount: String,
-    roles: Vec<VaultRole>,
-    tokens: Mutex<Vec<String>>,
-    approles: Vec<(String, String)>,
-    sealed: AtomicBool,
-    counters: IssuerCounters,
-    last_error: Mutex<Option<String>>,
-}
-
-/// A running Vault-PKI-compatible endpoint (plain HTTP on loopback). Dropping it stops it.
-pub struct VaultPki {
-    addr: SocketAddr,
-    state: Arc<VaultState>,
-    _service: Service,
-}
-
-impl VaultPki {
-    /// `tokens` are accepted as `X-Vault-Token`; `approles` are (role_id, secret_id) pairs
-    /// that log in at `/v1/auth/approle/login` and get a fresh token.
-    pub async fn start(
-        ca: &MeshCa,
-        mount: &str,
-        roles: Vec<VaultRole>,
-        tokens: &[&str],
-        approles: &[(&str, &str)],
-    ) -> anyhow::Result<VaultPki> {
-        let state = Arc::new(VaultState {
-            ca: ca.try_clone()?,
-            mount: mount.to_string(),
-            roles,
-            tokens: Mutex::new(tokens.iter().map(|t| t.to_string()).collect()),
-            approles: approles.iter().map(|(r, s)| (r.to_string(), s.to_string())).collect(),
-            sealed: AtomicBool::new(false),
-            counters: IssuerCounters::default(),
-            last_error: Mutex::new(None),
-        });
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let st = state.clone();
-        let service = Service::spawn(listener, move |tcp, _peer| {
-            let st = st.clone();
-            async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let st = st.clone();
-                    async move { Ok::<_, std::convert::Infallible>(vault_handle(&st, req).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            }
-        });
-        Ok(VaultPki {
-            addr,
-            state,
-            _service: service,
-        })
-    }
-
-    /// `http://127.0.0.1:PORT`.
-    pub fn address(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Sealed: every request gets 503 `Vault is sealed`.
-    pub fn set_sealed(&self, sealed: bool) {
-        self.state.sealed.store(sealed, Ordering::SeqCst);
-    }
-
-    pub fn counters(&self) -> &IssuerCounters {
-        &self.state.counters
-    }
-
-    pub fn last_error(&self) -> Option<String> {
-        self.state.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
-
-fn vault_json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
-}
-
-/// Vault durations: a number of seconds, or with an s/m/h/d suffix.
-fn parse_vault_ttl(s: &str) -> Option<Duration> {
-    let (num, mult) = match s.chars().last()? {
-        's' => (&s[..s.len() - 1], 1),
-        'm' => (&s[..s.len() - 1], 60),
-        'h' => (&s[..s.len() - 1], 3600),
-        'd' => (&s[..s.len() - 1], 86400),
-        _ => (s, 1),
-    };
-    num.parse::<u64>().ok().map(|n| Duration::from_secs(n * mult))
-}
-
-async fn vault_handle(st: &VaultState, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let refuse = |status: StatusCode, msg: String| {
-        st.counters.refused.fetch_add(1, Ordering::Relaxed);
-        *st.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg.clone());
-        vault_json(status, serde_json::json!({ "errors": [msg] }))
-    };
-    if st.sealed.load(Ordering::SeqCst) {
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "Vault is sealed".into());
-    }
-    if req.method() != http::Method::POST && req.method() != http::Method::PUT {
-        return refuse(StatusCode::METHOD_NOT_ALLOWED, "unsupported operation".into());
-    }
-    let path = req.uri().path().to_string();
-    let token = req
-        .headers()
-        .get("x-vault-token")
-        .and_then(|v| v.to_str().ok())
-        .map(String::from);
-    let body = match req.into_body().collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("reading the request: {e}")),
-    };
-    let Ok(body) = serde_json::from_slice::<serde_json::Value>(&body) else {
-        return refuse(StatusCode::BAD_REQUEST, "failed to parse JSON input".into());
-    };
-    if path == "/v1/auth/approle/login" {
-        let role_id = body["role_id"].as_str().unwrap_or("");
-        let secret_id = body["secret_id"].as_str().unwrap_or("");
-        if !st.approles.iter().any(|(r, s)| r == role_id && s == secret_id) {
-            return refuse(StatusCode::BAD_REQUEST, "invalid role or secret ID".into());
-        }
-        let token = format!("hvs.{}", hex::encode(rand::random::<[u8; 12]>()));
-        st.tokens.lock().unwrap_or_else(|e| e.into_inner()).push(token.clone());
-        st.counters.by_token.fetch_add(1, Ordering::Relaxed);
-        return vault_json(
-            StatusCode::OK,
-            serde_json::json!({
-                "auth": {"client_token": token, "accessor": "", "policies": ["default", "pki"],
-                          "lease_duration": 3600, "renewable": true},
-                "data": null, "lease_duration": 0, "renewable": false, "lease_id": "",
-            }),
-        );
-    }
-    let valid_token = token.is_some_and(|t| st.tokens.lock().unwrap_or_else(|e| e.into_inner()).contains(&t));
-    if !valid_token {
-        return refuse(StatusCode::FORBIDDEN, "permission denied".into());
-    }
-    let prefix = format!("/v1/{}/", st.mount);
-    let Some(rest) = path.strip_prefix(&prefix) else {
-        return refuse(StatusCode::NOT_FOUND, format!("no handler for route {path:?}"));
-    };
-    let Some((op, role_name)) = rest.split_once('/') else {
-        return refuse(StatusCode::NOT_FOUND, format!("no handler for route {path:?}"));
-    };
-    if op != "issue" && op != "sign" {
-        return refuse(StatusCode::NOT_FOUND, format!("no handler for route {path:?}"));
-    }
-    let Some(role) = st.roles.iter().find(|r| r.name == role_name) else {
-        return refuse(StatusCode::BAD_REQUEST, format!("unknown role: {role_name}"));
-    };
-    if role.require_cn && body["common_name"].as_str().is_none_or(str::is_empty) {
-        return refuse(StatusCode::BAD_REQUEST, "the common_name field is required".into());
-    }
-    let uri = body["uri_sans"].as_str().unwrap_or("").to_string();
-    let uris: Vec<&str> = uri.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
-    if uris.len() != 1 || !role.allowed_uri_sans.iter().any(|a| a == uris[0]) {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            format!("URI Subject Alternative Names {uri:?} not allowed by this role"),
-        );
-    }
-    let ttl = match body["ttl"].as_str() {
-        Some(t) => match parse_vault_ttl(t) {
-            Some(d) => d,
-            None => return refuse(StatusCode::BAD_REQUEST, format!("invalid ttl {t:?}")),
-        },
-        None => role.max_ttl,
-    }
-    .min(role.max_ttl);
-    let issuing_ca = st.ca.intermediate_pem();
-    let mut data = serde_json::json!({
-        "issuing_ca": issuing_ca,
-        "ca_chain": [issuing_ca, st.ca.root_pem()],
-        "serial_number": hex::encode(rand::random::<[u8; 8]>()),
-    });
-    let leaf = if op == "sign" {
-        let Some(csr_pem) = body["csr"].as_str() else {
-            return refuse(StatusCode::BAD_REQUEST, "missing csr".into());
-        };
-        let csr = match rcgen::CertificateSigningRequestParams::from_pem(csr_pem) {
-            Ok(c) => c,
-            Err(e) => {
-                return refuse(
-                    StatusCode::BAD_REQUEST,
-                    format!("certificate request could not be parsed: {e}"),
-                )
-            }
-        };
-        match st.ca.sign_csr(&csr, uris[0], ttl) {
-            Ok((pem, not_after)) => (pem, not_after),
-            Err(e) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        }
-    } else {
-        let mut opts = IssueOptions::workload(st.ca.trust_domain(), "unused", "unused");
-        opts.spiffe_id = Some(uris[0].to_string());
-        opts.not_after = std::time::SystemTime::now() + ttl;
-        match st.ca.issue_with(&opts) {
-            Ok(w) => {
-                // `issue_with` returns leaf + intermediate; Vault's `certificate` is the leaf alone.
-                let leaf = CertificateDer::pem_slice_iter(w.chain_pem.as_bytes())
-                    .next()
-                    .and_then(|c| c.ok())
-                    .map(|c| pem_of(&c));
-                let key = PrivateKeyDer::from_pem_slice(w.key_pem.as_bytes()).ok();
-                let (Some(leaf), Some(_)) = (leaf, key) else {
-                    return refuse(StatusCode::INTERNAL_SERVER_ERROR, "issuing failed".into());
-                };
-                data["private_key"] = w.key_pem.clone().into();
-                data["private_key_type"] = "ec".into();
-                (leaf, w.not_after)
-            }
-            Err(e) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        }
-    };
-    data["certificate"] = leaf.0.into();
-    data["expiration"] = leaf
-        .1
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-        .into();
-    st.counters.issued.fetch_add(1, Ordering::Relaxed);
-    vault_json(
-        StatusCode::OK,
-        serde_json::json!({
-            "request_id": hex::encode(rand::random::<[u8; 8]>()),
-            "lease_id": "", "renewable": false, "lease_duration": 0,
-            "data": data, "wrap_info": null, "warnings": null, "auth": null,
-        }),
-    )
-}
-
-fn pem_of(der: &CertificateDer<'_>) -> String {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(chunk).unwrap_or(""));
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn vault_ttls_parse() {
-        assert_eq!(parse_vault_ttl("24h"), Some(Duration::from_secs(86400)));
-        assert_eq!(parse_vault_ttl("90"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_vault_ttl("5m"), Some(Duration::from_secs(300)));
-        assert_eq!(parse_vault_ttl("x"), None);
-    }
 
     #[test]
     fn requests_decode_and_skip_unknown_fields() {
