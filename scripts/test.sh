@@ -84,6 +84,9 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The fuzz targets are outside the workspace (cargo-fuzz builds them with its own flags): check
+# that they still compile against the current code, with their own lock file.
+cargo check --manifest-path fuzz/Cargo.toml --bins --locked --target-dir target/fuzz-check
 cargo nextest run --workspace --locked
 
 # Deployment checks (terraform/tests, infra/istio/tests), after the Rust tests so that
