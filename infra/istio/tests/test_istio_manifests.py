@@ -64,7 +64,7 @@ def example():
 
 
 def test_every_directory_has_manifests_and_a_readme():
-    for d in ("eastwest-gateway", "peer-authentication", "authorization", "reverse", "identity"):
+    for d in ("eastwest-gateway", "peer-authentication", "authorization", "reverse", "identity", "subsets"):
         assert (ISTIO / d / "README.md").is_file(), d
         assert list((ISTIO / d).glob("*.yaml")), d
     assert (ISTIO / "README.md").is_file()
@@ -165,6 +165,8 @@ def test_authorization_policies_use_principal_form():
         spec = ap["spec"]
         assert spec["action"] in ("ALLOW", "DENY", "AUDIT", "CUSTOM"), path
         assert spec["selector"]["matchLabels"], path
+        # Selecting one version leaves the service's other pods with no ALLOW policy: open.
+        assert "version" not in spec["selector"]["matchLabels"], f"{path}: {ap['metadata']['name']}"
         assert spec["rules"], path
         for rule in spec["rules"]:
             for src in rule["from"]:
@@ -175,14 +177,136 @@ def test_authorization_policies_use_principal_form():
             for to in rule.get("to", []):
                 assert set(to["operation"]) <= {"methods", "paths", "hosts", "notMethods", "notPaths"}, "ports in AuthorizationPolicy are pod ports, not Service ports; left out on purpose"
     assert meshgate_principal in principals, "allow-meshgate must name the example fleet's identity"
-    tenant_principals = {p for p in principals if p.startswith(f"{td}/ns/meshgate/sa/meshgate-")}
-    assert len(tenant_principals) >= 2, tenant_principals
+
+
+# ---- What the policies allow, evaluated as Istio does -------------------------------------------
+# For one request: DENY policies that match refuse it; then, if ALLOW policies select the
+# workload, one of their rules must match; a workload no ALLOW policy selects allows everything
+# (mTLS STRICT still requires a mesh certificate). Operations (methods, paths) are not part of
+# "may this principal call this service at all": a rule that matches the source allows some
+# requests. Policies in istio-system apply mesh-wide.
+
+
+def _principal_matches(pattern, principal):
+    if pattern == "*":
+        return True
+    if pattern.startswith("*"):
+        return principal.endswith(pattern[1:])
+    if pattern.endswith("*"):
+        return principal.startswith(pattern[:-1])
+    return principal == pattern
+
+
+def _rule_matches(rule, principal):
+    sources = rule.get("from")
+    if not sources:
+        return True
+    return any(
+        any(_principal_matches(p, principal) for p in src["source"].get("principals", []))
+        for src in sources
+    )
+
+
+def policies_allow(policies, principal, namespace, labels):
+    applicable = [
+        ap
+        for ap in policies
+        if ap["metadata"]["namespace"] in (namespace, "istio-system")
+        and ap["spec"].get("selector", {}).get("matchLabels", {}).items() <= labels.items()
+    ]
+    for ap in applicable:
+        if ap["spec"]["action"] == "DENY" and any(_rule_matches(r, principal) for r in ap["spec"]["rules"]):
+            return False
+    allows = [ap for ap in applicable if ap["spec"]["action"] == "ALLOW"]
+    if not allows:
+        return True
+    return any(_rule_matches(r, principal) for ap in allows for r in ap["spec"]["rules"])
+
+
+def service_pods(service):
+    """(namespace, labels) of every pod a service's requests may land on: NAME.NS.svc... has
+    pods labelled app=NAME in NS; a subset pins the version, otherwise any of them."""
+    name, namespace = service["host"].split(".")[:2]
+    versions = [service["subset"]] if service.get("subset") else ["v1", "v2", "v3"]
+    return [(namespace, {"app": name, "version": v}) for v in versions]
+
+
+def assert_policies_match(policies, services, tenants, fleet_principal):
+    """Every (principal, service) pair: the policies allow it exactly when meshgate lets a tenant
+    presenting that principal call that service."""
+    allowed = {}
+    for name, t in tenants.items():
+        identity = t.get("identity") or {}
+        principal = (identity.get("spiffe_id") or fleet_principal).removeprefix("spiffe://")
+        want = set(services) if "*" in t["allow"] else set(t["allow"])
+        assert want <= set(services), (name, want)
+        allowed.setdefault(principal, set()).update(want)
+    assert allowed
+    # And a principal no tenant presents (another workload of the meshgate namespace) reaches
+    # none of them: each service is bounded by an ALLOW policy, not left open.
+    allowed.setdefault("cluster.local/ns/meshgate/sa/not-a-tenant", set())
+    for principal, want in allowed.items():
+        for name, svc in services.items():
+            verdicts = {policies_allow(policies, principal, ns, labels) for ns, labels in service_pods(svc)}
+            assert len(verdicts) == 1, f"{principal} -> {name}: allowed on some pods only"
+            (verdict,) = verdicts
+            assert verdict == (name in want), (
+                f"{principal} -> {name}: meshgate {'allows' if name in want else 'denies'} it, "
+                f"the policies {'allow' if verdict else 'deny'} it"
+            )
+
+
+def policies_in(filename):
+    return [d for p, d in of_kind("AuthorizationPolicy") if p.name == filename]
+
+
+def test_policy_evaluation_follows_istio():
+    allow = {"metadata": {"namespace": "ns"}, "spec": {"selector": {"matchLabels": {"app": "a"}}, "action": "ALLOW",
+             "rules": [{"from": [{"source": {"principals": ["td/ns/x/sa/y"]}}]}]}}
+    deny = {"metadata": {"namespace": "istio-system"}, "spec": {"action": "DENY",
+            "rules": [{"from": [{"source": {"principals": ["td/ns/bad/*"]}}]}]}}
+    pod = ("ns", {"app": "a", "version": "v1"})
+    assert policies_allow([allow], "td/ns/x/sa/y", *pod)
+    assert not policies_allow([allow], "td/ns/x/sa/z", *pod)
+    assert policies_allow([allow], "td/ns/x/sa/z", "ns", {"app": "b"}), "no ALLOW policy selects b"
+    assert not policies_allow([allow, deny], "td/ns/bad/sa/y", "ns", {"app": "b"})
+    only_v2 = {**allow, "spec": {**allow["spec"], "selector": {"matchLabels": {"app": "a", "version": "v2"}}}}
+    assert policies_allow([only_v2], "td/ns/x/sa/z", *pod), "a v2-only policy leaves v1 open"
+
+
+def test_fleet_policies_match_the_terraform_example():
+    """allow-meshgate.yaml is the policy set for terraform/examples/complete, whose tenants all
+    present the fleet's certificate."""
+    ex = example()
+    assert_policies_match(policies_in("allow-meshgate.yaml"), ex["services"], ex["tenants"], ex["spiffe_id"])
+
+
+def test_per_tenant_policies_match_their_meshgate_config():
+    config = yaml.safe_load((ISTIO / "authorization/meshgate-per-tenant.yml").read_text())
+    assert all((t.get("identity") or {}).get("spiffe_id") for t in config["tenants"].values())
+    assert_policies_match(policies_in("per-tenant.yaml"), config["services"], config["tenants"], None)
+
+
+def test_subset_services_have_a_destination_rule_the_gateway_sees():
+    rules = [d for _, d in of_kind("DestinationRule")]
+    config = yaml.safe_load((ISTIO / "authorization/meshgate-per-tenant.yml").read_text())
+    services = list(example()["services"].values()) + list(config["services"].values())
+    subsets = [s for s in services if s.get("subset")]
+    assert subsets
+    for s in subsets:
+        found = [
+            r for r in rules
+            if r["spec"]["host"] == s["host"]
+            and any(sub["name"] == s["subset"] for sub in r["spec"].get("subsets", []))
+            and set(r["spec"].get("exportTo", ["*"])) & {"*", "istio-system"}
+        ]
+        assert found, f"no DestinationRule exported to the gateway defines subset {s['subset']} of {s['host']}"
 
 
 def test_reverse_direction_through_the_vm_load_balancer():
     se = one("ServiceEntry")
     we = one("WorkloadEntry")
-    dr = one("DestinationRule")
+    (dr,) = [d for p, d in of_kind("DestinationRule") if "reverse" in p.parts]
     spec = se["spec"]
     assert spec["hosts"] and spec["location"] == "MESH_INTERNAL"
     assert spec["resolution"] in ("DNS", "STATIC", "DNS_ROUND_ROBIN")
