@@ -1,7 +1,8 @@
 //! meshgate-autoscaler against real parts: moto's AWS server (PyPI `moto[server]`, started here
 //! on loopback) holding an Auto Scaling group, the real Prometheus server scraping two running
 //! meshgate instances (in-process, on the mesh simulator), and load generated against them. The
-//! autoscaler runs in-process through its library API, with a short interval and a short
+//! autoscaler runs in-process through its library API (and once as the real binary,
+//! `the_binary_scales_the_group_through_prometheus_and_moto`), with a short interval and a short
 //! stabilization window.
 //!
 //! What moto does not do, and how the lifecycle test covers it: moto 5.x stores lifecycle hooks
@@ -367,6 +368,117 @@ async fn desired_capacity_follows_load_through_prometheus() {
     assert_eq!(ips.len(), ids.len(), "{ips:?}");
     assert!(ips.values().all(|ip| !ip.is_loopback()), "{ips:?}");
     running.stop().await;
+}
+
+/// The binary as a fleet runs it (`meshgate-autoscaler run -c FILE`, credentials from the
+/// environment), not the library: against real moto and the real Prometheus scraping two
+/// meshgates under load, it raises the group's desired capacity, brings it back down once the
+/// load is gone, serves its own `/metrics` and `/healthz`, and SIGTERM ends it with status 0.
+/// Lifecycle actions are not part of it: moto does not implement them (see the module comment
+/// and the recorder test below).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_scales_the_group_through_prometheus_and_moto() {
+    let bin = workspace_root().join("target/debug/meshgate-autoscaler");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it with the workspace (cargo build -p meshgate-autoscaler; \
+         cargo nextest run --workspace builds it for infra/autoscaler's own tests)",
+        bin.display()
+    );
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let env = EnvBuilder::default().admin().start().await.unwrap();
+    let second = second_gate(&env).await;
+    let gates = [
+        (env.addr(), env.admin_addr()),
+        (second.first_addr(), second.admin.expect("admin bound")),
+    ];
+    let prom = Prometheus::start(&[gates[0].1, gates[1].1], &[]).await;
+    let moto = Moto::start().await;
+    let client = aws_client(&moto.url()).await;
+    let ids = create_group(&client, 2, 1, 8).await;
+    assert_eq!(ids.len(), 2);
+    let prom = &prom;
+    poll(deadline, "Prometheus scraping both meshgates", move || async move {
+        (prom.value(r#"count(up{job="meshgate"} == 1)"#).await == Some(2.0)).then_some(())
+    })
+    .await;
+    let loads = [
+        Load::start(gates[0].0, BILLING_IP, &host("reviews"), "/slow?delay_ms=200", 12),
+        Load::start(gates[1].0, BILLING_IP, &host("reviews"), "/slow?delay_ms=200", 12),
+    ];
+
+    let dir = tempfile::tempdir().unwrap();
+    let bind: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let config = format!(
+        "bind: {bind}\nprometheus:\n  url: {}\n  timeout: 5s\naws:\n  region: us-east-1\n  endpoint_url: {}\n  \
+         max_attempts: 4\n  retry_base_delay: 50ms\ninterval: 1s\ngroups:\n  - name: {GROUP}\n    target: 4\n    \
+         min_capacity: 2\n    max_capacity: 6\n    scale_down_stabilization: 6s\n    warm_up: 0s\n",
+        prom.url(),
+        moto.url()
+    );
+    let path = dir.path().join("autoscaler.yaml");
+    std::fs::write(&path, config).unwrap();
+    let log = dir.path().join("autoscaler.log");
+    let log_file = std::fs::File::create(&log).unwrap();
+    let mut child = KillOnDrop(
+        Command::new(&bin)
+            .args(["run", "-c", path.to_str().unwrap(), "--log-format", "json"])
+            .env_remove("RUST_LOG")
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-east-1")
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .unwrap(),
+    );
+    let log = &log;
+    let client = &client;
+    let grown = poll(
+        deadline,
+        "the binary raising the desired capacity",
+        move || async move {
+            let d = desired_in_moto(client).await;
+            (d > 2).then_some(d)
+        },
+    )
+    .await;
+    eprintln!("desired capacity under load: {grown}");
+    let r = http_get(bind, "/metrics").await.unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    let up = parse_exposition(&r.text()).into_iter().find(|s| {
+        s.name == "meshgate_autoscaler_decisions_total" && s.labels == format!("group=\"{GROUP}\",direction=\"up\"")
+    });
+    assert!(up.is_some_and(|s| s.value >= 1.0), "{}", r.text());
+    assert_eq!(http_get(bind, "/healthz").await.unwrap().status, StatusCode::OK);
+    for l in loads {
+        let (ok, failures) = l.finish().await;
+        assert!(ok > 0 && failures.is_empty(), "{ok} ok, failures: {failures:?}");
+    }
+    poll(
+        deadline,
+        "the binary bringing the capacity back to 2",
+        move || async move { (desired_in_moto(client).await == 2).then_some(()) },
+    )
+    .await;
+
+    let st = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let status = poll(deadline, "the binary to exit after SIGTERM", move || {
+        let exited = child.0.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
