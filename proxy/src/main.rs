@@ -12,10 +12,20 @@ use clap::{Parser, Subcommand, ValueEnum};
 use meshgate::config::{self, Snapshot};
 use meshgate::identity::rfc3339;
 
+/// `meshgate --version`: the release, the git revision it was built from and the target.
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("MESHGATE_GIT_REV"),
+    ", ",
+    env!("MESHGATE_TARGET"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "meshgate",
-    version,
+    version = LONG_VERSION,
     about = "Carries plain HTTP from VMs into an Istio mesh over mTLS"
 )]
 struct Cli {

@@ -805,3 +805,31 @@ fn telemetry_errors_name_their_line() {
         "between 0 and 1",
     );
 }
+
+#[test]
+fn version_names_the_release_the_revision_and_the_target() {
+    let (code, out, err) = meshgate(&["--version"]);
+    assert_eq!(code, 0, "{err}");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let git = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(&root)
+        .output()
+        .expect("git runs");
+    let rev = String::from_utf8_lossy(&git.stdout).trim().to_string();
+    assert!(
+        git.status.success() && rev.len() == 12,
+        "the tests run in a git checkout: {rev:?}"
+    );
+    let prefix = format!(
+        "meshgate {} (git {rev}, {}-",
+        env!("CARGO_PKG_VERSION"),
+        std::env::consts::ARCH
+    );
+    let line = out.trim();
+    assert!(
+        line.starts_with(&prefix) && line.ends_with(')'),
+        "{line:?} does not start with {prefix:?}"
+    );
+    assert!(line.contains(std::env::consts::OS), "{line}");
+}

@@ -97,6 +97,9 @@ pub struct RenewalLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
     pub version: String,
+    /// The git revision built (`unknown` outside a checkout without `MESHGATE_GIT_REV`).
+    pub revision: String,
+    pub target: String,
 }
 
 pub struct Metrics {
@@ -295,9 +298,15 @@ impl Metrics {
         build_info
             .get_or_create(&VersionLabels {
                 version: env!("CARGO_PKG_VERSION").to_string(),
+                revision: env!("MESHGATE_GIT_REV").to_string(),
+                target: env!("MESHGATE_TARGET").to_string(),
             })
             .set(1);
-        r.register("meshgate_build_info", "meshgate version", build_info);
+        r.register(
+            "meshgate_build_info",
+            "meshgate version, git revision and build target",
+            build_info,
+        );
         let process = ProcessMetrics {
             cpu_seconds: reg!(
                 "process_cpu_seconds",
