@@ -240,7 +240,7 @@ def test_instance_iam_is_least_privilege(identity, source):
     d = fleet(identity, **over)
     statements = d.policy_statements("fleet", "instance")
     granted = {(a, r) for st in statements for a in st["actions"] for r in st["resources"]}
-    expected = {("s3:GetObject", "arn:aws:s3:::example-artifacts/meshgate/0.1.0/meshgate-x86_64-linux")}
+    expected = {("s3:GetObject", "arn:aws:s3:::example-artifacts/meshgate/0.1.0/meshgate")}
     if source == "secretsmanager":
         expected.add(("secretsmanager:GetSecretValue", d.inputs("fleet")["identity_secret_arn"]))
     if source == "ssm":

@@ -63,8 +63,14 @@ tenants = {
 }
 
 ami_id                   = "ami-0123456789abcdef0"
-meshgate_binary_s3_uri   = "s3://example-artifacts/meshgate/0.1.0/meshgate-x86_64-linux"
-autoscaler_binary_s3_uri = "s3://example-artifacts/meshgate/0.1.0/meshgate-autoscaler-x86_64-linux"
+# The portable binaries of `bash scripts/release.sh` (dist/meshgate, dist/meshgate-autoscaler:
+# glibc 2.17+, so Amazon Linux 2 and 2023 both run them), uploaded as they are; the checksums are
+# their lines in dist/SHA256SUMS (these are from one build of 0.1.0: put your own build's here).
+# The bootstrap refuses any other file.
+meshgate_binary_s3_uri   = "s3://example-artifacts/meshgate/0.1.0/meshgate"
+meshgate_binary_sha256   = "32b247744b3e58359872f9328674f3d4de9cb41b749b163c82a1957e4b8342c5"
+autoscaler_binary_s3_uri = "s3://example-artifacts/meshgate/0.1.0/meshgate-autoscaler"
+autoscaler_binary_sha256 = "6b97205d8595886f125142cb3527381d283d80194f8f1800e6d9a12448494bea"
 identity_secret_arn      = "arn:aws:secretsmanager:eu-west-1:111122223333:secret:meshgate/identity-AbCdEf"
 
 monitoring_security_group_ids = ["sg-0a1b2c3d4e5f60799"]
