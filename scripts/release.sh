@@ -28,6 +28,8 @@ for t in umoci skopeo; do command -v "$t" >/dev/null 2>&1 || need_apt+=("$t"); d
 command -v objcopy >/dev/null 2>&1 || need_apt+=(binutils)
 command -v dpkg-deb >/dev/null 2>&1 || need_apt+=(dpkg)
 [ -x /bin/kill ] || need_apt+=(procps)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -118,7 +120,7 @@ umoci config --image "$oci:$version" \
   --config.workingdir / \
   --config.entrypoint /usr/bin/meshgate \
   --config.cmd run --config.cmd -c --config.cmd /etc/meshgate/meshgate.yaml \
-  --config.exposedports 8080/tcp --config.exposedports 9901/tcp \
+  --config.exposedports 8080/tcp \
   --config.label "org.opencontainers.image.title=meshgate" \
   --config.label "org.opencontainers.image.version=$version" \
   --config.label "org.opencontainers.image.revision=$rev" \

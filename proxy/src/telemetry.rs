@@ -191,9 +191,9 @@ pub fn ensure_trace_context(h: &mut http::HeaderMap, sample_rate: f64) {
     if valid {
         return;
     }
-    if h.contains_key(&TRACEPARENT) {
-        h.remove(&TRACESTATE);
-    }
+    // A new trace: vendor state that came without (or with a broken) traceparent belongs to
+    // no trace of ours.
+    h.remove(&TRACESTATE);
     h.insert(&TRACEPARENT, new_traceparent(rand::random::<f64>() < sample_rate));
 }
 
@@ -342,6 +342,14 @@ mod tests {
         ensure_trace_context(&mut h, 0.0);
         let t = h["traceparent"].to_str().unwrap().to_string();
         assert!(valid_traceparent(t.as_bytes()) && t.ends_with("-00"), "{t}");
+
+        let mut h = http::HeaderMap::new();
+        h.insert("tracestate", "stray=1".parse().unwrap());
+        ensure_trace_context(&mut h, 0.0);
+        assert!(
+            !h.contains_key("tracestate"),
+            "a new trace drops state that came without one"
+        );
 
         let mut h = http::HeaderMap::new();
         h.insert("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7".parse().unwrap());

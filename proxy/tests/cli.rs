@@ -833,3 +833,20 @@ fn version_names_the_release_the_revision_and_the_target() {
     );
     assert!(line.contains(std::env::consts::OS), "{line}");
 }
+
+#[test]
+fn telemetry_needs_a_namespace_when_the_certificate_names_none() {
+    let f = Fixture::new();
+    let mut o = IssueOptions::workload(TD, "meshgate", "meshgate");
+    o.spiffe_id = Some("spiffe://cluster.local/vm/meshgate".into());
+    f.identity(&f.ca.issue_with(&o).unwrap(), &f.ca.root_pem());
+    let block = |extra: &str| {
+        replace(
+            "    allow: [reviews]\n",
+            &format!("    allow: [reviews]\n    telemetry:\n      workload: w\n{extra}"),
+        )
+    };
+    assert_rejected(&f, &block(""), 24, "names no namespace");
+    let (code, _, err) = check(&f.config(&block("      namespace: vms\n")));
+    assert_eq!(code, 0, "{err}");
+}

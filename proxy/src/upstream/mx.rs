@@ -64,10 +64,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Exchanging<S> {
                         if *got == 0 {
                             return Poll::Ready(Ok(()));
                         }
-                        return Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "upstream closed inside the metadata-exchange header",
-                        )));
+                        // Too short to be the exchange: the peer's bytes, passed on as Envoy
+                        // does with a stream it cannot read a preamble from, then the end.
+                        let len = *got;
+                        this.read = ReadState::Replay { buf: *buf, at: 0, len };
+                        continue;
                     }
                     *got += n;
                     if *got < 8 {
@@ -183,7 +184,10 @@ mod tests {
 
     #[tokio::test]
     async fn short_or_oversized_preambles_are_errors() {
+        // Cut inside the preamble's body: an error (the bytes were not data).
         assert!(through(preamble(&[1; 10])[..12].to_vec()).await.is_err());
+        // Fewer than 8 bytes in all: not a preamble, passed through.
+        assert_eq!(through(b"OK\n".to_vec()).await.unwrap().0, b"OK\n");
         let mut huge = MX_MAGIC.to_be_bytes().to_vec();
         huge.extend_from_slice(&(1u32 << 20).to_be_bytes());
         assert!(through(huge).await.is_err());

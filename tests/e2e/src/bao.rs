@@ -196,7 +196,12 @@ impl OpenBao {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         *self.child.lock().unwrap() = Some(child);
-        self.configure().await.map_err(|e| format!("configuring OpenBao: {e}"))
+        let configured = self.configure().await.map_err(|e| format!("configuring OpenBao: {e}"));
+        if configured.is_err() {
+            // Free the port for the next attempt, so its error is not "address in use".
+            self.stop();
+        }
+        configured
     }
 
     async fn configure(&self) -> Result<(), String> {

@@ -57,9 +57,12 @@ impl Source {
         };
         let or = |v: String, fallback: &str| if v.is_empty() { fallback.to_string() } else { v };
         let first = |a: String, b: String| if a.is_empty() { b } else { a };
+        // `spiffe://TD/ns/NS/...`: the segments after the trust domain.
         let cert_ns = principal
-            .and_then(|p| p.split_once("/ns/"))
-            .and_then(|(_, rest)| rest.split('/').next())
+            .and_then(|p| p.strip_prefix("spiffe://"))
+            .and_then(|p| p.split_once('/'))
+            .and_then(|(_, path)| path.strip_prefix("ns/"))
+            .and_then(|rest| rest.split('/').next())
             .unwrap_or("")
             .to_string();
         Source {

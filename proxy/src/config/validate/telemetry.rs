@@ -67,6 +67,17 @@ pub(super) fn telemetry(
         };
         let cert_namespace = identity.and_then(|i| spiffe_namespace(&i.spiffe_id).map(|ns| (ns, &i.spiffe_id)));
         let namespace = match (pick(|t| &t.namespace), cert_namespace) {
+            // A SPIFFE ID without `/ns/`: Istio falls back to the metadata's NAMESPACE.
+            (None, None) if identity.is_some() => {
+                errs.at(
+                    block_line,
+                    format!(
+                        "telemetry for tenant {:?} needs `namespace:`: its certificate's SPIFFE ID names no namespace",
+                        tenant.name
+                    ),
+                );
+                continue;
+            }
             (Some(ns), Some((cert_ns, id))) if ns.value != cert_ns => {
                 errs.at(
                     line(ns),
@@ -129,11 +140,14 @@ pub(super) fn tracing(raw: &RawConfig, errs: &mut Collector) -> TracingSettings 
     TracingSettings { sample_rate }
 }
 
-/// `NS` of `spiffe://TD/ns/NS/sa/SA`.
+/// `NS` of `spiffe://TD/ns/NS/...`: the path after the trust domain must start `ns/NS`.
 fn spiffe_namespace(id: &str) -> Option<&str> {
-    let rest = id.split_once("/ns/")?.1;
-    let ns = rest.split('/').next()?;
-    (!ns.is_empty()).then_some(ns)
+    let path = id.strip_prefix("spiffe://")?.split_once('/')?.1;
+    let mut segments = path.split('/');
+    match (segments.next(), segments.next()) {
+        (Some("ns"), Some(ns)) if !ns.is_empty() => Some(ns),
+        _ => None,
+    }
 }
 
 fn check_values(t: &RawTelemetry, errs: &mut Collector) {
@@ -213,6 +227,9 @@ mod tests {
         );
         assert_eq!(spiffe_namespace("spiffe://cluster.local/sa/batch"), None);
         assert_eq!(spiffe_namespace("spiffe://cluster.local/ns//sa/x"), None);
+        // A trust domain named `ns` is not a namespace.
+        assert_eq!(spiffe_namespace("spiffe://ns/ns/x/sa/y"), Some("x"));
+        assert_eq!(spiffe_namespace("spiffe://ns/vm/billing"), None);
     }
 
     #[test]
