@@ -63,20 +63,29 @@ mod tests {
     fn measures_what_this_thread_spends() {
         let pid = std::process::id();
         let before = super::cpu_time(pid).unwrap();
-        // Half a second of work on this thread: the process's CPU time grows by about that
-        // (ticks are 10 ms; other test threads can only add to it).
+        // Work on this thread until the process's CPU time has grown by 200 ms: it must grow
+        // (a reader that parsed the wrong fields would stay put), and by no more than the
+        // wall time on every core allows (a wrong tick rate would overshoot). However busy the
+        // machine, this only takes longer; the 60 s bound only stops a broken reader.
         let start = Instant::now();
         let mut x = 0u64;
-        while start.elapsed() < Duration::from_millis(500) {
-            for i in 0..100_000u64 {
+        let spent = loop {
+            for i in 0..1_000_000u64 {
                 x = x.wrapping_mul(31).wrapping_add(i);
             }
-        }
+            let spent = super::cpu_time(pid).unwrap() - before;
+            if spent >= Duration::from_millis(200) {
+                break spent;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "CPU time stuck at {spent:?}");
+        };
         assert!(x != 1);
-        let spent = super::cpu_time(pid).unwrap() - before;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        let ceiling = start.elapsed() * cores + Duration::from_millis(50);
         assert!(
-            spent >= Duration::from_millis(300),
-            "{spent:?} of CPU for 500 ms of work"
+            spent <= ceiling,
+            "{spent:?} of CPU in {:?} of wall time",
+            start.elapsed()
         );
 
         // Touching 64 MiB raises the resident size by about that much.
