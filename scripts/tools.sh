@@ -27,3 +27,14 @@ cached_venv() {
   rm -rf "target/$link"
   ln -s "$dir" "target/$link"
 }
+
+# apt_install PKG... : installs the Debian packages named (none: nothing to do); needs root.
+apt_install() {
+  [ $# -gt 0 ] || return 0
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing tools: $* (run as root or install them)" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}

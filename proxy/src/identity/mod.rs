@@ -185,6 +185,17 @@ pub fn spiffe_trust_domain(id: &str) -> Option<&str> {
     (!td.is_empty()).then_some(td)
 }
 
+/// `NS` of `spiffe://TD/ns/NS/...`: the path after the trust domain must start `ns/NS`
+/// (Istio's form; other SPIFFE IDs name no namespace).
+pub fn spiffe_namespace(id: &str) -> Option<&str> {
+    let path = id.strip_prefix("spiffe://")?.split_once('/')?.1;
+    let mut segments = path.split('/');
+    match (segments.next(), segments.next()) {
+        (Some("ns"), Some(ns)) if !ns.is_empty() => Some(ns),
+        _ => None,
+    }
+}
+
 impl Identity {
     /// Loads and checks the identity at `now`.
     pub fn load(paths: &IdentityPaths, trust_domain: &str, now: SystemTime) -> Result<Identity, IdentityError> {
@@ -365,6 +376,19 @@ mod tests {
             rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)),
             "2000-02-29T00:00:00Z"
         );
+    }
+
+    #[test]
+    fn namespace_of_spiffe_ids() {
+        assert_eq!(
+            spiffe_namespace("spiffe://cluster.local/ns/billing/sa/batch"),
+            Some("billing")
+        );
+        assert_eq!(spiffe_namespace("spiffe://cluster.local/sa/batch"), None);
+        assert_eq!(spiffe_namespace("spiffe://cluster.local/ns//sa/x"), None);
+        // A trust domain named `ns` is not a namespace.
+        assert_eq!(spiffe_namespace("spiffe://ns/ns/x/sa/y"), Some("x"));
+        assert_eq!(spiffe_namespace("spiffe://ns/vm/billing"), None);
     }
 
     #[test]

@@ -40,22 +40,24 @@ pub struct TlsParams {
 impl TlsParams {
     /// For a byte tunnel to `service` (CONNECT): ALPN `istio` alone, whatever the service's
     /// own protocol, because the bytes are the client's, not ours to frame.
-    pub fn opaque(identity: &Identity, service: &Service) -> TlsParams {
-        let mut p = TlsParams::new(identity, service);
-        let mut config = (*p.config).clone();
-        config.alpn_protocols = alpn_for(UpstreamProtocol::Tcp);
-        p.config = Arc::new(config);
-        p
+    pub fn opaque(&self) -> TlsParams {
+        self.with_alpn(alpn_for(UpstreamProtocol::Tcp))
     }
 
     /// For a TCP service when the tenant has `telemetry:`: ALPN `istio-peer-exchange`, then
     /// `istio` (Istio's `ALPNInMeshWithMxc`), so the sidecar runs the metadata exchange.
-    pub fn exchanging(identity: &Identity, service: &Service) -> TlsParams {
-        let mut p = TlsParams::new(identity, service);
-        let mut config = (*p.config).clone();
-        config.alpn_protocols = vec![crate::telemetry::MX_ALPN.to_vec(), b"istio".to_vec()];
-        p.config = Arc::new(config);
-        p
+    pub fn exchanging(&self) -> TlsParams {
+        self.with_alpn(vec![crate::telemetry::MX_ALPN.to_vec(), b"istio".to_vec()])
+    }
+
+    /// The same identity, server check and SNI, offering `alpn` instead.
+    fn with_alpn(&self, alpn: Vec<Vec<u8>>) -> TlsParams {
+        let mut config = (*self.config).clone();
+        config.alpn_protocols = alpn;
+        TlsParams {
+            config: Arc::new(config),
+            server_name: self.server_name.clone(),
+        }
     }
 
     pub fn new(identity: &Identity, service: &Service) -> TlsParams {

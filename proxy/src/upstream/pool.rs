@@ -169,9 +169,8 @@ impl Pool {
         metrics: Arc<Metrics>,
     ) -> Arc<Pool> {
         let tls = TlsParams::new(identity, &service);
-        let opaque_tls = TlsParams::opaque(identity, &service);
-        let mx_tls = (service.protocol == crate::config::UpstreamProtocol::Tcp)
-            .then(|| TlsParams::exchanging(identity, &service));
+        let opaque_tls = tls.opaque();
+        let mx_tls = (service.protocol == crate::config::UpstreamProtocol::Tcp).then(|| tls.exchanging());
         let hbone = match &service.transport {
             crate::config::Transport::Hbone(route) => Some(Arc::new(super::hbone::Connector::new(
                 route,

@@ -87,6 +87,42 @@ tenants:
     )
 }
 
+/// `meshsim::demo_spec()` plus `db.data.svc.cluster.local:5432`, a service declared TCP (one pod,
+/// `db-a`, that echoes bytes).
+pub fn spec_with_db() -> MeshSpec {
+    meshsim::demo_spec().service(
+        meshsim::ServiceSpec::new("db", "data", 5432, "db")
+            .tcp()
+            .pod(meshsim::PodSpec::new("db-a")),
+    )
+}
+
+/// From `src`, sends `CONNECT target` (plus `extra` header lines, each ending in CRLF) to a
+/// meshgate listener and returns the response head and the stream, positioned after it.
+pub async fn connect_tunnel(
+    listener: SocketAddr,
+    src: &str,
+    target: &str,
+    extra: &str,
+) -> (String, tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = connect_from(listener, src.parse().unwrap()).await.unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{extra}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(CLIENT_TIMEOUT, s.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n == 1, "connection closed before the response head ended: {head:?}");
+        head.push(b[0]);
+    }
+    (String::from_utf8(head).unwrap(), s)
+}
+
 /// A running mesh and a meshgate in front of it.
 pub struct Env {
     pub mesh: Mesh,

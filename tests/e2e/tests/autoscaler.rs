@@ -189,13 +189,73 @@ async fn desired_in_moto(c: &autoscaling::Client) -> i32 {
     describe(c).await.desired_capacity().unwrap_or(-1)
 }
 
-/// The autoscaler config of these tests (YAML, through the real parser).
-fn autoscaler_config(prometheus: &str, aws_endpoint: &str, group: &str) -> config::Config {
-    let text = format!(
+/// The autoscaler config file of these tests, with `group`'s keys under the one group.
+fn autoscaler_yaml(prometheus: &str, aws_endpoint: &str, group: &str) -> String {
+    format!(
         "prometheus:\n  url: {prometheus}\n  timeout: 5s\naws:\n  region: us-east-1\n  endpoint_url: {aws_endpoint}\n  \
          max_attempts: 4\n  retry_base_delay: 50ms\ninterval: 1s\ngroups:\n  - name: {GROUP}\n{group}"
-    );
+    )
+}
+
+/// The same, through the real parser.
+fn autoscaler_config(prometheus: &str, aws_endpoint: &str, group: &str) -> config::Config {
+    let text = autoscaler_yaml(prometheus, aws_endpoint, group);
     config::parse(Path::new("autoscaler-e2e.yaml"), &text).unwrap_or_else(|e| panic!("{e}\n---\n{text}"))
+}
+
+/// The scaling tests' group: target 4 in flight per instance, 2 to 6 instances, a 6 s
+/// scale-down window, no warm-up.
+const SCALING_GROUP: &str =
+    "    target: 4\n    min_capacity: 2\n    max_capacity: 6\n    scale_down_stabilization: 6s\n    \
+                             warm_up: 0s\n";
+
+/// Where the scaling tests start: two meshgates on one mesh, the real Prometheus scraping both
+/// (checked), and moto holding the group with its two instances.
+struct Fleet {
+    /// Held for the meshes and meshgates it runs.
+    _env: Env,
+    _second: meshgate::app::Bound,
+    /// (proxy address, admin address) of each meshgate.
+    gates: [(SocketAddr, SocketAddr); 2],
+    prom: Prometheus,
+    moto: Moto,
+    client: autoscaling::Client,
+}
+
+impl Fleet {
+    async fn start(deadline: Instant) -> Fleet {
+        let env = EnvBuilder::default().admin().start().await.unwrap();
+        let second = second_gate(&env).await;
+        let gates = [
+            (env.addr(), env.admin_addr()),
+            (second.first_addr(), second.admin.expect("admin bound")),
+        ];
+        let prom = Prometheus::start(&[gates[0].1, gates[1].1], &[]).await;
+        let moto = Moto::start().await;
+        let client = aws_client(&moto.url()).await;
+        let ids = create_group(&client, 2, 1, 8).await;
+        assert_eq!(ids.len(), 2, "moto launched the group's instances");
+        let p = &prom;
+        poll(deadline, "Prometheus scraping both meshgates", move || async move {
+            (p.value(r#"count(up{job="meshgate"} == 1)"#).await == Some(2.0)).then_some(())
+        })
+        .await;
+        Fleet {
+            _env: env,
+            _second: second,
+            gates,
+            prom,
+            moto,
+            client,
+        }
+    }
+
+    /// 12 workers per meshgate, each holding a 200 ms request: about 12 in flight on each,
+    /// three times [`SCALING_GROUP`]'s target.
+    fn load(&self) -> [Load; 2] {
+        self.gates
+            .map(|(proxy, _)| Load::start(proxy, BILLING_IP, &host("reviews"), "/slow?delay_ms=200", 12))
+    }
 }
 
 async fn controller(cfg: config::Config, endpoint: &str) -> Controller {
@@ -267,33 +327,11 @@ async fn second_gate(env: &Env) -> meshgate::app::Bound {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn desired_capacity_follows_load_through_prometheus() {
     let deadline = Instant::now() + Duration::from_secs(150);
-    let env = EnvBuilder::default().admin().start().await.unwrap();
-    let second = second_gate(&env).await;
-    let gates = [
-        (env.addr(), env.admin_addr()),
-        (second.first_addr(), second.admin.expect("admin bound")),
-    ];
-    let prom = Prometheus::start(&[gates[0].1, gates[1].1], &[]).await;
-    let moto = Moto::start().await;
-    let client = aws_client(&moto.url()).await;
-    let ids = create_group(&client, 2, 1, 8).await;
-    assert_eq!(ids.len(), 2, "moto launched the group's instances");
-
-    let prom = &prom;
-    poll(deadline, "Prometheus scraping both meshgates", move || async move {
-        (prom.value(r#"count(up{job="meshgate"} == 1)"#).await == Some(2.0)).then_some(())
-    })
-    .await;
-
-    // Target 4 in flight per instance; 12 workers per meshgate each holding a 200 ms request
-    // keep about 12 in flight on each: three times the target.
-    let group = "    target: 4\n    min_capacity: 2\n    max_capacity: 6\n    scale_down_stabilization: 6s\n    \
-                 warm_up: 0s\n";
+    let fleet = Fleet::start(deadline).await;
+    let (prom, moto, client) = (&fleet.prom, &fleet.moto, &fleet.client);
+    let group = SCALING_GROUP;
     let cfg = autoscaler_config(&prom.url(), &moto.url(), group);
-    let loads = [
-        Load::start(gates[0].0, BILLING_IP, &host("reviews"), "/slow?delay_ms=200", 12),
-        Load::start(gates[1].0, BILLING_IP, &host("reviews"), "/slow?delay_ms=200", 12),
-    ];
+    let loads = fleet.load();
     let per_instance = poll(deadline, "Prometheus seeing the load", move || async move {
         prom.value(DEFAULT_QUERY).await.filter(|v| *v >= 6.0)
     })
@@ -308,12 +346,11 @@ async fn desired_capacity_follows_load_through_prometheus() {
     let d = out[0].decision.clone().unwrap_or_else(|| panic!("{:?}", out[0].error));
     assert_eq!(d.direction, Direction::Up, "{d:?}");
     assert!(d.desired > 2, "{d:?}");
-    assert_eq!(desired_in_moto(&client).await, 2, "dry-run changed the group");
+    assert_eq!(desired_in_moto(client).await, 2, "dry-run changed the group");
     drop(ctl);
 
     // The loop, for real.
     let running = Running::start(controller(cfg, &moto.url()).await).await;
-    let client = &client;
     let grown = poll(deadline, "desired capacity rising with the load", move || async move {
         let d = desired_in_moto(client).await;
         (d > 2).then_some(d)
@@ -386,35 +423,14 @@ async fn the_binary_scales_the_group_through_prometheus_and_moto() {
         bin.display()
     );
     let deadline = Instant::now() + Duration::from_secs(150);
-    let env = EnvBuilder::default().admin().start().await.unwrap();
-    let second = second_gate(&env).await;
-    let gates = [
-        (env.addr(), env.admin_addr()),
-        (second.first_addr(), second.admin.expect("admin bound")),
-    ];
-    let prom = Prometheus::start(&[gates[0].1, gates[1].1], &[]).await;
-    let moto = Moto::start().await;
-    let client = aws_client(&moto.url()).await;
-    let ids = create_group(&client, 2, 1, 8).await;
-    assert_eq!(ids.len(), 2);
-    let prom = &prom;
-    poll(deadline, "Prometheus scraping both meshgates", move || async move {
-        (prom.value(r#"count(up{job="meshgate"} == 1)"#).await == Some(2.0)).then_some(())
-    })
-    .await;
-    let loads = [
-        Load::start(gates[0].0, BILLING_IP, &host("reviews"), "/slow?delay_ms=200", 12),
-        Load::start(gates[1].0, BILLING_IP, &host("reviews"), "/slow?delay_ms=200", 12),
-    ];
+    let fleet = Fleet::start(deadline).await;
+    let loads = fleet.load();
 
     let dir = tempfile::tempdir().unwrap();
     let bind: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let config = format!(
-        "bind: {bind}\nprometheus:\n  url: {}\n  timeout: 5s\naws:\n  region: us-east-1\n  endpoint_url: {}\n  \
-         max_attempts: 4\n  retry_base_delay: 50ms\ninterval: 1s\ngroups:\n  - name: {GROUP}\n    target: 4\n    \
-         min_capacity: 2\n    max_capacity: 6\n    scale_down_stabilization: 6s\n    warm_up: 0s\n",
-        prom.url(),
-        moto.url()
+        "bind: {bind}\n{}",
+        autoscaler_yaml(&fleet.prom.url(), &fleet.moto.url(), SCALING_GROUP)
     );
     let path = dir.path().join("autoscaler.yaml");
     std::fs::write(&path, config).unwrap();
@@ -434,7 +450,7 @@ async fn the_binary_scales_the_group_through_prometheus_and_moto() {
             .unwrap(),
     );
     let log = &log;
-    let client = &client;
+    let client = &fleet.client;
     let grown = poll(
         deadline,
         "the binary raising the desired capacity",

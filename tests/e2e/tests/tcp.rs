@@ -4,21 +4,12 @@
 use std::time::Duration;
 
 use e2e::*;
-use meshsim::{MeshSpec, PodSpec, ServiceSpec};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn spec() -> MeshSpec {
-    meshsim::demo_spec().service(
-        ServiceSpec::new("db", "data", 5432, "db")
-            .tcp()
-            .pod(PodSpec::new("db-a")),
-    )
-}
-
 async fn env(listener_extra: &str) -> Env {
     EnvBuilder::default()
-        .mesh(spec())
+        .mesh(spec_with_db())
         .listener(&format!(
             "  - name: db\n    bind: 127.0.0.1:0\n    protocol: tcp\n    service: db\n{listener_extra}"
         ))
@@ -138,31 +129,11 @@ async fn idle_connections_are_closed() {
     assert!(rest.is_empty());
 }
 
-/// Sends `CONNECT target` (plus `extra` header lines) and returns the response head and the
-/// stream, positioned after it.
-async fn connect_via_proxy(env: &Env, src: &str, target: &str, extra: &str) -> (String, tokio::net::TcpStream) {
-    let mut s = connect_from(env.addr(), src.parse().unwrap()).await.unwrap();
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{extra}\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(CLIENT_TIMEOUT, s.read(&mut b))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n == 1, "connection closed before the response head ended: {head:?}");
-        head.push(b[0]);
-    }
-    (String::from_utf8(head).unwrap(), s)
-}
-
 #[tokio::test]
 async fn connect_opens_a_tunnel_to_a_tcp_service_and_refuses_an_http_service() {
     let env = env("").await;
     // A TCP service: bytes echoed, half-close passed on.
-    let (head, s) = connect_via_proxy(&env, BILLING_IP, "db.data.svc.cluster.local:5432", "").await;
+    let (head, s) = connect_tunnel(env.addr(), BILLING_IP, "db.data.svc.cluster.local:5432", "").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
     let (mut rd, mut wr) = s.into_split();
@@ -185,7 +156,7 @@ async fn connect_opens_a_tunnel_to_a_tcp_service_and_refuses_an_http_service() {
     // connection then carries the request as a request, with the rules applied.
     let key = format!("Proxy-Authorization: Bearer {LAPTOP_KEY}\r\n");
     let target = format!("{}:9080", host("details"));
-    let (head, mut s) = connect_via_proxy(&env, STRANGER_IP, &target, &key).await;
+    let (head, mut s) = connect_tunnel(env.addr(), STRANGER_IP, &target, &key).await;
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
     let len: usize = head
         .lines()
@@ -252,7 +223,7 @@ async fn connect_is_never_an_open_proxy() {
         ),
     ];
     for (src, target, status, why) in cases {
-        let (head, mut s) = connect_via_proxy(&env, src, target, "").await;
+        let (head, mut s) = connect_tunnel(env.addr(), src, target, "").await;
         assert!(head.starts_with(&format!("HTTP/1.1 {status}")), "{target}: {head}");
         let len: usize = head
             .lines()
@@ -281,14 +252,14 @@ async fn connect_is_never_an_open_proxy() {
 async fn tunnels_count_against_connection_limits_and_are_cut_by_a_drain() {
     // One client connection at most on the HTTP listener; a short drain.
     let env = EnvBuilder::default()
-        .mesh(spec())
+        .mesh(spec_with_db())
         .listener_extra("    max_connections: 1\n")
         .services_and_tenants(&tcp_config())
         .extra("drain:\n  delay: 1ms\n  spread: 1ms\n  timeout: 1s\n")
         .start()
         .await
         .unwrap();
-    let (head, mut tunnel) = connect_via_proxy(&env, BILLING_IP, "db.data.svc.cluster.local:5432", "").await;
+    let (head, mut tunnel) = connect_tunnel(env.addr(), BILLING_IP, "db.data.svc.cluster.local:5432", "").await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     tunnel.write_all(b"ping").await.unwrap();
     let mut b = [0u8; 4];
@@ -326,7 +297,7 @@ async fn tcp_connections_are_held_to_the_tenant_concurrency_limit() {
         1,
     );
     let env = EnvBuilder::default()
-        .mesh(spec())
+        .mesh(spec_with_db())
         .listener("  - name: db\n    bind: 127.0.0.1:0\n    protocol: tcp\n    service: db\n")
         .services_and_tenants(&config)
         .start()

@@ -7,35 +7,21 @@
 use std::time::Duration;
 
 use e2e::*;
-use meshsim::{MeshSpec, PodSpec, ServiceSpec, Source};
+use meshsim::Source;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const OTHERS_IP: &str = "127.40.0.5";
 
-fn spec() -> MeshSpec {
-    meshsim::demo_spec().service(
-        ServiceSpec::new("db", "data", 5432, "db")
-            .tcp()
-            .pod(PodSpec::new("db-a")),
-    )
-}
-
+/// The default services plus `db` (TCP), and tenants of their own: billing-vms and laptops with
+/// `telemetry:`, others without.
 fn config() -> String {
+    let services = default_services_and_tenants()
+        .split_once("tenants:\n")
+        .unwrap()
+        .0
+        .to_string();
     format!(
-        r#"services:
-  reviews:
-    host: {reviews}
-    port: 9080
-    protocol: http2
-  ratings:
-    host: {ratings}
-    port: 9080
-    protocol: http1
-  details:
-    host: {details}
-    port: 9080
-    protocol: http2
-  db:
+        r#"{services}  db:
     host: db.data.svc.cluster.local
     port: 5432
     protocol: tcp
@@ -61,16 +47,13 @@ tenants:
 tracing:
   sample_rate: 1.0
 "#,
-        reviews = host("reviews"),
-        ratings = host("ratings"),
-        details = host("details"),
         key = key_hash(LAPTOP_KEY),
     )
 }
 
 async fn env() -> Env {
     EnvBuilder::default()
-        .mesh(spec())
+        .mesh(spec_with_db())
         .listener("  - name: db\n    bind: 127.0.0.1:0\n    protocol: tcp\n    service: db\n")
         .services_and_tenants(&config())
         .admin()
@@ -273,22 +256,9 @@ async fn tcp_listener_and_connect_tunnel_run_the_metadata_exchange() {
         .unwrap_or_else(|s| panic!("{:?}", s.pods["db-a"].sources));
 
     // CONNECT from the laptop tenant (by key).
-    let mut s = connect_from(env.addr(), STRANGER_IP.parse().unwrap()).await.unwrap();
-    s.write_all(
-        format!(
-            "CONNECT db.data.svc.cluster.local:5432 HTTP/1.1\r\nHost: db.data.svc.cluster.local:5432\r\nProxy-Authorization: Bearer {LAPTOP_KEY}\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut b).await.unwrap(), 1, "closed in the head: {head:?}");
-        head.push(b[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    let key = format!("Proxy-Authorization: Bearer {LAPTOP_KEY}\r\n");
+    let (head, mut s) = connect_tunnel(env.addr(), STRANGER_IP, "db.data.svc.cluster.local:5432", &key).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     echo_roundtrip(&mut s, b"through a tunnel").await;
     env.mesh
         .wait_for_stats(Duration::from_secs(10), |s| {

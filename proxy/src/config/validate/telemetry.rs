@@ -13,7 +13,7 @@ use yamlconf::{line_of as line, Collector};
 
 use super::super::schema::{RawConfig, RawTelemetry};
 use super::super::{Telemetry, Tenant, TracingSettings};
-use crate::identity::Identity;
+use crate::identity::{spiffe_namespace, Identity};
 
 /// Label keys that have fields of their own.
 const RESERVED_LABELS: [&str; 6] = [
@@ -140,16 +140,6 @@ pub(super) fn tracing(raw: &RawConfig, errs: &mut Collector) -> TracingSettings 
     TracingSettings { sample_rate }
 }
 
-/// `NS` of `spiffe://TD/ns/NS/...`: the path after the trust domain must start `ns/NS`.
-fn spiffe_namespace(id: &str) -> Option<&str> {
-    let path = id.strip_prefix("spiffe://")?.split_once('/')?.1;
-    let mut segments = path.split('/');
-    match (segments.next(), segments.next()) {
-        (Some("ns"), Some(ns)) if !ns.is_empty() => Some(ns),
-        _ => None,
-    }
-}
-
 fn check_values(t: &RawTelemetry, errs: &mut Collector) {
     let fields = [
         ("workload", &t.workload),
@@ -218,19 +208,6 @@ fn valid_label_key(k: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn namespace_of_spiffe_ids() {
-        assert_eq!(
-            spiffe_namespace("spiffe://cluster.local/ns/billing/sa/batch"),
-            Some("billing")
-        );
-        assert_eq!(spiffe_namespace("spiffe://cluster.local/sa/batch"), None);
-        assert_eq!(spiffe_namespace("spiffe://cluster.local/ns//sa/x"), None);
-        // A trust domain named `ns` is not a namespace.
-        assert_eq!(spiffe_namespace("spiffe://ns/ns/x/sa/y"), Some("x"));
-        assert_eq!(spiffe_namespace("spiffe://ns/vm/billing"), None);
-    }
 
     #[test]
     fn label_keys() {
