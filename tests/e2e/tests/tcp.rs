@@ -129,6 +129,38 @@ async fn idle_connections_are_closed() {
     assert!(rest.is_empty());
 }
 
+/// A TCP listener behind a load balancer that speaks PROXY protocol: its header is the
+/// connection's first head, held to `limits.header_read_timeout` from accept like any other
+/// (the listener's own idle timeout, an hour here, does not apply until the tunnel runs).
+#[tokio::test]
+async fn a_proxy_header_that_never_completes_is_cut_at_the_head_deadline() {
+    let env = EnvBuilder::default()
+        .mesh(spec_with_db())
+        .listener(
+            "  - name: db\n    bind: 127.0.0.1:0\n    protocol: tcp\n    service: db\n    proxy_protocol: required\n    \
+             trusted_proxies: [127.0.0.0/8]\n",
+        )
+        .services_and_tenants(&tcp_config())
+        .extra("limits:\n  header_read_timeout: 1s\n")
+        .start()
+        .await
+        .unwrap();
+    let addr = env.gate.addr("db").unwrap();
+    let mut s = connect_from(addr, BILLING_IP.parse().unwrap()).await.unwrap();
+    let started = std::time::Instant::now();
+    s.write_all(b"PROXY TCP4 127.20.0.5 ").await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "a connection stuck in its PROXY header was held open");
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "cut after {:?}, before header_read_timeout",
+        started.elapsed()
+    );
+    assert_eq!(env.mesh.stats().pods["db-a"].tcp_connections, 0);
+}
+
 #[tokio::test]
 async fn connect_opens_a_tunnel_to_a_tcp_service_and_refuses_an_http_service() {
     let env = env("").await;
