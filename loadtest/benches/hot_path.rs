@@ -72,10 +72,10 @@ fn benches(c: &mut Criterion) {
         b.iter(|| meshgate::policy::keys::hash_key(black_box("a-32-byte-api-key-from-the-vm-01")))
     });
     c.bench_function("resolve/host_with_port", |b| {
-        b.iter(|| routes.resolve(black_box("svc33.ns33.svc.cluster.local:8080")))
+        b.iter(|| routes.resolve(black_box("svc33.ns33.svc.cluster.local:8080"), |_| true))
     });
     c.bench_function("resolve/alias_mixed_case", |b| {
-        b.iter(|| routes.resolve(black_box("SVC17.Internal")))
+        b.iter(|| routes.resolve(black_box("SVC17.Internal"), |_| true))
     });
     c.bench_function("sni/build", |b| {
         b.iter(|| meshgate::config::sni_for(black_box("reviews.bookinfo.svc.cluster.local"), 9080, Some("v2")))

@@ -153,6 +153,9 @@ async fn metrics(State(app): State<Admin>) -> Response {
         .ready
         .set(i64::from(app.control.not_ready_reason().is_none()));
     let rows = gen.upstream.pool_rows();
+    app.runtime
+        .metrics
+        .set_dynamic_destinations(&gen.upstream.destination_rows());
     (
         StatusCode::OK,
         [(
@@ -197,30 +200,48 @@ async fn explain(State(app): State<Admin>, body: axum::body::Bytes) -> Response 
 
 async fn pool(State(app): State<Admin>) -> Response {
     let gen = app.runtime.current();
-    let pools: Vec<Value> = gen
-        .upstream
-        .pools()
+    let up = &gen.upstream;
+    let dynamic: Vec<_> = up.destinations();
+    let row = |p: &crate::upstream::Pool| {
+        let s = p.stats();
+        let svc = p.service();
+        json!({
+            "service": s.service,
+            "host": svc.host,
+            "port": svc.port,
+            "sni": svc.sni,
+            "protocol": format!("{:?}", svc.protocol).to_lowercase(),
+            "server_identity": svc.expected_server.to_string(),
+            "gateway": up.gateway.target().to_string(),
+            "gateway_addresses": up.gateway.addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "gateway_ejected": up.gateway.ejected().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "dialing": s.dialing,
+            "connects_ok": s.connects_ok,
+            "connects_failed": s.connects_failed,
+            "connections": s.connections.iter().map(|c| json!({
+                "id": c.id,
+                "gateway_address": c.gateway.to_string(),
+                "age_seconds": c.age.as_secs_f64(),
+                "streams_in_use": c.streams_in_use,
+            })).collect::<Vec<_>>(),
+        })
+    };
+    let pools: Vec<Value> = up.listed_pools().map(|p| row(p)).collect();
+    // Made on demand for host patterns and `protocol: auto`, most recently used first.
+    let destinations: Vec<Value> = dynamic
         .iter()
-        .map(|p| {
-            let s = p.stats();
-            json!({
-                "service": s.service,
-                "gateway": gen.upstream.gateway.target().to_string(),
-                "gateway_addresses": gen.upstream.gateway.addrs().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-                "gateway_ejected": gen.upstream.gateway.ejected().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-                "dialing": s.dialing,
-                "connects_ok": s.connects_ok,
-                "connects_failed": s.connects_failed,
-                "connections": s.connections.iter().map(|c| json!({
-                    "id": c.id,
-                    "gateway_address": c.gateway.to_string(),
-                    "age_seconds": c.age.as_secs_f64(),
-                    "streams_in_use": c.streams_in_use,
-                })).collect::<Vec<_>>(),
-            })
+        .map(|(k, p)| {
+            let mut v = row(p);
+            v["tenant_identity"] = json!(gen.snapshot.identity_at(k.identity).spiffe_id);
+            v
         })
         .collect();
-    axum::Json(json!({ "pools": pools })).into_response()
+    axum::Json(json!({
+        "pools": pools,
+        "dynamic_destinations": destinations,
+        "max_dynamic_destinations": gen.snapshot.upstream.max_dynamic_destinations,
+    }))
+    .into_response()
 }
 
 async fn config(State(app): State<Admin>) -> Response {

@@ -71,6 +71,8 @@ impl ProxyError {
                 | UpstreamError::PoolTimeout(_)
                 | UpstreamError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
                 UpstreamError::Tls { .. }
+                | UpstreamError::GatewayClosed { .. }
+                | UpstreamError::UnknownMeshService { .. }
                 | UpstreamError::Identity { .. }
                 | UpstreamError::Protocol { .. }
                 | UpstreamError::Hbone { .. }
@@ -127,7 +129,8 @@ impl ProxyError {
             ProxyError::Upstream(u) => match u {
                 UpstreamError::Unresolved(_) => "gateway_unresolved",
                 UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. } => "gateway_unreachable",
-                UpstreamError::Tls { .. } => "upstream_tls",
+                UpstreamError::Tls { .. } | UpstreamError::GatewayClosed { .. } => "upstream_tls",
+                UpstreamError::UnknownMeshService { .. } => "unknown_mesh_service",
                 UpstreamError::Identity { .. } => "upstream_identity",
                 UpstreamError::HandshakeTimeout { .. } => "upstream_handshake_timeout",
                 UpstreamError::Protocol { .. } => "upstream_protocol",

@@ -52,7 +52,12 @@ pub fn authority(data: &[u8]) {
         if let Ok((host, _)) = crate::route::split_authority(s) {
             assert!(!host.is_empty());
         }
-        let _ = table.resolve(s);
+        let mut table = table;
+        table.add_pattern("bookinfo.svc.cluster.local", &[9080], 3, false);
+        if let Ok(crate::route::Route::Pattern { host, .. }) = table.resolve(s, |_| true) {
+            // What a pattern yields becomes an SNI: it must be one.
+            assert!(rustls::pki_types::ServerName::try_from(host).is_ok());
+        }
     }
 }
 

@@ -212,6 +212,90 @@ pub struct Service {
     pub transport: Transport,
     /// REST/JSON requests matching these gRPC methods' HTTP bindings are transcoded.
     pub transcode: Option<Arc<crate::transcode::Transcoder>>,
+    /// `host: "*.SUFFIX"`: the hosts and ports it matches, and whom their servers must be.
+    pub pattern: Option<HostPattern>,
+    /// This is one destination of a pattern (made by [`Service::destination`]): a handshake
+    /// the gateway closes means it has no such service.
+    pub via_pattern: bool,
+}
+
+/// What a service's host pattern matches (`route` matches it; this is what the config said).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPattern {
+    /// Lower case, without the leading `*.`: `bookinfo.svc.cluster.local`.
+    pub suffix: String,
+    pub ports: Vec<u16>,
+    pub identity: PatternIdentity,
+}
+
+/// Whom the server of a pattern's destination must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PatternIdentity {
+    /// The service's `expected_server`, whatever the host (`identity: any` or a list).
+    Fixed,
+    /// Any service account of this namespace: the pattern is `*.NS.svc.DOMAIN`.
+    Namespace { trust_domain: String, namespace: String },
+    /// Any service account of the namespace the host names: the pattern is `*.svc.DOMAIN` and
+    /// hosts must be `NAME.NS.svc.DOMAIN`.
+    HostNamespace { trust_domain: String },
+}
+
+impl Service {
+    /// Whether requests to this service go to pools made per destination on demand (host
+    /// patterns, and `protocol: auto`, whose pool depends on the client's protocol).
+    pub fn is_dynamic(&self) -> bool {
+        self.pattern.is_some() || self.protocol == UpstreamProtocol::Auto
+    }
+
+    /// The service as one destination: `host:port`, spoken in `protocol` (`http1`/`http2` for
+    /// `auto`). `None` when the host does not fit the pattern's identity rule (a `*.svc.DOMAIN`
+    /// pattern and a host that names no namespace).
+    pub fn destination(&self, host: &str, port: u16, protocol: UpstreamProtocol) -> Option<Service> {
+        let expected_server = match self.pattern.as_ref().map(|p| &p.identity) {
+            None | Some(PatternIdentity::Fixed) => self.expected_server.clone(),
+            Some(PatternIdentity::Namespace {
+                trust_domain,
+                namespace,
+            }) => ExpectedServer::Namespace {
+                trust_domain: trust_domain.clone(),
+                namespace: namespace.clone(),
+            },
+            Some(PatternIdentity::HostNamespace { trust_domain }) => {
+                let labels: Vec<&str> = host.split('.').collect();
+                if labels.len() < 4 || labels[2] != "svc" {
+                    return None;
+                }
+                ExpectedServer::Namespace {
+                    trust_domain: trust_domain.clone(),
+                    namespace: labels[1].to_string(),
+                }
+            }
+        };
+        let sni = sni_for(host, port, self.subset.as_deref());
+        rustls::pki_types::ServerName::try_from(sni.clone()).ok()?;
+        let authority = if port == 80 {
+            http::uri::Authority::try_from(host).ok()?
+        } else {
+            http::uri::Authority::try_from(format!("{host}:{port}")).ok()?
+        };
+        Some(Service {
+            id: self.id,
+            name: self.name.clone(),
+            host: host.to_string(),
+            port,
+            protocol,
+            subset: self.subset.clone(),
+            aliases: Vec::new(),
+            routed: Vec::new(),
+            authority,
+            expected_server,
+            sni,
+            transport: Transport::Sidecar,
+            transcode: None,
+            pattern: None,
+            via_pattern: self.pattern.is_some(),
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -229,6 +313,9 @@ pub struct UpstreamSettings {
     pub http1_max_connections: usize,
     pub max_pending_requests: usize,
     pub body_idle_timeout: Duration,
+    pub max_dynamic_destinations: usize,
+    pub unknown_service_cache: Duration,
+    pub max_metric_hosts: usize,
 }
 
 #[derive(Debug, Clone)]

@@ -15,8 +15,8 @@ use crate::config::parse_key_hash;
 use crate::config::Snapshot;
 use crate::error::ProxyError;
 use crate::policy::{canonical_ip, hash_key, Allow, Deny, Tenant, TenantId, Tenants};
-use crate::route::RouteTable;
 use crate::route::{split_authority, RouteError};
+use crate::route::{Route, RouteTable};
 use crate::upstream::connect::alpn_for;
 
 /// One question, as `POST /explain` takes it. `key` is the plaintext key a client would send;
@@ -116,6 +116,9 @@ pub struct RouteInfo {
     pub alpn: Vec<String>,
     pub gateway: Vec<String>,
     pub expected_server: String,
+    /// The host pattern (`*.SUFFIX`) that matched, when no listed host did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
     /// Set for `transport: hbone` / `double-hbone`; then `gateway` is the HBONE dial target,
     /// `sni` is empty (none is sent) and `alpn` is `h2`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -177,13 +180,31 @@ pub fn explain(
         .trim()
         .get(..8)
         .is_some_and(|p| p.eq_ignore_ascii_case("https://"));
+    let allowed = |id| tenant_id.as_ref().is_ok_and(|t| tenants.allows(*t, id));
     let route = authority.as_ref().ok().map(|a| {
-        let id = routes.resolve(a)?;
-        let port = crate::route::split_authority(a)?.1;
-        if connect && port != Some(snapshot.services[id].port) {
-            return Err(crate::route::RouteError::UnknownHost);
+        let (host, port) = crate::route::split_authority(a)?;
+        if connect {
+            // As the pipeline's tunnel: a listed tcp service, then a tcp host pattern.
+            let tcp = snapshot.services.iter().find(|s| {
+                s.protocol == crate::config::UpstreamProtocol::Tcp
+                    && s.pattern.is_none()
+                    && Some(s.port) == port
+                    && (s.host == host || s.aliases.contains(&host))
+            });
+            if let Some(s) = tcp {
+                return Ok(Route::Service(s.id));
+            }
+            if let Some(r) = port.and_then(|p| routes.resolve_tcp_pattern(&host, p, allowed)) {
+                return Ok(r);
+            }
         }
-        Ok(id)
+        let r = routes.resolve(a, allowed)?;
+        if let (true, Route::Service(id)) = (connect, &r) {
+            if port != Some(snapshot.services[*id].port) {
+                return Err(crate::route::RouteError::UnknownHost);
+            }
+        }
+        Ok(r)
     });
 
     // The same order as the pipeline: target, then tenant, then route, then the allow list.
@@ -202,11 +223,11 @@ pub fn explain(
         }
         // As the pipeline's tunnel: CONNECT reaches tcp services only (checked after routing,
         // before the allow list).
-        (_, Ok(_), Some(Ok(_))) if connect => Some((
+        (_, Ok(_), Some(Ok(r))) if connect && snapshot.services[r.service()].protocol != crate::config::UpstreamProtocol::Tcp => Some((
             ProxyError::ConnectToHttpService,
             Some("https:// through meshgate is a CONNECT tunnel, which only tcp services accept; call the service with http:// instead".into()),
         )),
-        (_, Ok(t), Some(Ok(s))) if !tenants.allows(*t, *s) => Some((
+        (_, Ok(t), Some(Ok(r))) if !tenants.allows(*t, r.service()) => Some((
             Deny::ServiceNotAllowed.into(),
             Some(format!(
                 "tenant {} may call only: {}",
@@ -241,27 +262,7 @@ pub fn explain(
         }
     });
     let route = match route {
-        Some(Ok(id)) => {
-            let s = &snapshot.services[id];
-            Some(
-                RouteInfo {
-                    service: s.name.clone(),
-                    host: s.host.clone(),
-                    port: s.port,
-                    protocol: format!("{:?}", s.protocol).to_lowercase(),
-                    subset: s.subset.clone(),
-                    sni: s.sni.clone(),
-                    alpn: alpn_for(s.protocol)
-                        .iter()
-                        .map(|p| String::from_utf8_lossy(p).into_owned())
-                        .collect(),
-                    gateway: snapshot.gateway.0.iter().map(|g| g.to_string()).collect(),
-                    expected_server: s.expected_server.to_string(),
-                    hbone: None,
-                }
-                .with_transport(&s.transport),
-            )
-        }
+        Some(Ok(r)) => route_info(snapshot, &r),
         _ => None,
     };
     Explanation {
@@ -280,6 +281,65 @@ pub fn explain(
         tenant,
         route,
     }
+}
+
+/// Where a route goes. A pattern's host, or an `auto` service, is shown as the destination the
+/// pipeline would make (its own SNI, authority and server identity rule).
+fn route_info(snapshot: &Snapshot, r: &Route) -> Option<RouteInfo> {
+    let listed = &snapshot.services[r.service()];
+    let (host, port) = match r {
+        Route::Pattern { host, port, .. } => (host.as_str(), *port),
+        Route::Service(_) => (listed.host.as_str(), listed.port),
+    };
+    let auto = listed.protocol == crate::config::UpstreamProtocol::Auto;
+    let shown = if auto {
+        crate::config::UpstreamProtocol::Http1
+    } else {
+        listed.protocol
+    };
+    let made;
+    let s = if listed.is_dynamic() {
+        made = listed.destination(host, port, shown)?;
+        &made
+    } else {
+        listed
+    };
+    let names = |p| {
+        alpn_for(p)
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect::<Vec<_>>()
+    };
+    let alpn = if auto {
+        vec![
+            format!(
+                "{} (HTTP/1.1 clients)",
+                names(crate::config::UpstreamProtocol::Http1).join(", ")
+            ),
+            format!(
+                "{} (h2c, gRPC and HTTP/3 clients)",
+                names(crate::config::UpstreamProtocol::Http2).join(", ")
+            ),
+        ]
+    } else {
+        names(s.protocol)
+    };
+    Some(
+        RouteInfo {
+            service: s.name.clone(),
+            host: s.host.clone(),
+            port: s.port,
+            protocol: format!("{:?}", listed.protocol).to_lowercase(),
+            subset: s.subset.clone(),
+            sni: s.sni.clone(),
+            alpn,
+            gateway: snapshot.gateway.0.iter().map(|g| g.to_string()).collect(),
+            expected_server: s.expected_server.to_string(),
+            pattern: listed.pattern.as_ref().map(|_| listed.host.clone()),
+            hbone: None,
+        }
+        .with_transport(&s.transport),
+    )
 }
 
 /// The identity presented upstream for a tenant's requests: the one whose pool the pipeline picks.

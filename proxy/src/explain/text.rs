@@ -67,6 +67,9 @@ impl fmt::Display for Explanation {
                     "service",
                     format!("{} ({} port {}, {}{subset})", r.service, r.host, r.port, r.protocol),
                 )?;
+                if let Some(p) = &r.pattern {
+                    row(f, "matched pattern", p)?;
+                }
                 match &r.hbone {
                     None => {
                         row(f, "gateway", r.gateway.join(", "))?;
@@ -84,7 +87,9 @@ impl fmt::Display for Explanation {
                         row(f, "connect", format!(":authority {}, no SNI", h.authority))?;
                     }
                 }
-                row(f, "alpn", r.alpn.join(", "))?;
+                // `auto` has one list per kind of client, each already joined with commas.
+                let sep = if r.protocol == "auto" { "; " } else { ", " };
+                row(f, "alpn", r.alpn.join(sep))?;
                 row(f, "server identity", &r.expected_server)?;
             }
         }

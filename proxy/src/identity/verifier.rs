@@ -20,6 +20,8 @@ pub enum ExpectedServer {
     Exact(Vec<String>),
     /// Any SPIFFE ID in this trust domain.
     TrustDomain(String),
+    /// Any service account of one namespace: `spiffe://TD/ns/NS/sa/*`.
+    Namespace { trust_domain: String, namespace: String },
 }
 
 impl ExpectedServer {
@@ -27,6 +29,17 @@ impl ExpectedServer {
         match self {
             ExpectedServer::Exact(ids) => sans.iter().any(|s| ids.contains(s)),
             ExpectedServer::TrustDomain(td) => sans.iter().any(|s| spiffe_trust_domain(s) == Some(td.as_str())),
+            ExpectedServer::Namespace {
+                trust_domain,
+                namespace,
+            } => sans.iter().any(|s| {
+                s.strip_prefix("spiffe://")
+                    .and_then(|r| r.strip_prefix(trust_domain.as_str()))
+                    .and_then(|r| r.strip_prefix("/ns/"))
+                    .and_then(|r| r.strip_prefix(namespace.as_str()))
+                    .and_then(|r| r.strip_prefix("/sa/"))
+                    .is_some_and(|sa| !sa.is_empty() && !sa.contains('/'))
+            }),
         }
     }
 }
@@ -36,6 +49,10 @@ impl std::fmt::Display for ExpectedServer {
         match self {
             ExpectedServer::Exact(ids) => write!(f, "{}", ids.join(" or ")),
             ExpectedServer::TrustDomain(td) => write!(f, "any spiffe://{td}/ identity"),
+            ExpectedServer::Namespace {
+                trust_domain,
+                namespace,
+            } => write!(f, "any spiffe://{trust_domain}/ns/{namespace}/sa/* identity"),
         }
     }
 }
@@ -167,5 +184,24 @@ mod tests {
         assert!(!e.accepts(&["spiffe://cluster.local.evil/ns/b/sa/x".into()]));
         assert!(!e.accepts(&["spiffe://other.local/ns/b/sa/x".into()]));
         assert!(!e.accepts(&["https://cluster.local/ns/b/sa/x".into()]));
+    }
+
+    #[test]
+    fn namespace_match_is_whole_segments() {
+        let e = ExpectedServer::Namespace {
+            trust_domain: "cluster.local".into(),
+            namespace: "bookinfo".into(),
+        };
+        assert!(e.accepts(&["spiffe://cluster.local/ns/bookinfo/sa/reviews".into()]));
+        for other in [
+            "spiffe://cluster.local/ns/bookinfo2/sa/reviews",
+            "spiffe://cluster.local/ns/book/sa/reviews",
+            "spiffe://cluster.local.evil/ns/bookinfo/sa/reviews",
+            "spiffe://cluster.local/ns/bookinfo/sa/",
+            "spiffe://cluster.local/ns/bookinfo/sa/a/b",
+            "spiffe://cluster.local/ns/other/sa/reviews",
+        ] {
+            assert!(!e.accepts(&[other.into()]), "{other}");
+        }
     }
 }

@@ -53,6 +53,14 @@ pub struct ServiceLabels {
     pub service: String,
 }
 
+/// A pattern's (or an `auto` service's) destination host, up to `upstream.max_metric_hosts`
+/// distinct hosts, then `other`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceHostLabels {
+    pub service: String,
+    pub host: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceReasonLabels {
     pub service: String,
@@ -124,6 +132,11 @@ pub struct Metrics {
     pub identity_renewals: Family<RenewalLabels, Counter>,
     pub identity_renewal_failures: Family<IdentityLabels, Gauge>,
     pub tenant_info: Family<TenantTelemetryLabels, Gauge>,
+    pub unknown_mesh_services: Family<ServiceLabels, Counter>,
+    pub dynamic_destinations: Family<ServiceLabels, Gauge>,
+    pub dynamic_requests: Family<ServiceHostLabels, Counter>,
+    /// The hosts that have a `host` label of their own in `dynamic_requests`.
+    dynamic_hosts: std::sync::Mutex<std::collections::HashSet<String>>,
     pub draining: Gauge,
     pub drained: Gauge,
     pub ready: Gauge,
@@ -307,6 +320,21 @@ impl Metrics {
             "meshgate version, git revision and build target",
             build_info,
         );
+        let unknown_mesh_services = reg!(
+            "meshgate_unknown_mesh_service",
+            "Handshakes the gateway closed for a host pattern's destination (no such mesh service, or no endpoint), by service",
+            Family::<ServiceLabels, Counter>::default()
+        );
+        let dynamic_destinations = reg!(
+            "meshgate_dynamic_destinations",
+            "Pools made on demand for host patterns and protocol auto, by service",
+            Family::<ServiceLabels, Gauge>::default()
+        );
+        let dynamic_requests = reg!(
+            "meshgate_dynamic_requests",
+            "Requests routed by a host pattern or protocol auto, by service and host (hosts beyond upstream.max_metric_hosts are counted as other)",
+            Family::<ServiceHostLabels, Counter>::default()
+        );
         let process = ProcessMetrics {
             cpu_seconds: reg!(
                 "process_cpu_seconds",
@@ -352,6 +380,10 @@ impl Metrics {
             identity_renewals,
             identity_renewal_failures,
             tenant_info,
+            unknown_mesh_services,
+            dynamic_destinations,
+            dynamic_requests,
+            dynamic_hosts: Default::default(),
             draining,
             drained,
             ready,
@@ -586,6 +618,37 @@ impl Metrics {
             {
                 p.max_fds.set(v);
             }
+        }
+    }
+
+    /// Counts a request to a destination made on demand; `host` gets a label of its own while
+    /// fewer than `max_hosts` hosts have one.
+    pub fn record_dynamic_request(&self, service: &str, host: &str, max_hosts: usize) {
+        let labelled = {
+            let mut hosts = self.dynamic_hosts.lock().unwrap_or_else(|e| e.into_inner());
+            hosts.contains(host) || (hosts.len() < max_hosts && hosts.insert(host.to_string()))
+        };
+        self.dynamic_requests
+            .get_or_create(&ServiceHostLabels {
+                service: service.to_string(),
+                host: if labelled {
+                    host.to_string()
+                } else {
+                    "other".to_string()
+                },
+            })
+            .inc();
+    }
+
+    /// Sets `meshgate_dynamic_destinations` to `(service, pools)` rows.
+    pub fn set_dynamic_destinations(&self, rows: &[(String, i64)]) {
+        self.dynamic_destinations.clear();
+        for (service, n) in rows {
+            self.dynamic_destinations
+                .get_or_create(&ServiceLabels {
+                    service: service.clone(),
+                })
+                .set(*n);
         }
     }
 

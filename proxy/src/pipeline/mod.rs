@@ -35,13 +35,14 @@ use headers::{
 use log::AccessLog;
 pub use tunnel::ClientUpgrade;
 
-use crate::config::UpstreamProtocol;
+use crate::config::{Service, UpstreamProtocol};
 use crate::error::ProxyError;
 use crate::policy::keys::presented_key;
 use crate::policy::limits::Slot;
 use crate::policy::Deny;
+use crate::route::{Route, RouteError};
 use crate::runtime::Generation;
-use crate::upstream::{BoxError, Lease, RequestBody, UpstreamBody, UpstreamError};
+use crate::upstream::{BoxError, Lease, Pool, RequestBody, UpstreamBody, UpstreamError};
 
 /// The access log a request starts with, before anything about it is decided.
 fn start_log<B>(
@@ -296,16 +297,38 @@ where
         .tenants
         .authorize(conn.client.ip(), key.as_ref().map(|k| &k.0), conn.vpce.as_deref())?;
     log.tenant = Some(tenant_id);
-    let service_id = gen.routes.resolve(&authority);
+    let route = gen.routes.resolve(&authority, |id| gen.tenants.allows(tenant_id, id));
     // The log keeps the client's spelling; upstream, the service's canonical one is used.
     log.authority = authority;
-    let service_id = service_id?;
-    let service = &snap.services[service_id];
+    let route = route?;
+    let service_id = route.service();
+    let listed = &snap.services[service_id];
     log.service = Some(service_id);
     if !gen.tenants.allows(tenant_id, service_id) {
         return Err(Deny::ServiceNotAllowed.into());
     }
     let identity = gen.tenants.get(tenant_id).identity;
+    // A listed service with a declared protocol has its pool; a pattern's host, or a service
+    // whose protocol mirrors the client's, has a pool per destination, made on demand.
+    let made;
+    let (service, pool): (&Service, &Arc<Pool>) = if listed.is_dynamic() {
+        let (host, port) = match &route {
+            Route::Pattern { host, port, .. } => (host.as_str(), *port),
+            Route::Service(_) => (listed.host.as_str(), listed.port),
+        };
+        let protocol = match listed.protocol {
+            UpstreamProtocol::Auto if req.version() < Version::HTTP_2 => UpstreamProtocol::Http1,
+            UpstreamProtocol::Auto => UpstreamProtocol::Http2,
+            declared => declared,
+        };
+        made = gen
+            .upstream
+            .destination(identity, listed, host, port, protocol)
+            .ok_or(RouteError::UnknownHost)?;
+        (made.service(), &made)
+    } else {
+        (listed, gen.upstream.pool(identity, listed))
+    };
     log.slot = tenant_limits(gen, tenant_id)?;
     if let (Some(limit), Some(len)) = (snap.limits.max_request_body, declared_length(&req)) {
         if len > limit {
@@ -398,7 +421,7 @@ where
         UpstreamProtocol::Tcp => {
             return Err(ProxyError::Malformed("this service is TCP: use its TCP listener"));
         }
-        UpstreamProtocol::Http1 => {
+        UpstreamProtocol::Http1 | UpstreamProtocol::Auto => {
             let host =
                 HeaderValue::from_str(service.authority.as_str()).map_err(|_| ProxyError::Malformed("invalid Host"))?;
             h.insert(header::HOST, host);
@@ -469,8 +492,7 @@ where
         return Box::pin(tunnel::upgraded(
             gen,
             conn,
-            service,
-            identity,
+            pool,
             upstream_req,
             client_upgrade,
             timeout,
@@ -479,7 +501,6 @@ where
         .await;
     }
 
-    let pool = gen.upstream.pool(identity, service);
     // One deadline for the request and its retry.
     let attempt = async {
         match pool.send(upstream_req).await {
@@ -507,6 +528,11 @@ where
         }
         Err(e) => return Err(e.into()),
     };
+    if listed.is_dynamic() {
+        // Counted once the mesh answered: only hosts that exist take a `host` label.
+        gen.metrics
+            .record_dynamic_request(&service.name, &service.host, snap.upstream.max_metric_hosts);
+    }
     let h = resp.headers_mut();
     strip_hop_by_hop(h);
     strip_mesh_response(h);

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use super::headers::strip_mesh_response;
 use super::log::{AccessLog, TunnelLog};
 use super::{tenant_limits, ConnInfo, Forwarded};
-use crate::config::{Service, UpstreamProtocol};
+use crate::config::UpstreamProtocol;
 use crate::error::ProxyError;
 use crate::io::{splice, Io};
 use crate::lifecycle::CloseSignal;
@@ -23,9 +23,9 @@ use crate::metrics::Metrics;
 use crate::policy::keys::presented_key;
 use crate::policy::limits::Slot;
 use crate::policy::Deny;
-use crate::route::RouteError;
+use crate::route::{Route, RouteError};
 use crate::runtime::Generation;
-use crate::upstream::{RequestBody, UpstreamError};
+use crate::upstream::{Pool, RequestBody, UpstreamError};
 
 /// The client's side of a tunnel, once the response that opens it has been sent: the listener
 /// that owns the client connection hands it over this way.
@@ -117,28 +117,48 @@ pub(super) async fn connect<B>(
     // not name). An HTTP service is refused: inside a tunnel its requests would skip every
     // header rule (identity headers, X-Forwarded-For, the key header, x-envoy-*).
     let tcp = snap.services.iter().find(|s| {
-        s.protocol == UpstreamProtocol::Tcp && s.port == port && (s.host == host || s.aliases.contains(&host))
+        s.protocol == UpstreamProtocol::Tcp
+            && s.pattern.is_none()
+            && s.port == port
+            && (s.host == host || s.aliases.contains(&host))
     });
-    let Some(service) = tcp else {
-        let http = gen
-            .routes
-            .resolve(&authority)
-            .ok()
-            .filter(|id| snap.services[*id].port == port);
-        if let Some(id) = http {
-            log.service = Some(id);
-            return Err(ProxyError::ConnectToHttpService);
-        }
-        return Err(RouteError::UnknownHost.into());
+    let allowed = |id| gen.tenants.allows(tenant_id, id);
+    let (service_id, destination) = match tcp {
+        Some(s) => (s.id, None),
+        None => match gen.routes.resolve_tcp_pattern(&host, port, allowed) {
+            Some(Route::Pattern { service, host, port }) => (service, Some((host, port))),
+            _ => {
+                let http = gen.routes.resolve(&authority, |_| true).ok().filter(|r| match r {
+                    Route::Service(id) => snap.services[*id].port == port,
+                    Route::Pattern { .. } => true,
+                });
+                if let Some(r) = http {
+                    log.service = Some(r.service());
+                    return Err(ProxyError::ConnectToHttpService);
+                }
+                return Err(RouteError::UnknownHost.into());
+            }
+        },
     };
-    let service_id = service.id;
     log.service = Some(service_id);
-    if !gen.tenants.allows(tenant_id, service_id) {
+    if !allowed(service_id) {
         return Err(Deny::ServiceNotAllowed.into());
     }
     let upgrade = upgrade.ok_or(ProxyError::Malformed("CONNECT is not available on this listener"))?;
     let slot = tenant_limits(gen, tenant_id)?;
-    let pool = gen.upstream.pool(tenant.identity, service);
+    let listed = &snap.services[service_id];
+    let made;
+    let pool = match &destination {
+        Some((host, port)) => {
+            made = gen
+                .upstream
+                .destination(tenant.identity, listed, host, *port, UpstreamProtocol::Tcp)
+                .ok_or(RouteError::UnknownHost)?;
+            &made
+        }
+        None => gen.upstream.pool(tenant.identity, listed),
+    };
+    let service = pool.service();
     let upstream = pool
         .dedicated(true, conn.client, gen.peer_metadata[tenant_id].as_deref())
         .await?;
@@ -159,18 +179,16 @@ pub(super) async fn connect<B>(
 /// An Upgrade request (WebSocket) goes on an upstream connection of its own: after a `101`
 /// that connection carries the new protocol and can never return to the pool. Both sides are
 /// then spliced as bytes, like a CONNECT tunnel.
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn upgraded(
     gen: &Generation,
     conn: &ConnInfo,
-    service: &Service,
-    identity: usize,
+    pool: &Pool,
     req: Request<RequestBody>,
     client_upgrade: ClientUpgrade,
     timeout: Duration,
     slot: Option<Slot>,
 ) -> Result<Forwarded, ProxyError> {
-    let pool = gen.upstream.pool(identity, service);
+    let service = pool.service();
     let stream = pool.dedicated(false, conn.client, None).await?;
     let io = hyper_util::rt::TokioIo::new(stream);
     let http_err = |e: hyper::Error| UpstreamError::Http(e.to_string());

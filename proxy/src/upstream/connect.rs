@@ -22,7 +22,7 @@ use crate::identity::{ClientCert, Identity, SpiffeServerVerifier};
 pub fn alpn_for(protocol: UpstreamProtocol) -> Vec<Vec<u8>> {
     let list: &[&[u8]] = match protocol {
         UpstreamProtocol::Http2 => &[b"istio-h2", b"istio", b"h2"],
-        UpstreamProtocol::Http1 => &[b"istio-http/1.1", b"istio", b"http/1.1"],
+        UpstreamProtocol::Http1 | UpstreamProtocol::Auto => &[b"istio-http/1.1", b"istio", b"http/1.1"],
         // `istio-peer-exchange` only for tenants with `telemetry:` ([`TlsParams::exchanging`]):
         // it obliges both sides to the TCP metadata exchange (§2.5).
         UpstreamProtocol::Tcp => &[b"istio"],
@@ -109,16 +109,16 @@ pub(crate) fn classify_tls(addr: SocketAddr, e: std::io::Error) -> UpstreamError
             reason: tls.to_string(),
         };
     }
-    let reason = match e.kind() {
+    match e.kind() {
         // The passthrough gateway closes without an alert when no filter chain matches the SNI.
-        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
-            format!("{e} (the gateway closed the connection: is the SNI routed, is the service exported?)")
-        }
-        _ => e.to_string(),
-    };
-    UpstreamError::Tls {
-        addr: addr.to_string(),
-        reason,
+        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => UpstreamError::GatewayClosed {
+            addr: addr.to_string(),
+            reason: format!("{e} (the gateway closed the connection: is the SNI routed, is the service exported?)"),
+        },
+        _ => UpstreamError::Tls {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        },
     }
 }
 

@@ -2,6 +2,7 @@
 //! identity, and the per-service connection pools.
 
 pub mod connect;
+pub mod dynamic;
 pub mod gateway;
 pub mod h2client;
 pub mod hbone;
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 
-use crate::config::{Service, Snapshot};
+use crate::config::{Service, Snapshot, UpstreamProtocol};
 use crate::metrics::Metrics;
 pub use gateway::Gateway;
 pub use pool::{Lease, Pool, PoolStats};
@@ -82,6 +83,12 @@ pub enum UpstreamError {
     ConnectTimeout { addr: String },
     #[error("TLS handshake via gateway {addr} failed: {reason}")]
     Tls { addr: String, reason: String },
+    /// The gateway closed the handshake without an alert: how it says no filter chain matches
+    /// the SNI (or the service has no endpoint).
+    #[error("TLS handshake via gateway {addr} failed: {reason}")]
+    GatewayClosed { addr: String, reason: String },
+    #[error("the mesh has no service behind SNI {sni}: the gateway closed the handshake (no such service exported through the gateway, or no sidecar endpoint behind it)")]
+    UnknownMeshService { sni: String },
     #[error("upstream identity rejected: {reason}")]
     Identity { reason: String },
     #[error("TLS handshake via gateway {addr} timed out")]
@@ -136,12 +143,18 @@ impl PoolKey {
 
 /// The upstream side of one config snapshot: a gateway resolver and a pool per service and
 /// client identity. Connections are never shared across identities: a connection's mTLS
-/// handshake fixes the principal the mesh sees for every request on it.
+/// handshake fixes the principal the mesh sees for every request on it. Host patterns and
+/// `protocol: auto` services get pools per destination, made on demand (`dynamic.rs`).
 pub struct Upstream {
     pub gateway: Arc<Gateway>,
-    /// Indexed by `identity * services + service.id`.
-    pools: Vec<Arc<Pool>>,
+    /// Indexed by `identity * services + service.id`; `None` for services reached through
+    /// destinations made on demand.
+    pools: Vec<Option<Arc<Pool>>>,
     services: usize,
+    dynamic: dynamic::Destinations<Arc<Pool>>,
+    metrics: Arc<Metrics>,
+    /// Everything a destination's pool key takes from the snapshot.
+    snapshot: Arc<Snapshot>,
 }
 
 impl Upstream {
@@ -157,41 +170,106 @@ impl Upstream {
         let pools = (0..snapshot.identity_count())
             .flat_map(|i| snapshot.services.iter().map(move |s| (i, s)))
             .map(|(i, s)| {
+                if s.is_dynamic() {
+                    return None;
+                }
                 let key = PoolKey::new(snapshot, s, i);
-                previous
-                    .and_then(|p| p.pools.iter().find(|pool| *pool.key() == key))
-                    .cloned()
-                    .unwrap_or_else(|| {
-                        Pool::new(
-                            key,
-                            s.clone(),
-                            snapshot.identity_at(i),
-                            gateway.clone(),
-                            metrics.clone(),
-                        )
-                    })
+                Some(
+                    previous
+                        .and_then(|p| p.pools.iter().flatten().find(|pool| *pool.key() == key))
+                        .cloned()
+                        .unwrap_or_else(|| {
+                            Pool::new(
+                                key,
+                                s.clone(),
+                                snapshot.identity_at(i),
+                                gateway.clone(),
+                                metrics.clone(),
+                            )
+                        }),
+                )
             })
             .collect();
+        let dynamic = dynamic::Destinations::new(snapshot.upstream.max_dynamic_destinations);
+        if let Some(prev) = previous {
+            // Oldest first, so the most recently used end up the most recent here too.
+            for (k, pool) in prev.dynamic.list().into_iter().rev() {
+                if let Some((key, pool)) = take_over(snapshot, &k, &pool) {
+                    dynamic.insert(key, pool);
+                }
+            }
+        }
         Upstream {
             gateway,
             pools,
             services: snapshot.services.len(),
+            dynamic,
+            metrics,
+            // Services are shared, so this copy costs the lists, not the services.
+            snapshot: Arc::new(snapshot.clone()),
         }
     }
 
     /// The pool for `service` as seen by tenants presenting identity number `identity`.
+    /// Panics for services reached through [`Upstream::destination`].
     pub fn pool(&self, identity: usize, service: &Service) -> &Arc<Pool> {
-        &self.pools[identity * self.services + service.id]
+        self.pools[identity * self.services + service.id]
+            .as_ref()
+            .expect("a listed service with a declared protocol has a pool")
     }
 
-    pub fn pools(&self) -> &[Arc<Pool>] {
-        &self.pools
+    /// The pool of one destination of `service` (a host its pattern matched, or its own host
+    /// for `protocol: auto`), spoken in `protocol`, for identity number `identity`; made if
+    /// needed. `None` when the host does not fit the service's identity rule.
+    pub fn destination(
+        &self,
+        identity: usize,
+        service: &Service,
+        host: &str,
+        port: u16,
+        protocol: UpstreamProtocol,
+    ) -> Option<Arc<Pool>> {
+        let key = dynamic::DestKey {
+            service: service.id,
+            host: host.to_string(),
+            port,
+            protocol,
+            identity,
+        };
+        self.dynamic.get_or_make(&key, || {
+            let dest = Arc::new(service.destination(host, port, protocol)?);
+            let key = PoolKey::new(&self.snapshot, &dest, identity);
+            Some(Pool::new(
+                key,
+                dest,
+                self.snapshot.identity_at(identity),
+                self.gateway.clone(),
+                self.metrics.clone(),
+            ))
+        })
+    }
+
+    /// The pools of listed services with a declared protocol.
+    pub fn listed_pools(&self) -> impl Iterator<Item = &Arc<Pool>> {
+        self.pools.iter().flatten()
+    }
+
+    /// Every pool: the listed services', then the destinations made on demand.
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        let mut v: Vec<Arc<Pool>> = self.listed_pools().cloned().collect();
+        v.extend(self.dynamic.list().into_iter().map(|(_, p)| p));
+        v
+    }
+
+    /// The destinations made on demand, most recently used first.
+    pub fn destinations(&self) -> Vec<(dynamic::DestKey, Arc<Pool>)> {
+        self.dynamic.list()
     }
 
     /// Pool rows for metrics and `/pool`: (service, connections, streams in use).
     pub fn pool_rows(&self) -> Vec<(String, i64, i64)> {
         let mut by_service: std::collections::HashMap<String, (i64, i64)> = std::collections::HashMap::new();
-        for p in &self.pools {
+        for p in self.pools() {
             let s = p.stats();
             let e = by_service.entry(s.service.clone()).or_default();
             e.0 += s.connections.len() as i64;
@@ -202,10 +280,48 @@ impl Upstream {
         rows
     }
 
+    /// `(service, destinations)` rows for `meshgate_dynamic_destinations`.
+    pub fn destination_rows(&self) -> Vec<(String, i64)> {
+        let mut by_service: std::collections::BTreeMap<String, i64> = self
+            .snapshot
+            .services
+            .iter()
+            .filter(|s| s.is_dynamic())
+            .map(|s| (s.name.clone(), 0))
+            .collect();
+        for (_, p) in self.dynamic.list() {
+            *by_service.entry(p.service().name.clone()).or_default() += 1;
+        }
+        by_service.into_iter().collect()
+    }
+
     /// Closes idle and over-age connections; run periodically.
     pub fn sweep(&self) {
-        for p in &self.pools {
+        for p in self.pools() {
             p.sweep();
         }
     }
+}
+
+/// A destination pool of the previous config, if the new one would make the same pool: same
+/// service name, still dynamic, and an equal key for the same host, port and protocol with the
+/// same identity.
+fn take_over(snapshot: &Snapshot, k: &dynamic::DestKey, pool: &Arc<Pool>) -> Option<(dynamic::DestKey, Arc<Pool>)> {
+    let service = snapshot
+        .services
+        .iter()
+        .find(|s| s.name == pool.service().name && s.is_dynamic())?;
+    let identity =
+        (0..snapshot.identity_count()).find(|i| snapshot.identity_at(*i).fingerprint == pool.key().identity)?;
+    let dest = service.destination(&k.host, k.port, k.protocol)?;
+    (PoolKey::new(snapshot, &dest, identity) == *pool.key()).then(|| {
+        (
+            dynamic::DestKey {
+                service: service.id,
+                identity,
+                ..k.clone()
+            },
+            pool.clone(),
+        )
+    })
 }

@@ -88,6 +88,9 @@ struct State {
     next_id: u64,
     connects_ok: u64,
     connects_failed: u64,
+    /// A pattern destination the gateway said it does not know: requests fail at once with
+    /// that answer until this instant instead of dialing again (`upstream.unknown_service_cache`).
+    unknown_until: Option<Instant>,
 }
 
 /// A snapshot of a pool for the admin API and tests.
@@ -331,7 +334,7 @@ impl Pool {
                 })
             }
             // TCP services never take HTTP leases (they are not routed); if one did, HTTP/1.1.
-            UpstreamProtocol::Http1 | UpstreamProtocol::Tcp => {
+            UpstreamProtocol::Http1 | UpstreamProtocol::Tcp | UpstreamProtocol::Auto => {
                 if let Some(mut c) = st.h1_idle.pop() {
                     let reused = c.requests > 0;
                     c.requests += 1;
@@ -361,6 +364,7 @@ impl Pool {
         if waiting >= self.settings.max_pending_requests {
             return Err(UpstreamError::Overloaded);
         }
+        self.check_known()?;
         let mut started_at: Option<u64> = None;
         loop {
             let notified = self.changed.notified();
@@ -401,9 +405,40 @@ impl Pool {
         }
     }
 
+    /// The cached "no such service" answer of the gateway, while it lasts.
+    fn check_known(&self) -> Result<(), UpstreamError> {
+        match self.lock().unknown_until {
+            Some(t) if Instant::now() < t => Err(UpstreamError::UnknownMeshService {
+                sni: self.service.sni.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// For a pattern's destination, a handshake the gateway closed means the mesh has no such
+    /// service (a listed service is known to exist, so there it stays a TLS failure); the
+    /// answer is remembered for `unknown_service_cache`.
+    fn classify(&self, e: UpstreamError) -> UpstreamError {
+        match e {
+            UpstreamError::GatewayClosed { .. } if self.service.via_pattern => {
+                self.lock().unknown_until = Some(Instant::now() + self.settings.unknown_service_cache);
+                self.metrics
+                    .unknown_mesh_services
+                    .get_or_create(&crate::metrics::ServiceLabels {
+                        service: self.service.name.clone(),
+                    })
+                    .inc();
+                UpstreamError::UnknownMeshService {
+                    sni: self.service.sni.clone(),
+                }
+            }
+            other => other,
+        }
+    }
+
     async fn dial_task(self: Arc<Self>) {
         let started = Instant::now();
-        let result = self.dial().await;
+        let result = self.dial().await.map_err(|e| self.classify(e));
         self.metrics
             .record_connect(&self.service.name, result.is_ok(), started.elapsed());
         {
@@ -528,6 +563,16 @@ impl Pool {
         client: SocketAddr,
         metadata: Option<&crate::telemetry::PeerMetadata>,
     ) -> Result<Box<dyn crate::io::Io>, UpstreamError> {
+        self.check_known()?;
+        self.open(opaque, client, metadata).await.map_err(|e| self.classify(e))
+    }
+
+    async fn open(
+        &self,
+        opaque: bool,
+        client: SocketAddr,
+        metadata: Option<&crate::telemetry::PeerMetadata>,
+    ) -> Result<Box<dyn crate::io::Io>, UpstreamError> {
         match &self.hbone {
             Some(h) => Ok(Box::new(TokioIo::new(h.open(Some(client)).await?.1))),
             None => {
@@ -607,6 +652,7 @@ fn protocol_name(p: UpstreamProtocol) -> &'static str {
         UpstreamProtocol::Http2 => "http2",
         UpstreamProtocol::Http1 => "http1",
         UpstreamProtocol::Tcp => "tcp",
+        UpstreamProtocol::Auto => "auto",
     }
 }
 

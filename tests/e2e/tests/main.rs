@@ -13,6 +13,7 @@ mod http3;
 mod isolation;
 mod issuers;
 mod ops;
+mod patterns;
 mod prometheus;
 mod proxy_protocol;
 mod tcp;

@@ -319,6 +319,8 @@ pub(crate) async fn serve(
             "query": parts.uri.query(),
             "version": version_str(parts.version),
             "alpn": conn.alpn,
+            "sni": conn.sni,
+            "offered_alpn": conn.offered_alpn,
             "tls_version": conn.tls_version,
             "host": host,
             "headers": headers,

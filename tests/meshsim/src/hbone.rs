@@ -417,6 +417,8 @@ async fn serve_endpoint(ep: Arc<Endpoint>, tcp: TcpStream, peer_addr: SocketAddr
     let conn = Arc::new(ConnInfo {
         // The app sees plaintext: ALPN and TLS belong to the tunnel.
         alpn: None,
+        sni: None,
+        offered_alpn: Vec::new(),
         tls_version: None,
         peer,
     });

@@ -204,6 +204,10 @@ impl PodInfo {
 #[derive(Debug, Clone)]
 pub(crate) struct ConnInfo {
     pub alpn: Option<String>,
+    /// The SNI the client sent (what the gateway routed on).
+    pub sni: Option<String>,
+    /// Every ALPN protocol the client offered, in its order.
+    pub offered_alpn: Vec<String>,
     pub tls_version: Option<&'static str>,
     pub peer: PeerCert,
 }
@@ -269,10 +273,15 @@ pub(crate) async fn serve_connection(pod: Arc<PodInfo>, tcp: TcpStream, peer_add
     let _ = tcp.set_nodelay(true);
     let handshake = async {
         let start = LazyConfigAcceptor::new(Acceptor::default(), tcp).await?;
-        let config = pod.tls.for_client_alpn(start.client_hello().alpn(), pod.tcp);
-        start.into_stream(config).await
+        let hello = start.client_hello();
+        let offered: Vec<String> = hello
+            .alpn()
+            .map(|a| a.map(|p| String::from_utf8_lossy(p).into_owned()).collect())
+            .unwrap_or_default();
+        let config = pod.tls.for_client_alpn(hello.alpn(), pod.tcp);
+        start.into_stream(config).await.map(|s| (s, offered))
     };
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    let (tls, offered_alpn) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::debug!(pod = %pod.name, %peer_addr, error = %e, "TLS handshake failed");
@@ -290,6 +299,8 @@ pub(crate) async fn serve_connection(pod: Arc<PodInfo>, tcp: TcpStream, peer_add
     let (_, session) = tls.get_ref();
     let conn = Arc::new(ConnInfo {
         alpn: session.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned()),
+        sni: session.server_name().map(str::to_string),
+        offered_alpn,
         tls_version: session.protocol_version().map(|v| match v {
             ProtocolVersion::TLSv1_3 => "TLSv1.3",
             ProtocolVersion::TLSv1_2 => "TLSv1.2",

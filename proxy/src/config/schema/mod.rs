@@ -23,7 +23,12 @@ pub struct RawConfig {
     #[serde(default)]
     pub admin: Option<RawAdmin>,
     pub mesh: RawMesh,
+    #[serde(default)]
     pub services: OrderedMap<RawService>,
+    /// A file with more `services:` (e.g. written by `meshgate services import`), loaded and
+    /// watched like this one; its names must not repeat this file's.
+    #[serde(default)]
+    pub services_file: Option<Spanned<String>>,
     pub tenants: OrderedMap<RawTenant>,
     /// Header that may carry an API key, besides `Proxy-Authorization`.
     #[serde(default = "default_api_key_header")]
@@ -321,9 +326,16 @@ pub fn d_approle_mount() -> String {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawService {
+    /// A DNS name, or a pattern `*.SUFFIX` matching any name under SUFFIX.
     pub host: Spanned<String>,
-    pub port: Spanned<u16>,
-    pub protocol: UpstreamProtocol,
+    #[serde(default)]
+    pub port: Option<Spanned<u16>>,
+    /// Several ports (host patterns only).
+    #[serde(default)]
+    pub ports: Option<Spanned<Vec<u16>>>,
+    /// Required for exact hosts; `auto` by default for patterns.
+    #[serde(default)]
+    pub protocol: Option<Spanned<UpstreamProtocol>>,
     #[serde(default)]
     pub subset: Option<Spanned<String>>,
     #[serde(default)]
@@ -340,7 +352,7 @@ pub struct RawService {
     pub transcode: Option<Spanned<super::transcode::RawTranscode>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 pub enum UpstreamProtocol {
     #[serde(rename = "http1")]
     Http1,
@@ -349,6 +361,10 @@ pub enum UpstreamProtocol {
     /// Opaque bytes (databases, queues): reached through `protocol: tcp` listeners, ALPN `istio`.
     #[serde(rename = "tcp")]
     Tcp,
+    /// Mirror the client: HTTP/1.1 clients go out as HTTP/1.1, h2c, gRPC and HTTP/3 clients as
+    /// HTTP/2, as Istio's sidecars do on ports whose protocol they do not know.
+    #[serde(rename = "auto")]
+    Auto,
 }
 
 #[derive(Debug, Deserialize)]
@@ -500,6 +516,27 @@ pub struct RawUpstream {
     /// this long is reset: a client that stops reading cannot hold an upstream stream forever.
     #[serde(default = "d_body_idle_timeout")]
     pub body_idle_timeout: Dur,
+    /// Pools made on demand (host patterns, `protocol: auto`) kept at once; the least recently
+    /// used is closed first. Envoy's DNS cache default.
+    #[serde(default = "d_max_dynamic_destinations")]
+    pub max_dynamic_destinations: usize,
+    /// How long the gateway's "no such service" answer is remembered for a destination.
+    #[serde(default = "d_unknown_service_cache")]
+    pub unknown_service_cache: Dur,
+    /// Distinct hosts that get a `host` label of their own in
+    /// `meshgate_dynamic_requests_total`; the rest are counted as `host="other"`.
+    #[serde(default = "d_max_metric_hosts")]
+    pub max_metric_hosts: usize,
+}
+
+pub fn d_max_dynamic_destinations() -> usize {
+    1024
+}
+pub fn d_unknown_service_cache() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+pub fn d_max_metric_hosts() -> usize {
+    100
 }
 
 pub fn d_max_pending() -> usize {
@@ -559,6 +596,9 @@ impl Default for RawUpstream {
             http1_max_connections: d_http1_max_connections(),
             max_pending_requests: d_max_pending(),
             body_idle_timeout: d_body_idle_timeout(),
+            max_dynamic_destinations: d_max_dynamic_destinations(),
+            unknown_service_cache: d_unknown_service_cache(),
+            max_metric_hosts: d_max_metric_hosts(),
         }
     }
 }

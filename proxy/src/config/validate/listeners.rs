@@ -172,6 +172,13 @@ pub(super) fn attach_services(
     for (l, svc) in listeners.list.iter_mut().zip(&listeners.services) {
         let Some(svc) = svc else { continue };
         match service_ids.get(&svc.value) {
+            Some(&id) if services[id].pattern.is_some() => errs.at(
+                line(svc),
+                format!(
+                    "service {:?} is a host pattern: a tcp listener needs one destination (reach a pattern with CONNECT)",
+                    svc.value
+                ),
+            ),
             Some(&id) if services[id].protocol == UpstreamProtocol::Tcp => l.service = Some(id),
             Some(_) => errs.at(
                 line(svc),

@@ -81,6 +81,7 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
     let (services, service_ids) = services::services(path, &raw, &td, errs);
     listeners::attach_services(&mut listeners, &services, &service_ids, errs);
     let mut tenants = tenants::tenants(&raw, &service_ids, services.len(), errs);
+    services::overlapping_patterns(&raw, &services, &tenants.list, errs);
     let api_key_header = settings::api_key_header(&raw, errs);
     if raw.mesh.gateway.value.0.is_empty() {
         errs.at(

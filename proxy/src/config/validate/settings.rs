@@ -179,6 +179,9 @@ pub(super) fn upstream(raw: &RawConfig, errs: &mut Collector) -> UpstreamSetting
         http1_max_connections: up.http1_max_connections,
         max_pending_requests: up.max_pending_requests,
         body_idle_timeout: up.body_idle_timeout.0,
+        max_dynamic_destinations: up.max_dynamic_destinations,
+        unknown_service_cache: up.unknown_service_cache.0,
+        max_metric_hosts: up.max_metric_hosts,
     };
     if !(0.0..=0.5).contains(&upstream.max_connection_age_jitter) {
         errs.at(up_line, "upstream.max_connection_age_jitter must be between 0 and 0.5");
@@ -194,6 +197,9 @@ pub(super) fn upstream(raw: &RawConfig, errs: &mut Collector) -> UpstreamSetting
             up_line,
             "upstream: need 1 <= target_streams_per_connection <= max_streams_per_connection",
         );
+    }
+    if upstream.max_dynamic_destinations == 0 {
+        errs.at(up_line, "upstream.max_dynamic_destinations must be at least 1");
     }
     if upstream.http1_max_connections == 0 {
         errs.at(up_line, "upstream.http1_max_connections must be at least 1");
