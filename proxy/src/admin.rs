@@ -256,15 +256,24 @@ pub fn effective_config(s: &Snapshot) -> Value {
         .map(|svc| {
             (
                 svc.name.clone(),
-                json!({
-                    "host": svc.host,
-                    "port": svc.port,
-                    "protocol": format!("{:?}", svc.protocol).to_lowercase(),
-                    "subset": svc.subset,
-                    "identity": svc.expected_server.to_string(),
-                    "aliases": svc.aliases,
-                    "sni": svc.sni,
-                }),
+                match &svc.pattern {
+                    Some(p) => json!({
+                        "host": svc.host,
+                        "ports": p.ports,
+                        "protocol": format!("{:?}", svc.protocol).to_lowercase(),
+                        "identity": svc.server_rule(),
+                        "sni": "outbound_.PORT_._.HOST",
+                    }),
+                    None => json!({
+                        "host": svc.host,
+                        "port": svc.port,
+                        "protocol": format!("{:?}", svc.protocol).to_lowercase(),
+                        "subset": svc.subset,
+                        "identity": svc.expected_server.to_string(),
+                        "aliases": svc.aliases,
+                        "sni": svc.sni,
+                    }),
+                },
             )
         })
         .collect();

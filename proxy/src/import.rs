@@ -38,6 +38,78 @@ pub struct Imported {
     pub skipped: Vec<String>,
 }
 
+/// The default `--exclude-namespace` list: the cluster's own machinery, never a VM's target.
+pub const SYSTEM_NAMESPACES: [&str; 4] = ["kube-system", "kube-public", "kube-node-lease", "istio-system"];
+
+/// `meshgate services import`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// The kubectl output; standard input when left out or `-`.
+    #[arg(short, long)]
+    pub file: Option<std::path::PathBuf>,
+    /// Where to write the services file (replaced whole); standard output when left out.
+    #[arg(short, long)]
+    pub output: Option<std::path::PathBuf>,
+    /// Import only these namespaces (repeatable).
+    #[arg(long = "namespace", short = 'n')]
+    pub namespaces: Vec<String>,
+    /// Skip these namespaces (repeatable; default: kube-system, kube-public, kube-node-lease,
+    /// istio-system).
+    #[arg(long = "exclude-namespace")]
+    pub exclude_namespaces: Option<Vec<String>>,
+    /// The cluster's DNS domain.
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
+}
+
+/// The command: reads the input (a file, or standard input when none or `-`), writes the
+/// services file to `--output` (replaced whole through a temporary file and a rename, so a
+/// meshgate watching it never reads half a file) or to standard output, and returns the
+/// summary for standard error.
+pub fn command(args: &ImportArgs) -> Result<String, String> {
+    use std::io::Read;
+    let opts = ImportOptions {
+        namespaces: args.namespaces.clone(),
+        exclude_namespaces: args
+            .exclude_namespaces
+            .clone()
+            .unwrap_or_else(|| SYSTEM_NAMESPACES.map(String::from).to_vec()),
+        cluster_domain: args.cluster_domain.clone(),
+    };
+    let (input, output, opts) = (args.file.as_deref(), args.output.as_deref(), &opts);
+    let text = match input {
+        Some(p) if p != std::path::Path::new("-") => {
+            std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?
+        }
+        _ => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .map_err(|e| format!("cannot read standard input: {e}"))?;
+            s
+        }
+    };
+    let imported = import(&text, opts)?;
+    match output {
+        Some(p) => {
+            let tmp = p.with_extension("tmp");
+            std::fs::write(&tmp, &imported.yaml).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+            std::fs::rename(&tmp, p).map_err(|e| format!("cannot replace {}: {e}", p.display()))?;
+        }
+        None => print!("{}", imported.yaml),
+    }
+    let mut summary = format!(
+        "{} services written, {} left out",
+        imported.services,
+        imported.skipped.len()
+    );
+    for s in &imported.skipped {
+        summary.push_str("\n  left out: ");
+        summary.push_str(s);
+    }
+    Ok(summary)
+}
+
 /// Reads `kubectl get svc,serviceentries -A -o json` (or `-o yaml`) output: a List, several YAML
 /// documents, or one Service or ServiceEntry. Errors are one line, for the user.
 pub fn import(input: &str, opts: &ImportOptions) -> Result<Imported, String> {

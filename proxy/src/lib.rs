@@ -15,6 +15,7 @@ pub mod explain;
 pub mod fuzz_targets;
 pub mod h1;
 pub mod identity;
+pub mod import;
 pub mod io;
 pub mod lifecycle;
 pub mod listener;

@@ -1,4 +1,4 @@
-//! The `meshgate` command: run, check, explain, hash-key, demo.
+//! The `meshgate` command: run, check, explain, services import, hash-key, demo.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -88,6 +88,11 @@ enum Cmd {
         /// A URL (`http://host[:port]/path`) or a `host[:port]` as the Host header.
         target: String,
     },
+    /// Work with services files (`services_file:` in the config).
+    Services {
+        #[command(subcommand)]
+        cmd: ServicesCmd,
+    },
     /// Generate a random API key and print it with the `sha256:` form for the config.
     HashKey {
         /// Hash a key read from standard input instead of generating one.
@@ -101,6 +106,13 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: std::net::SocketAddr,
     },
+}
+
+#[derive(Subcommand)]
+enum ServicesCmd {
+    /// Write a services file from Kubernetes Services and Istio ServiceEntries, as printed by
+    /// `kubectl get svc,serviceentries -A -o json` (or `-o yaml`).
+    Import(meshgate::import::ImportArgs),
 }
 
 fn init_logging(format: LogFormat, level: &str) {
@@ -192,10 +204,23 @@ fn print_summary(s: &Snapshot) {
     }
     println!("services:");
     for svc in &s.services {
-        println!(
-            "  {:<16} {}:{} {:?} sni={} expects {}",
-            svc.name, svc.host, svc.port, svc.protocol, svc.sni, svc.expected_server
-        );
+        match &svc.pattern {
+            Some(p) => {
+                let ports: Vec<String> = p.ports.iter().map(u16::to_string).collect();
+                println!(
+                    "  {:<16} {} ports {} {:?} sni=outbound_.PORT_._.HOST expects {}",
+                    svc.name,
+                    svc.host,
+                    ports.join(","),
+                    svc.protocol,
+                    svc.server_rule()
+                );
+            }
+            None => println!(
+                "  {:<16} {}:{} {:?} sni={} expects {}",
+                svc.name, svc.host, svc.port, svc.protocol, svc.sni, svc.expected_server
+            ),
+        }
         if !svc.aliases.is_empty() {
             println!("  {:<16} aliases: {}", "", svc.aliases.join(", "));
         }
@@ -424,6 +449,18 @@ fn main() -> ExitCode {
             json,
             target,
         } => explain_cmd(config, admin, token_file, client, key, vpce, json, target),
+        Cmd::Services {
+            cmd: ServicesCmd::Import(args),
+        } => match meshgate::import::command(&args) {
+            Ok(summary) => {
+                eprintln!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::HashKey { stdin } => {
             if stdin {
                 let mut key = String::new();

@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use meshsim::{IssueOptions, MeshCa, WorkloadCert};
 
-const TD: &str = "cluster.local";
-const BASE: &str = r#"listeners:
+pub(crate) const TD: &str = "cluster.local";
+pub(crate) const BASE: &str = r#"listeners:
   - name: vm-http
     bind: 127.0.0.1:0
     protocol: http
@@ -35,14 +35,14 @@ tenants:
     allow: ["*"]
 "#;
 
-struct Fixture {
-    dir: tempfile::TempDir,
+pub(crate) struct Fixture {
+    pub(crate) dir: tempfile::TempDir,
     ca: MeshCa,
 }
 
 impl Fixture {
     /// A directory with a good identity from a fresh mesh CA.
-    fn new() -> Fixture {
+    pub(crate) fn new() -> Fixture {
         let ca = MeshCa::new(TD).unwrap();
         let f = Fixture {
             dir: tempfile::tempdir().unwrap(),
@@ -57,18 +57,18 @@ impl Fixture {
         cert.write_files(self.dir.path(), root).unwrap();
     }
 
-    fn write(&self, name: &str, text: &str) {
+    pub(crate) fn write(&self, name: &str, text: &str) {
         std::fs::write(self.dir.path().join(name), text).unwrap();
     }
 
-    fn config(&self, text: &str) -> PathBuf {
+    pub(crate) fn config(&self, text: &str) -> PathBuf {
         let p = self.dir.path().join("meshgate.yaml");
         std::fs::write(&p, text).unwrap();
         p
     }
 }
 
-fn meshgate(args: &[&str]) -> (i32, String, String) {
+pub(crate) fn meshgate(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_meshgate"))
         .args(args)
         .output()
@@ -80,7 +80,7 @@ fn meshgate(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-fn check(path: &Path) -> (i32, String, String) {
+pub(crate) fn check(path: &Path) -> (i32, String, String) {
     meshgate(&["check", "-c", path.to_str().unwrap()])
 }
 
@@ -111,7 +111,7 @@ fn run_bounded(path: &Path, limit: Duration) -> (i32, String) {
 
 /// Asserts `meshgate check` and `meshgate run` both fail naming `file:line:` and a reason
 /// containing `needle`.
-fn assert_rejected(f: &Fixture, text: &str, line: u64, needle: &str) {
+pub(crate) fn assert_rejected(f: &Fixture, text: &str, line: u64, needle: &str) {
     let path = f.config(text);
     let (code, _out, err) = check(&path);
     assert_eq!(code, 1, "expected rejection, stderr: {err}");
@@ -127,7 +127,7 @@ fn assert_rejected(f: &Fixture, text: &str, line: u64, needle: &str) {
     );
 }
 
-fn replace(from: &str, to: &str) -> String {
+pub(crate) fn replace(from: &str, to: &str) -> String {
     assert!(BASE.contains(from), "{from}");
     BASE.replacen(from, to, 1)
 }

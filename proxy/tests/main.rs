@@ -6,3 +6,4 @@ mod demo;
 mod explain;
 mod fuzz_corpus;
 mod lifecycle;
+mod services;

@@ -165,14 +165,22 @@ pub(super) fn files_signature(paths: &[&std::path::Path]) -> [u8; 32] {
 /// stable for one interval (editors write in several steps).
 pub(super) async fn watch_files(app: Arc<App>) {
     let mut pending: Option<[u8; 32]> = None;
-    let mut applied = files_signature(&[&app.config_path]);
+    // The config file and the services file it names (the running config's: a config that
+    // failed to load names none that is watched).
+    let signature = |app: &App| {
+        let services_file = app.runtime.current().snapshot.services_file.clone();
+        let mut paths: Vec<&std::path::Path> = vec![&app.config_path];
+        paths.extend(services_file.as_deref());
+        files_signature(&paths)
+    };
+    let mut applied = signature(&app);
     loop {
         let interval = app.runtime.current().snapshot.reload.interval;
         tokio::time::sleep(interval).await;
         if app.runtime.lifecycle.is_draining() {
             continue;
         }
-        let sig = files_signature(&[&app.config_path]);
+        let sig = signature(&app);
         if sig != applied {
             if pending == Some(sig) {
                 applied = sig;

@@ -247,6 +247,22 @@ impl Service {
         self.pattern.is_some() || self.protocol == UpstreamProtocol::Auto
     }
 
+    /// Whom the server must be, in words (a pattern's rule, before a host is known).
+    pub fn server_rule(&self) -> String {
+        match self.pattern.as_ref().map(|p| &p.identity) {
+            None | Some(PatternIdentity::Fixed) => self.expected_server.to_string(),
+            Some(PatternIdentity::Namespace {
+                trust_domain,
+                namespace,
+            }) => format!("any spiffe://{trust_domain}/ns/{namespace}/sa/* identity"),
+            Some(PatternIdentity::HostNamespace { trust_domain }) => {
+                format!(
+                    "any spiffe://{trust_domain}/ns/NAMESPACE/sa/* identity (NAMESPACE from NAME.NAMESPACE.svc.DOMAIN)"
+                )
+            }
+        }
+    }
+
     /// The service as one destination: `host:port`, spoken in `protocol` (`http1`/`http2` for
     /// `auto`). `None` when the host does not fit the pattern's identity rule (a `*.svc.DOMAIN`
     /// pattern and a host that names no namespace).
@@ -362,6 +378,8 @@ pub struct Snapshot {
     /// Tenants' own identities, distinct from `identity` and from each other.
     pub tenant_identities: Vec<Arc<Identity>>,
     pub services: Vec<Arc<Service>>,
+    /// `services_file:`, resolved: watched and reloaded with the config file.
+    pub services_file: Option<PathBuf>,
     pub tenants: Vec<Tenant>,
     pub tenant_names: Vec<String>,
     pub api_key_header: HeaderName,

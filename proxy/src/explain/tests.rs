@@ -26,6 +26,9 @@ services:
     port: 9080
     protocol: http1
     subset: v2
+  shop:
+    host: "*.shop.svc.cluster.local"
+    ports: [8080]
 tenants:
   billing-vms:
     sources: [10.20.0.0/16]
@@ -368,4 +371,34 @@ fn hbone_routes_show_transport_and_authority() {
     // The JSON form (admin API) carries it too.
     let back: Explanation = serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
     assert_eq!(back, e);
+}
+
+#[test]
+fn a_pattern_route_shows_the_pattern_sni_alpn_and_identity_rule() {
+    let (_d, s) = snapshot();
+    let e = ask(
+        &s,
+        "192.168.1.7",
+        Some(KEY),
+        None,
+        "http://Cart.shop.svc.cluster.local:8080/x",
+    );
+    assert!(e.forwarded(), "{e:?}");
+    let r = e.route.as_ref().unwrap();
+    assert_eq!(r.pattern.as_deref(), Some("*.shop.svc.cluster.local"));
+    assert_eq!(r.service, "shop");
+    assert_eq!(r.host, "cart.shop.svc.cluster.local");
+    assert_eq!(r.sni, "outbound_.8080_._.cart.shop.svc.cluster.local");
+    assert_eq!(r.protocol, "auto");
+    assert_eq!(r.alpn.len(), 2, "{:?}", r.alpn);
+    assert!(r.alpn[0].starts_with("istio-http/1.1, istio, http/1.1"), "{:?}", r.alpn);
+    assert!(r.alpn[1].starts_with("istio-h2, istio, h2"), "{:?}", r.alpn);
+    assert_eq!(r.expected_server, "any spiffe://cluster.local/ns/shop/sa/* identity");
+    let text = e.to_string();
+    assert!(text.contains("*.shop.svc.cluster.local"), "{text}");
+    // A port outside the pattern, and a tenant that may not use it, as the data path decides.
+    let e = ask(&s, "192.168.1.7", Some(KEY), None, "cart.shop.svc.cluster.local:9090");
+    assert_eq!((e.status, e.reason.as_str()), (404, "unknown_host"));
+    let e = ask(&s, "10.20.0.1", None, None, "cart.shop.svc.cluster.local:8080");
+    assert_eq!((e.status, e.reason.as_str()), (403, "service_not_allowed"));
 }

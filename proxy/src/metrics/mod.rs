@@ -1,7 +1,8 @@
 //! Every metric meshgate exports, in one place. The names are a contract with `dashboards/` and
 //! the autoscaler (a test checks that every name they use is exported). Label values come only
 //! from config names (listener, tenant, service) and fixed sets (reason, code, result, direction,
-//! connection), never from request data, so cardinality is bounded by the config.
+//! connection), never from request data, so cardinality is bounded by the config; the one
+//! exception, the `host` of `meshgate_dynamic_requests_total`, has a configured bound.
 //!
 //! Longer than most files on purpose: one file is the single place to look for a name (DESIGN.md
 //! §5), and splitting the registry from the label types would only scatter that contract.

@@ -96,7 +96,7 @@ impl<P: Clone> Destinations<P> {
             .iter()
             .map(|(k, e)| (e.used, k.clone(), e.pool.clone()))
             .collect();
-        v.sort_by(|a, b| b.0.cmp(&a.0));
+        v.sort_by_key(|e| std::cmp::Reverse(e.0));
         v.into_iter().map(|(_, k, p)| (k, p)).collect()
     }
 

@@ -264,3 +264,47 @@ async fn destinations_are_bounded_least_recently_used_first() {
         1
     );
 }
+
+#[tokio::test]
+async fn a_services_file_is_hot_reloaded() {
+    let body = format!(
+        "services_file: services.yaml\nservices:\n  details:\n    host: {}\n    port: 9080\n    protocol: http2\ntenants:\n  batch:\n    sources: [127.20.0.0/16]\n    allow: [\"*\"]\n",
+        host("details")
+    );
+    let env = EnvBuilder::default()
+        .mesh(spec())
+        .services_and_tenants(&body)
+        .extra("reload:\n  interval: 100ms\n")
+        .files(|_, dir| Ok(std::fs::write(dir.join("services.yaml"), "services: {}\n")?))
+        .start()
+        .await
+        .unwrap();
+    let cart = format!("cart.{SHOP}:8080");
+    let r = env.get(BILLING_IP, &cart, "/", &[]).await.unwrap();
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    // What `meshgate services import -o` does: the whole file replaced at once.
+    let file = env.dir.path().join("services.yaml");
+    std::fs::write(
+        file.with_extension("tmp"),
+        format!("services:\n  cart-shop:\n    host: cart.{SHOP}\n    port: 8080\n    protocol: auto\n"),
+    )
+    .unwrap();
+    std::fs::rename(file.with_extension("tmp"), &file).unwrap();
+    eventually(Duration::from_secs(20), "the services file to be reloaded", || async {
+        env.get(BILLING_IP, &cart, "/", &[])
+            .await
+            .is_ok_and(|r| r.status == StatusCode::OK)
+    })
+    .await;
+    // A broken services file is refused; the running config (and the route) stays.
+    std::fs::write(&file, "services:\n  cart-shop:\n    host: cart.shop\n    port: 0\n").unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the broken services file to be refused",
+        || async { metric(&env, r#"meshgate_config_reloads_total{result="error"} "#) >= 1 },
+    )
+    .await;
+    let r = env.get(BILLING_IP, &cart, "/", &[]).await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["alpn"], "http/1.1");
+}

@@ -78,7 +78,10 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
             .map_or(super::schema::d_watch_interval().0, |r| r.interval.0),
     };
     let (td, td_ok) = settings::trust_domain(&raw, errs);
-    let (services, service_ids) = services::services(path, &raw, &td, errs);
+    let mut acc = services::Services::default();
+    services::services(path, &raw.services, &td, &mut acc, errs);
+    let services_file = services::services_file(path, &raw, &td, &mut acc, errs);
+    let (services, service_ids) = (acc.list, acc.ids);
     listeners::attach_services(&mut listeners, &services, &service_ids, errs);
     let mut tenants = tenants::tenants(&raw, &service_ids, services.len(), errs);
     services::overlapping_patterns(&raw, &services, &tenants.list, errs);
@@ -108,6 +111,7 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
         identity: identity?,
         tenant_identities,
         services,
+        services_file,
         tenants: tenants.list,
         tenant_names: tenants.names,
         api_key_header: api_key_header?,

@@ -9,21 +9,69 @@ use std::sync::Arc;
 use yamlconf::{line_of as line, Collector};
 
 use super::super::schema::RawService;
-use super::super::schema::{RawConfig, UpstreamProtocol};
+use super::super::schema::{OrderedMap, RawConfig, UpstreamProtocol};
 use super::super::{sni_for, HostPattern, PatternIdentity, Service};
 use super::*;
 use crate::identity::ExpectedServer;
 
-pub(super) fn services(
-    path: &Path,
+/// The services of the config file and its `services_file:`, as validation gathers them.
+#[derive(Default)]
+pub(super) struct Services {
+    pub list: Vec<Arc<Service>>,
+    pub ids: HashMap<String, usize>,
+    /// (host, port) → the service routed by it, across both files.
+    route_names: HashMap<(String, u16), String>,
+}
+
+/// The `services_file:` as written by `meshgate services import` or by hand.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServicesFile {
+    #[serde(default)]
+    services: OrderedMap<RawService>,
+}
+
+/// Loads `services_file:` into `acc`; its errors name that file and its lines.
+pub(super) fn services_file(
+    config: &Path,
     raw: &RawConfig,
     td: &str,
+    acc: &mut Services,
     errs: &mut Collector,
-) -> (Vec<Arc<Service>>, HashMap<String, usize>) {
-    let mut services: Vec<Arc<Service>> = Vec::new();
-    let mut service_ids: HashMap<String, usize> = HashMap::new();
-    let mut route_names: HashMap<(String, u16), String> = HashMap::new();
-    for (name, s) in &raw.services.0 {
+) -> Option<std::path::PathBuf> {
+    let f = raw.services_file.as_ref()?;
+    let path = resolve_path(config, &f.value);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            errs.at(line(f), format!("cannot read services_file {}: {e}", path.display()));
+            return Some(path);
+        }
+    };
+    match serde_saphyr::from_str::<RawServicesFile>(&text) {
+        Ok(file) => {
+            let mut file_errs = Collector::new(&path);
+            services(&path, &file.services, td, acc, &mut file_errs);
+            errs.list.append(&mut file_errs.list);
+        }
+        Err(e) => errs.list.push(yamlconf::yaml_error(&path, &e)),
+    }
+    Some(path)
+}
+
+pub(super) fn services(
+    path: &Path,
+    raw_services: &OrderedMap<RawService>,
+    td: &str,
+    acc: &mut Services,
+    errs: &mut Collector,
+) {
+    let Services {
+        list: services,
+        ids: service_ids,
+        route_names,
+    } = acc;
+    for (name, s) in &raw_services.0 {
         let id = services.len();
         let n = &name.value;
         if !valid_name(n) {
@@ -32,7 +80,12 @@ pub(super) fn services(
                 format!("invalid service name {n:?}: use lower-case letters, digits, '-' and '_'"),
             );
         }
-        service_ids.insert(n.clone(), id);
+        if service_ids.insert(n.clone(), id).is_some() {
+            errs.at(
+                line(name),
+                format!("service {n:?} is defined twice (in the config file and in its services_file)"),
+            );
+        }
         let host = s.host.value.trim_end_matches('.').to_ascii_lowercase();
         let suffix = host.strip_prefix("*.").map(str::to_string);
         if let Some(sfx) = &suffix {
@@ -231,7 +284,6 @@ pub(super) fn services(
             via_pattern: false,
         }));
     }
-    (services, service_ids)
 }
 
 /// Whom the server must be: `identity:` as a list of SPIFFE IDs, `any` (the trust domain), or
