@@ -11,13 +11,14 @@ use http_body_util::Full;
 
 const SHOP: &str = "shop.svc.cluster.local";
 
-/// The demo mesh plus namespace `shop`: `cart` and `catalog` (port 8080), `admin` (port 9999,
+/// The demo mesh plus namespace `shop`: `cart`, `catalog` (listed) and `orders` (port 8080), `admin` (port 9999,
 /// outside the pattern's ports), `impostor` (its pod presents an identity of namespace
 /// `other`), `db` (TCP, 5432); and `vault` in namespace `secrets`, which no pattern covers.
 fn spec() -> e2e::meshsim::MeshSpec {
     meshsim::demo_spec()
         .service(ServiceSpec::new("cart", "shop", 8080, "shop-cart").pod(PodSpec::new("cart-a")))
         .service(ServiceSpec::new("catalog", "shop", 8080, "shop-catalog").pod(PodSpec::new("catalog-a")))
+        .service(ServiceSpec::new("orders", "shop", 8080, "shop-orders").pod(PodSpec::new("orders-a")))
         .service(ServiceSpec::new("admin", "shop", 9999, "shop-admin").pod(PodSpec::new("admin-a")))
         .service(
             ServiceSpec::new("impostor", "shop", 8080, "shop-impostor")
@@ -45,10 +46,15 @@ fn config() -> String {
     host: {details}
     port: 9080
     protocol: http2
+  # Listed: wins over the pattern (and declares HTTP/2 whatever the client speaks).
+  catalog:
+    host: catalog.{SHOP}
+    port: 8080
+    protocol: http2
 tenants:
   batch:
     sources: [127.20.0.0/16]
-    allow: [shop, shop-db, details]
+    allow: [shop, shop-db, details, catalog]
   others:
     sources: [127.40.0.0/16]
     allow: [details]
@@ -93,7 +99,7 @@ async fn http1_and_h2c_clients_reach_unlisted_services_through_one_pattern() {
         let mut c = Client::connect(env.addr(), BILLING_IP.parse().unwrap(), h2)
             .await
             .unwrap();
-        for name in ["cart", "catalog"] {
+        for name in ["cart", "orders"] {
             let authority = format!("{name}.{SHOP}:8080");
             let r = get(&mut c, &authority).await;
             assert_eq!(r.status, StatusCode::OK, "{name} h2={h2}: {}", r.text());
@@ -126,6 +132,14 @@ async fn http1_and_h2c_clients_reach_unlisted_services_through_one_pattern() {
             r#"meshgate_dynamic_requests_total{service="shop",host="cart.shop.svc.cluster.local"} "#
         ) >= 2
     );
+    // The listed host wins over the pattern: its own pool, its declared protocol.
+    let mut c = env.h1(BILLING_IP).await.unwrap();
+    let r = get(&mut c, &format!("catalog.{SHOP}:8080")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["alpn"], "h2");
+    let (_, body) = env.admin_get("/pool").await.unwrap();
+    let pool: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(pool["dynamic_destinations"].as_array().unwrap().len(), 4, "{body}");
     assert_eq!(
         metric(&env, r#"meshgate_dynamic_destinations{service="shop"} "#),
         0,
@@ -192,6 +206,16 @@ async fn an_unknown_service_is_a_502_that_names_the_sni_and_is_remembered() {
         ),
         2
     );
+    // A service the gateway knows but with no sidecar endpoint left: the same answer.
+    env.mesh.stop_pod("cart-a").await;
+    let r = get(&mut c, &format!("cart.{SHOP}:8080")).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    assert!(
+        r.text().contains(&format!("outbound_.8080_._.cart.{SHOP}")),
+        "{}",
+        r.text()
+    );
+    assert_eq!(env.mesh.stats().gateway_upstream_failures, 1);
     // A host that never answered gets no host label of its own.
     let (_, metrics) = env.admin_get("/metrics").await.unwrap();
     assert!(!metrics.contains("host=\"ghost."), "{metrics}");
@@ -234,7 +258,7 @@ async fn connect_reaches_a_tcp_service_through_a_tcp_pattern() {
 async fn destinations_are_bounded_least_recently_used_first() {
     let env = env("  max_dynamic_destinations: 2\n  max_metric_hosts: 1\n").await;
     let mut c = env.h1(BILLING_IP).await.unwrap();
-    for name in ["cart", "catalog", "cart", "details-none"] {
+    for name in ["cart", "orders", "cart", "details-none"] {
         let _ = get(&mut c, &format!("{name}.{SHOP}:8080")).await;
     }
     let (_, body) = env.admin_get("/pool").await.unwrap();
@@ -245,7 +269,7 @@ async fn destinations_are_bounded_least_recently_used_first() {
         .iter()
         .map(|d| d["host"].as_str().unwrap())
         .collect();
-    // `catalog` was the least recently used when the fourth host arrived.
+    // `orders` was the least recently used when the fourth host arrived.
     assert_eq!(
         hosts,
         [format!("details-none.{SHOP}"), format!("cart.{SHOP}")],
@@ -275,6 +299,7 @@ async fn a_services_file_is_hot_reloaded() {
         .mesh(spec())
         .services_and_tenants(&body)
         .extra("reload:\n  interval: 100ms\n")
+        .admin()
         .files(|_, dir| Ok(std::fs::write(dir.join("services.yaml"), "services: {}\n")?))
         .start()
         .await
@@ -296,6 +321,43 @@ async fn a_services_file_is_hot_reloaded() {
             .is_ok_and(|r| r.status == StatusCode::OK)
     })
     .await;
+    // A reload that leaves the destination's pool key alone keeps its pool and connections.
+    let cart_pool = || async {
+        let (_, body) = env.admin_get("/pool").await.unwrap();
+        let pool: serde_json::Value = serde_json::from_str(&body).unwrap();
+        pool["dynamic_destinations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["host"] == format!("cart.{SHOP}"))
+            .map(|d| d["connections"].clone())
+    };
+    let before = cart_pool().await.expect("a pool for cart");
+    assert!(!before.as_array().unwrap().is_empty());
+    std::fs::write(
+        file.with_extension("tmp"),
+        format!(
+            "services:\n  cart-shop:\n    host: cart.{SHOP}\n    port: 8080\n    protocol: auto\n  orders-shop:\n    host: orders.{SHOP}\n    port: 8080\n    protocol: http1\n"
+        ),
+    )
+    .unwrap();
+    std::fs::rename(file.with_extension("tmp"), &file).unwrap();
+    let orders = format!("orders.{SHOP}:8080");
+    eventually(Duration::from_secs(20), "the second services file", || async {
+        env.get(BILLING_IP, &orders, "/", &[])
+            .await
+            .is_ok_and(|r| r.status == StatusCode::OK)
+    })
+    .await;
+    let after = cart_pool().await.expect("cart's pool taken over");
+    let ids = |v: &serde_json::Value| -> Vec<u64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["id"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(ids(&after), ids(&before));
     // A broken services file is refused; the running config (and the route) stays.
     std::fs::write(&file, "services:\n  cart-shop:\n    host: cart.shop\n    port: 0\n").unwrap();
     eventually(
