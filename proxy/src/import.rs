@@ -11,6 +11,8 @@
 //! (ExternalName and headless Services, MESH_EXTERNAL and wildcard entries, ports whose app speaks
 //! TLS itself, UDP) is left out, each with a reason in the file, so it says what it does not cover.
 
+// The same rule meshgate's config applies to `host`.
+use crate::route::is_dns_name as valid_hostname;
 use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value;
@@ -786,19 +788,6 @@ fn sanitize(s: &str) -> String {
 fn normalize_host(s: &str) -> String {
     let s = s.trim();
     s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase()
-}
-
-/// The same rule meshgate's config applies to `host`.
-fn valid_hostname(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
 }
 
 /// Plain when it cannot be read as anything but this string, double-quoted otherwise (e.g. a

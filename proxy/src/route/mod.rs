@@ -84,8 +84,9 @@ fn split(authority: &str) -> Result<(&str, Option<u16>), RouteError> {
     Ok((host, port))
 }
 
-/// Letters, digits and `-` in dot-separated labels of 1-63 bytes, 253 bytes at most.
-fn is_dns_name(host: &str) -> bool {
+/// Letters, digits and `-` in dot-separated labels of 1-63 bytes, 253 bytes at most: the one
+/// rule for a host that becomes an SNI, in the config and from a request alike.
+pub fn is_dns_name(host: &str) -> bool {
     host.len() <= 253
         && host.split('.').all(|l| {
             !l.is_empty()

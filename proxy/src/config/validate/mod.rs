@@ -26,16 +26,7 @@ fn valid_name(s: &str) -> bool {
 }
 
 pub(super) fn valid_hostname(s: &str) -> bool {
-    let s = s.strip_suffix('.').unwrap_or(s);
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
+    crate::route::is_dns_name(s.strip_suffix('.').unwrap_or(s))
 }
 
 /// Paths in the config are relative to the config file's directory.
