@@ -16,6 +16,7 @@ pub mod fuzz_targets;
 pub mod h1;
 pub mod identity;
 pub mod import;
+pub mod inbound;
 pub mod io;
 pub mod lifecycle;
 pub mod listener;

@@ -39,6 +39,8 @@ pub struct Generation {
     /// Indexed by tenant id: the peer metadata of tenants with `telemetry:`, encoded once
     /// here so that a request only clones it.
     pub peer_metadata: Vec<Option<Arc<PeerMetadata>>>,
+    /// The mesh → VM side (`vm_services:`), if configured.
+    pub inbound: Option<Arc<crate::inbound::Inbound>>,
 }
 
 impl Generation {
@@ -71,7 +73,16 @@ impl Generation {
             .map(|t| t.telemetry.as_deref().map(|names| Arc::new(PeerMetadata::new(names))))
             .collect();
         metrics.set_tenant_telemetry(&snapshot.tenants);
+        let inbound = (!snapshot.vm_services.is_empty())
+            .then(|| {
+                crate::inbound::Inbound::new(&snapshot, &metrics, previous.and_then(|p| p.inbound.as_deref()))
+                    .map_err(|e| tracing::error!(error = %e, "mesh-inbound listeners cannot serve"))
+                    .ok()
+            })
+            .flatten()
+            .map(Arc::new);
         Generation {
+            inbound,
             peer_metadata,
             request_metrics: crate::metrics::RequestMetrics::new(metrics.clone(), &tenant_names, &service_names),
             tenants: Tenants::new(&snapshot.tenants),

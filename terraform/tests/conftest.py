@@ -3,6 +3,7 @@ example deployment evaluated offline (tfeval.Deployment)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,28 @@ def make_identity(directory: Path, spiffe_id: str = SPIFFE_ID, days: int = 2) ->
 @pytest.fixture(scope="session")
 def identity(tmp_path_factory) -> Path:
     return make_identity(tmp_path_factory.mktemp("identity"))
+
+
+# The mesh → VM direction leaves the rendered config when the binary under test predates it.
+INBOUND_OFF = {"mesh_inbound": None, "vm_services": {}}
+
+
+@pytest.fixture(scope="session")
+def inbound_supported(meshgate, identity, tmp_path_factory) -> bool:
+    """Whether target/debug/meshgate knows the `mesh-inbound` listener and `vm_services` (issue
+    #16, built alongside the module). The example renders both; the tests that run the binary
+    on a rendered config leave them out (`binary_overrides`) only while the binary rejects
+    exactly those names, and test_mesh_inbound_config_passes_meshgate_check says so (xfail)."""
+    path = tmp_path_factory.mktemp("probe") / "meshgate.yaml"
+    path.write_text(deployment(module_overrides={"fleet": {"identity_dir": str(identity)}}).local("fleet", "meshgate_config"))
+    out = run([meshgate, "check", "-c", path])
+    return not re.search(r"unknown (variant|field) `(mesh-inbound|vm_services)`", out.stdout + out.stderr)
+
+
+@pytest.fixture(scope="session")
+def binary_overrides(inbound_supported) -> dict:
+    """Fleet overrides for a config the binary under test is to load."""
+    return {} if inbound_supported else dict(INBOUND_OFF)
 
 
 def run(cmd, **kw) -> subprocess.CompletedProcess:

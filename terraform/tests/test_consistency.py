@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 import tfeval
-from conftest import MODULES, REPO, deployment, heredoc, run
+from conftest import INBOUND_OFF, MODULES, REPO, deployment, heredoc, run, tfvars
 
 PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 # LOCAL (version 2, command 0), no address: what an NLB's health checks carry.
@@ -276,8 +276,18 @@ def test_security_groups_open_only_the_design():
             assert "referenced_security_group_id" in src and "cidr_ipv4" not in src, f"{name}: admin port only from security groups"
         if name in ("proxy_from_vms", "nlb_from_vms"):
             assert "var.vm_cidrs" in (src.get("for_each", "") + str(body.get("for_each"))), name
+        # The mesh-inbound port: from the mesh's CIDRs (NLB, and instances as client IPs are
+        # preserved) or from the NLB's group; nothing of it exists while mesh_inbound is null.
+        if "mesh" in name:
+            assert port == "local.inbound_port", name
+            assert src.get("for_each") == "toset(local.inbound_source_cidrs)" or src.get("count") == "var.mesh_inbound==null?0:1".replace("==", " == ").replace("?", " ? ").replace(":", " : "), name
+            assert ("cidr_ipv4" in src) == ("for_each" in src), name
     ingress = [n for (t, n) in mod.resources if t == "aws_vpc_security_group_ingress_rule"]
-    assert sorted(ingress) == sorted(["nlb_from_vms", "proxy_from_nlb", "proxy_from_vms", "admin_from_nlb", "admin_from_admin_client", "admin_from_monitoring"])
+    assert sorted(ingress) == sorted(["nlb_from_vms", "proxy_from_nlb", "proxy_from_vms", "admin_from_nlb", "admin_from_admin_client", "admin_from_monitoring",
+                                      "nlb_from_mesh", "mesh_inbound_from_nlb", "mesh_inbound_from_mesh"])
+    egress = [n for (t, n) in mod.resources if t == "aws_vpc_security_group_egress_rule"]
+    assert sorted(egress) == sorted(["nlb_to_proxy", "nlb_health_check", "to_gateway", "https", "vault", "admin_client_to_admin",
+                                     "nlb_to_mesh_inbound", "to_vm_backends"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,7 +347,7 @@ def wait_ready(port, path, deadline=15.0, m=None):
 
 
 @pytest.fixture
-def running(meshgate, identity, tmp_path):
+def running(meshgate, identity, tmp_path, binary_overrides):
     started = []
 
     def start(subnet_cidrs=None, **fleet_overrides):
@@ -361,6 +371,9 @@ def running(meshgate, identity, tmp_path):
 
     def start_once(subnet_cidrs=None, **fleet_overrides):
         proxy, admin = free_port(), free_port()
+        inbound = dict(binary_overrides)
+        if not inbound and tfvars().get("mesh_inbound"):
+            inbound["mesh_inbound"] = {**tfvars()["mesh_inbound"], "port": free_port()}
         d = deployment(
             # A loopback gateway: the example's DNS name would make the binary ask a resolver at
             # start (slow when it times out, and traffic off the machine); nothing is sent to it.
@@ -370,6 +383,7 @@ def running(meshgate, identity, tmp_path):
                     "proxy_port": proxy,
                     "admin_port": admin,
                     "mesh_gateways": ["127.0.0.1:15443"],
+                    **inbound,
                     **fleet_overrides,
                 }
             },

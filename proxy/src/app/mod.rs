@@ -151,6 +151,9 @@ impl App {
             (config::ListenerProtocol::Tcp, Socket::Tcp(tcp)) => {
                 tokio::spawn(crate::listener::tcp::serve(tcp, name, self.runtime.clone(), rx))
             }
+            (config::ListenerProtocol::MeshInbound, Socket::Tcp(tcp)) => {
+                tokio::spawn(crate::inbound::serve(tcp, name, self.runtime.clone(), rx))
+            }
             (_, Socket::Tcp(tcp)) => tokio::spawn(crate::listener::http::serve(tcp, name, self.runtime.clone(), rx)),
             (_, Socket::Udp(udp)) => tokio::spawn(crate::listener::h3::serve(udp, name, self.runtime.clone(), rx)),
         };

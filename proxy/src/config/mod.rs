@@ -4,6 +4,7 @@
 //! can find in one pass, so an operator fixes a file in one round trip instead of five.
 
 pub mod hbone;
+pub mod inbound;
 pub mod schema;
 mod transcode;
 mod validate;
@@ -16,6 +17,7 @@ use std::time::{Duration, SystemTime};
 use http::HeaderName;
 
 pub use hbone::{HboneGateway, HboneRoute, Transport};
+pub use inbound::{LoadBalancing, PrincipalRule, VmService};
 pub use schema::{GatewayTarget, HostPort, ListenerProtocol, LogFormat, UpstreamProtocol};
 
 use crate::identity::{ExpectedServer, Identity};
@@ -378,6 +380,10 @@ pub struct Snapshot {
     /// Tenants' own identities, distinct from `identity` and from each other.
     pub tenant_identities: Vec<Arc<Identity>>,
     pub services: Vec<Arc<Service>>,
+    /// The mesh → VM direction's services (served by `mesh-inbound` listeners).
+    pub vm_services: Vec<Arc<VmService>>,
+    /// `trust_domain` and its aliases: the callers a `mesh-inbound` listener accepts.
+    pub trust_domains: Vec<String>,
     /// `services_file:`, resolved: watched and reloaded with the config file.
     pub services_file: Option<PathBuf>,
     pub tenants: Vec<Tenant>,

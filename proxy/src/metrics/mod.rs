@@ -63,6 +63,19 @@ pub struct ServiceHostLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InboundLabels {
+    pub listener: String,
+    pub service: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub service: String,
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceReasonLabels {
     pub service: String,
     pub reason: String,
@@ -134,6 +147,12 @@ pub struct Metrics {
     pub identity_renewal_failures: Family<IdentityLabels, Gauge>,
     pub tenant_info: Family<TenantTelemetryLabels, Gauge>,
     pub unknown_mesh_services: Family<ServiceLabels, Counter>,
+    pub inbound_requests: Family<InboundLabels, Counter>,
+    pub inbound_denied: Family<ListenerReasonLabels, Counter>,
+    pub inbound_duration: Family<ServiceLabels, Histogram>,
+    pub vm_backend_healthy: Family<BackendLabels, Gauge>,
+    pub vm_backend_ejections: Family<BackendLabels, Counter>,
+    pub vm_backend_errors: Family<ServiceReasonLabels, Counter>,
     pub dynamic_destinations: Family<ServiceLabels, Gauge>,
     pub dynamic_requests: Family<ServiceHostLabels, Counter>,
     /// The hosts that have a `host` label of their own in `dynamic_requests`.
@@ -336,6 +355,36 @@ impl Metrics {
             "Requests routed by a host pattern or protocol auto, by service and host (hosts beyond upstream.max_metric_hosts are counted as other)",
             Family::<ServiceHostLabels, Counter>::default()
         );
+        let inbound_requests = reg!(
+            "meshgate_inbound_requests",
+            "Requests and TCP connections from mesh workloads to VM services, by listener, service and status code (tcp: 200 or 502)",
+            Family::<InboundLabels, Counter>::default()
+        );
+        let inbound_denied = reg!(
+            "meshgate_inbound_denied",
+            "Mesh callers refused on a mesh-inbound listener, by reason (principal_not_allowed, unknown_vm_service, untrusted_caller, handshake)",
+            Family::<ListenerReasonLabels, Counter>::default()
+        );
+        let inbound_duration = reg!(
+            "meshgate_inbound_request_duration_seconds",
+            "Mesh → VM requests: received until the response headers, by VM service",
+            Family::<ServiceLabels, Histogram>::new_with_constructor(latency_histogram)
+        );
+        let vm_backend_healthy = reg!(
+            "meshgate_vm_backend_healthy",
+            "1 if a VM backend takes requests (active health check passing, not ejected), else 0",
+            Family::<BackendLabels, Gauge>::default()
+        );
+        let vm_backend_ejections = reg!(
+            "meshgate_vm_backend_ejections",
+            "Times a VM backend was ejected after consecutive failures (outlier detection)",
+            Family::<BackendLabels, Counter>::default()
+        );
+        let vm_backend_errors = reg!(
+            "meshgate_vm_backend_errors",
+            "Failed attempts to reach VM backends, by service and reason (connect, timeout, reset, no_backend)",
+            Family::<ServiceReasonLabels, Counter>::default()
+        );
         let process = ProcessMetrics {
             cpu_seconds: reg!(
                 "process_cpu_seconds",
@@ -382,6 +431,12 @@ impl Metrics {
             identity_renewal_failures,
             tenant_info,
             unknown_mesh_services,
+            inbound_requests,
+            inbound_denied,
+            inbound_duration,
+            vm_backend_healthy,
+            vm_backend_ejections,
+            vm_backend_errors,
             dynamic_destinations,
             dynamic_requests,
             dynamic_hosts: Default::default(),

@@ -20,7 +20,7 @@ pub(super) static MESH_ONLY: [HeaderName; 3] = [
 
 /// Removes hop-by-hop fields (RFC 9110 §7.6.1): those named in `Connection`, plus the ones that
 /// are hop-by-hop by definition. `TE: trailers` survives: gRPC needs it end to end over h2.
-pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()

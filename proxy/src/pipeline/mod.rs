@@ -28,9 +28,10 @@ use body::{local_response, CountingBody, Inner};
 pub use body::{RequestTooLarge, ResponseBody};
 pub use conn::ConnInfo;
 use grpc::{grpc_local_response, grpc_timeout, grpc_timeout_header, is_grpc};
+pub(crate) use headers::strip_hop_by_hop;
 use headers::{
-    authority_of, declared_length, new_request_id, requested_upgrade, strip_envoy_controls, strip_hop_by_hop,
-    strip_mesh_response, MESH_ONLY, X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID,
+    authority_of, declared_length, new_request_id, requested_upgrade, strip_envoy_controls, strip_mesh_response,
+    MESH_ONLY, X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID,
 };
 use log::AccessLog;
 pub use tunnel::ClientUpgrade;

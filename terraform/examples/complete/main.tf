@@ -1,5 +1,6 @@
 # A complete meshgate deployment into an existing VPC: the fleet behind an internal NLB, private
-# DNS for the mesh names in the VMs' VPCs, and meshgate-autoscaler sizing the fleet.
+# DNS for the mesh names in the VMs' VPCs, and meshgate-autoscaler sizing the fleet. The same NLB
+# also carries the other direction (mesh workloads calling VM services, mesh_inbound).
 
 module "fleet" {
   source = "../../modules/fleet"
@@ -15,6 +16,8 @@ module "fleet" {
   spiffe_id                       = var.spiffe_id
   services                        = var.services
   tenants                         = var.tenants
+  mesh_inbound                    = var.mesh_inbound
+  vm_services                     = var.vm_services
   proxy_protocol_v2               = var.proxy_protocol_v2
   ami_id                          = var.ami_id
   instance_type                   = var.instance_type

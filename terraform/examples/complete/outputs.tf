@@ -3,6 +3,11 @@ output "nlb_dns_name" {
   value       = module.fleet.nlb_dns_name
 }
 
+output "mesh_inbound_port" {
+  description = "Port of meshgate's mesh-inbound listener on the NLB (nlb_dns_name): the endpoint of the ServiceEntries in infra/istio/inbound; null when off."
+  value       = module.fleet.mesh_inbound_port
+}
+
 output "autoscaling_group_name" {
   description = "The fleet's Auto Scaling group (Prometheus discovers it by the aws:autoscaling:groupName tag)."
   value       = module.fleet.autoscaling_group_name

@@ -62,6 +62,26 @@ tenants = {
   }
 }
 
+# The other direction (infra/istio/inbound): mesh workloads call billing.vms.internal:8080, which
+# runs on the billing VMs, through meshgate's mesh-inbound listener on the NLB's port 15443.
+# source_cidrs: the cluster's pods and east-west gateway; meshgate admits only the callers in
+# allow, by their SPIFFE IDs (the VMs have no sidecar to enforce AuthorizationPolicies).
+mesh_inbound = {
+  port          = 15443
+  source_cidrs  = ["10.0.0.0/16"]
+  backend_cidrs = ["10.20.1.0/24"]
+}
+
+vm_services = {
+  billing = {
+    hosts    = ["billing.vms.internal"]
+    port     = 8080
+    protocol = "http1"
+    backends = ["10.20.1.5:8080", "10.20.1.6:8080"]
+    allow    = ["spiffe://cluster.local/ns/shop/sa/cart", "ns/bookinfo/*"]
+  }
+}
+
 ami_id                   = "ami-0123456789abcdef0"
 # The portable binaries of `bash scripts/release.sh` (dist/meshgate, dist/meshgate-autoscaler:
 # glibc 2.17+, so Amazon Linux 2 and 2023 both run them), uploaded as they are; the checksums are

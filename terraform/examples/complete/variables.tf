@@ -89,6 +89,28 @@ variable "tenants" {
   description = "Callers and what they may reach (see the fleet module)."
 }
 
+variable "mesh_inbound" {
+  type = object({
+    port          = optional(number, 15443)
+    source_cidrs  = list(string)
+    backend_cidrs = list(string)
+  })
+  description = "The mesh → VM direction (see the fleet module and infra/istio/inbound); null leaves it off."
+  default     = null
+}
+
+variable "vm_services" {
+  type = map(object({
+    hosts    = list(string)
+    port     = number
+    protocol = string
+    backends = list(string)
+    allow    = list(string)
+  }))
+  description = "VM services mesh workloads may call through meshgate (see the fleet module)."
+  default     = {}
+}
+
 variable "proxy_protocol_v2" {
   type        = bool
   description = "PROXY protocol v2 between NLB and meshgate (see the fleet module's README)."

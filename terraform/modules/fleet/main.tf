@@ -29,6 +29,13 @@ locals {
 
   gateway_ports = toset([for g in var.mesh_gateways : element(split(":", g), 1)])
 
+  # The mesh → VM direction (mesh_inbound, vm_services): empty lists when it is off, so the
+  # resources below have nothing to iterate over.
+  inbound_port          = var.mesh_inbound == null ? null : var.mesh_inbound.port
+  inbound_source_cidrs  = var.mesh_inbound == null ? [] : var.mesh_inbound.source_cidrs
+  inbound_backend_cidrs = var.mesh_inbound == null ? [] : var.mesh_inbound.backend_cidrs
+  vm_backend_ports      = toset([for b in flatten([for s in values(var.vm_services) : s.backends]) : element(split(":", b), 1)])
+
   # systemd must give meshgate's drain (cut at drain.timeout) time to finish before SIGKILL.
   stop_timeout_seconds = var.drain_timeout_seconds + 30
 
@@ -37,6 +44,8 @@ locals {
   meshgate_config = templatefile("${path.module}/templates/meshgate.yaml.tftpl", {
     proxy_port       = var.proxy_port
     proxy_protocol   = var.proxy_protocol_v2 ? "required" : "off"
+    inbound_port     = local.inbound_port
+    vm_services      = var.vm_services
     trusted_proxies  = local.subnet_cidrs
     admin_port       = var.admin_port
     admin_token_file = local.admin_token_file
@@ -148,6 +157,61 @@ resource "aws_lb_listener" "service" {
   tags = local.tags
 }
 
+# The mesh → VM direction: sidecars (directly, or treating the NLB as their network gateway)
+# open Istio mTLS to meshgate's mesh-inbound listener, which terminates it with the fleet's
+# workload certificate. Client IPs are preserved and no PROXY header is sent, whatever
+# proxy_protocol_v2 says: meshgate tells mesh callers apart by their certificates, so a PROXY
+# header would add nothing but a second framing for the mTLS listener to expect.
+resource "aws_lb_target_group" "mesh_inbound" {
+  count = var.mesh_inbound == null ? 0 : 1
+
+  name                   = "${var.name}-mesh"
+  vpc_id                 = var.vpc_id
+  target_type            = "instance"
+  protocol               = "TCP"
+  port                   = local.inbound_port
+  proxy_protocol_v2      = false
+  preserve_client_ip     = "true"
+  deregistration_delay   = var.drain_delay_seconds
+  connection_termination = false
+
+  target_health_state {
+    enable_unhealthy_connection_termination = false
+  }
+
+  # The same readiness as the proxy target group: one meshgate process serves both listeners.
+  health_check {
+    enabled             = true
+    protocol            = "HTTP"
+    port                = var.admin_port
+    path                = "/readyz"
+    matcher             = "200"
+    interval            = var.health_check_interval_seconds
+    healthy_threshold   = var.health_check_healthy_threshold
+    unhealthy_threshold = var.health_check_unhealthy_threshold
+    timeout             = 5
+  }
+
+  tags = local.tags
+}
+
+resource "aws_lb_listener" "mesh_inbound" {
+  #checkov:skip=CKV_AWS_2:TCP on purpose: the mesh's sidecars run Istio mTLS end to end to meshgate, which verifies their client certificates; an NLB TLS listener would terminate that handshake and hide the callers' identities.
+  #checkov:skip=CKV_AWS_103:Same listener: TCP carrying mTLS that meshgate terminates, no NLB TLS policy applies.
+  count = var.mesh_inbound == null ? 0 : 1
+
+  load_balancer_arn = aws_lb.this.arn
+  port              = local.inbound_port
+  protocol          = "TCP"
+
+  default_action {
+    type             = "forward"
+    target_group_arn = aws_lb_target_group.mesh_inbound[0].arn
+  }
+
+  tags = local.tags
+}
+
 # ---------------------------------------------------------------------------------------------
 # Launch template and Auto Scaling group
 
@@ -242,6 +306,26 @@ resource "aws_launch_template" "this" {
       condition     = var.min_size <= var.max_size
       error_message = "min_size must not exceed max_size."
     }
+    precondition {
+      condition     = local.inbound_port == null ? true : !contains([var.proxy_port, var.admin_port], local.inbound_port)
+      error_message = "mesh_inbound.port must differ from proxy_port and admin_port (each is a listener of its own on the instances)."
+    }
+    precondition {
+      condition     = local.inbound_port == null ? true : !contains(local.listener_ports, tostring(local.inbound_port))
+      error_message = "mesh_inbound.port must not be a service port: the NLB has one listener per port, and service ports forward to the proxy listener."
+    }
+    precondition {
+      condition     = length(var.vm_services) == 0 || var.mesh_inbound != null
+      error_message = "vm_services need mesh_inbound: mesh workloads reach them only through the mesh-inbound listener."
+    }
+    precondition {
+      condition     = var.mesh_inbound == null || length(var.vm_services) > 0
+      error_message = "mesh_inbound without vm_services would open a port that serves nothing."
+    }
+    precondition {
+      condition     = alltrue([for a in flatten([for s in values(var.vm_services) : s.allow]) : !startswith(a, "spiffe://") || startswith(a, "spiffe://${var.trust_domain}/")])
+      error_message = "vm_services allow: SPIFFE IDs must be in trust_domain (the mesh CA signs no other, so any other could never match)."
+    }
   }
 }
 
@@ -253,7 +337,7 @@ resource "aws_autoscaling_group" "this" {
   desired_capacity          = var.min_size
   health_check_type         = "ELB"
   health_check_grace_period = var.health_check_grace_period_seconds
-  target_group_arns         = [aws_lb_target_group.proxy.arn]
+  target_group_arns         = concat([aws_lb_target_group.proxy.arn], aws_lb_target_group.mesh_inbound[*].arn)
 
   launch_template {
     id      = aws_launch_template.this.id

@@ -23,6 +23,16 @@ output "target_group_arn" {
   value       = aws_lb_target_group.proxy.arn
 }
 
+output "mesh_inbound_port" {
+  description = "NLB listener port of the mesh → VM direction (meshgate's mesh-inbound listener): the ServiceEntry targetPort or network gateway port of infra/istio/inbound, with nlb_dns_name as the address; null when mesh_inbound is off."
+  value       = local.inbound_port
+}
+
+output "mesh_inbound_target_group_arn" {
+  description = "ARN of the target group behind the mesh-inbound listener; null when mesh_inbound is off."
+  value       = one(aws_lb_target_group.mesh_inbound[*].arn)
+}
+
 output "autoscaling_group_name" {
   description = "Name of the fleet's Auto Scaling group (meshgate-autoscaler's group name, and the aws:autoscaling:groupName tag Prometheus discovers)."
   value       = aws_autoscaling_group.this.name

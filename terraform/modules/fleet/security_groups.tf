@@ -1,7 +1,9 @@
 # Who may talk to whom:
 #   VM CIDRs --(service ports)--> NLB --(proxy port, health check)--> instances
+#   mesh CIDRs --(mesh-inbound port)--> NLB --> instances            (optional, mesh_inbound)
 #   monitoring / autoscaler SGs --(admin port)--> instances
-#   instances --> east-west gateway (gateway port), AWS APIs (443), Vault (optional)
+#   instances --> east-west gateway (gateway port), AWS APIs (443), Vault (optional),
+#                 VM backends (their ports, optional)
 # Nothing else: no SSH (use Session Manager, see ssm_session_manager).
 
 resource "aws_security_group" "nlb" {
@@ -47,6 +49,30 @@ resource "aws_vpc_security_group_egress_rule" "nlb_health_check" {
   tags                         = local.tags
 }
 
+resource "aws_vpc_security_group_ingress_rule" "nlb_from_mesh" {
+  for_each = toset(local.inbound_source_cidrs)
+
+  security_group_id = aws_security_group.nlb.id
+  description       = "Mesh sidecars and gateways to the mesh-inbound port"
+  cidr_ipv4         = each.value
+  ip_protocol       = "tcp"
+  from_port         = local.inbound_port
+  to_port           = local.inbound_port
+  tags              = local.tags
+}
+
+resource "aws_vpc_security_group_egress_rule" "nlb_to_mesh_inbound" {
+  count = var.mesh_inbound == null ? 0 : 1
+
+  security_group_id            = aws_security_group.nlb.id
+  description                  = "NLB to meshgate mesh-inbound listener"
+  referenced_security_group_id = aws_security_group.instance.id
+  ip_protocol                  = "tcp"
+  from_port                    = local.inbound_port
+  to_port                      = local.inbound_port
+  tags                         = local.tags
+}
+
 resource "aws_security_group" "instance" {
   name_prefix = "${var.name}-instance-"
   description = "meshgate ${var.name} instances: proxy port from the NLB and VM CIDRs, admin port from monitoring and the autoscaler"
@@ -79,6 +105,32 @@ resource "aws_vpc_security_group_ingress_rule" "proxy_from_vms" {
   ip_protocol       = "tcp"
   from_port         = var.proxy_port
   to_port           = var.proxy_port
+  tags              = local.tags
+}
+
+resource "aws_vpc_security_group_ingress_rule" "mesh_inbound_from_nlb" {
+  count = var.mesh_inbound == null ? 0 : 1
+
+  security_group_id            = aws_security_group.instance.id
+  description                  = "NLB to meshgate mesh-inbound listener"
+  referenced_security_group_id = aws_security_group.nlb.id
+  ip_protocol                  = "tcp"
+  from_port                    = local.inbound_port
+  to_port                      = local.inbound_port
+  tags                         = local.tags
+}
+
+# The mesh-inbound target group always preserves client IPs: the instances see the callers'
+# pod or gateway addresses.
+resource "aws_vpc_security_group_ingress_rule" "mesh_inbound_from_mesh" {
+  for_each = toset(local.inbound_source_cidrs)
+
+  security_group_id = aws_security_group.instance.id
+  description       = "Mesh sidecars and gateways (client IP preserved by the NLB) to meshgate mesh-inbound listener"
+  cidr_ipv4         = each.value
+  ip_protocol       = "tcp"
+  from_port         = local.inbound_port
+  to_port           = local.inbound_port
   tags              = local.tags
 }
 
@@ -120,6 +172,18 @@ resource "aws_vpc_security_group_egress_rule" "to_gateway" {
 
   security_group_id = aws_security_group.instance.id
   description       = "meshgate to the Istio east-west gateway (AUTO_PASSTHROUGH)"
+  cidr_ipv4         = each.value.cidr
+  ip_protocol       = "tcp"
+  from_port         = each.value.port
+  to_port           = each.value.port
+  tags              = local.tags
+}
+
+resource "aws_vpc_security_group_egress_rule" "to_vm_backends" {
+  for_each = { for pair in setproduct(local.inbound_backend_cidrs, local.vm_backend_ports) : "${pair[0]}:${pair[1]}" => { cidr = pair[0], port = tonumber(pair[1]) } }
+
+  security_group_id = aws_security_group.instance.id
+  description       = "meshgate to the VM backends of vm_services (mesh-inbound)"
   cidr_ipv4         = each.value.cidr
   ip_protocol       = "tcp"
   from_port         = each.value.port

@@ -3,7 +3,7 @@
 
 variable "name" {
   type        = string
-  description = "Name of the fleet: the Auto Scaling group, the NLB and the prefix of every other resource. Lower-case letters, digits and '-', at most 26 characters (the target group appends '-proxy')."
+  description = "Name of the fleet: the Auto Scaling group, the NLB and the prefix of every other resource. Lower-case letters, digits and '-', at most 26 characters (the target groups append '-proxy' and '-mesh')."
 
   validation {
     condition     = can(regex("^[a-z][a-z0-9-]{0,25}$", var.name))
@@ -138,6 +138,47 @@ variable "tenants" {
   validation {
     condition     = length(var.tenants) >= 1 && alltrue([for k, t in var.tenants : can(regex("^[a-z0-9_-]+$", k)) && length(t.sources) + length(t.api_keys) > 0 && alltrue([for key in t.api_keys : can(regex("^sha256:[0-9a-f]{64}$", key))])])
     error_message = "tenants: names of lower-case letters, digits, '-' and '_'; each tenant needs sources or api_keys; api_keys are sha256:<64 hex> digests, never plaintext keys."
+  }
+}
+
+variable "mesh_inbound" {
+  type = object({
+    port          = optional(number, 15443)
+    source_cidrs  = list(string)
+    backend_cidrs = list(string)
+  })
+  description = "The mesh → VM direction, off when null: meshgate's mesh-inbound listener on port (on the instances and as an NLB listener of its own), where mesh sidecars send Istio mTLS for vm_services (infra/istio/inbound: the ServiceEntry targetPort, or the network gateway port). source_cidrs: the mesh's pod and east-west gateway CIDRs, the only sources allowed on that port. backend_cidrs: where the vm_services' backends live; the instances may connect there on the backends' ports."
+  default     = null
+
+  validation {
+    condition = var.mesh_inbound == null ? true : (
+      var.mesh_inbound.port >= 1 && var.mesh_inbound.port <= 65535 &&
+      length(var.mesh_inbound.source_cidrs) >= 1 && length(var.mesh_inbound.backend_cidrs) >= 1 &&
+      alltrue([for c in concat(var.mesh_inbound.source_cidrs, var.mesh_inbound.backend_cidrs) : can(cidrhost(c, 0)) && !strcontains(c, ":")])
+    )
+    error_message = "mesh_inbound: port 1-65535, at least one IPv4 CIDR in source_cidrs and in backend_cidrs."
+  }
+}
+
+variable "vm_services" {
+  type = map(object({
+    hosts    = list(string)
+    port     = number
+    protocol = string
+    backends = list(string)
+    allow    = list(string)
+  }))
+  description = "VM-side services mesh workloads call through the mesh-inbound listener (meshgate's vm_services map; needs mesh_inbound). hosts and port are what mesh callers dial (the ServiceEntry's hosts and port, and the SNI outbound_.PORT_._.HOST); backends the VMs as host:port; allow the callers meshgate admits, as SPIFFE IDs (spiffe://TRUST_DOMAIN/ns/NS/sa/SA) or patterns such as ns/NS/*. meshgate checks allow itself: the VMs have no sidecar to enforce AuthorizationPolicies."
+  default     = {}
+
+  validation {
+    condition = alltrue([for k, s in var.vm_services :
+      can(regex("^[a-z0-9_-]+$", k)) && s.port >= 1 && s.port <= 65535 && contains(["http1", "http2", "tcp"], s.protocol) &&
+      length(s.hosts) >= 1 && alltrue([for h in s.hosts : can(regex("^[a-z0-9.-]+$", h))]) &&
+      length(s.backends) >= 1 && alltrue([for b in s.backends : can(regex("^[A-Za-z0-9.-]+:[0-9]{1,5}$", b))]) &&
+      length(s.allow) >= 1 && alltrue([for a in s.allow : can(regex("^[A-Za-z0-9._:/*-]+$", a))])
+    ])
+    error_message = "vm_services: names of lower-case letters, digits, '-' and '_'; port 1-65535; protocol http1, http2 or tcp; at least one host (lower-case DNS name), one backend (host:port) and one allow entry (no spaces or quotes)."
   }
 }
 

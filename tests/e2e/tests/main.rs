@@ -10,6 +10,7 @@ mod hardening;
 mod hbone;
 #[path = "h3.rs"]
 mod http3;
+mod inbound;
 mod isolation;
 mod issuers;
 mod ops;

@@ -9,6 +9,7 @@
 
 pub mod bookstore;
 pub mod ca;
+pub mod client;
 pub mod echo;
 pub mod gateway;
 pub mod hbone;
@@ -22,6 +23,7 @@ pub mod stats;
 mod tasks;
 
 pub use ca::{IdentityFiles, IssueOptions, MeshCa, WorkloadCert};
+pub use client::{MeshClient, MeshProtocol};
 pub use echo::{pattern_byte, pattern_sha256};
 pub use hbone::{ConnectSeen, HboneStats};
 pub use mesh::Mesh;

@@ -25,6 +25,9 @@ pub struct RawConfig {
     pub mesh: RawMesh,
     #[serde(default)]
     pub services: OrderedMap<RawService>,
+    /// VM-side services that mesh workloads call through a `mesh-inbound` listener.
+    #[serde(default)]
+    pub vm_services: OrderedMap<super::inbound::RawVmService>,
     /// A file with more `services:` (e.g. written by `meshgate services import`), loaded and
     /// watched like this one; its names must not repeat this file's.
     #[serde(default)]
@@ -213,6 +216,9 @@ pub enum ListenerProtocol {
     Tcp,
     /// HTTP/3 over QUIC (UDP), with a TLS server certificate (`tls:`); same routing and policy.
     H3,
+    /// Istio mTLS from mesh workloads to `vm_services:` (the mesh → VM direction).
+    #[serde(rename = "mesh-inbound")]
+    MeshInbound,
 }
 
 #[derive(Debug, Deserialize)]
@@ -232,6 +238,10 @@ pub struct RawAdmin {
 #[serde(deny_unknown_fields)]
 pub struct RawMesh {
     pub trust_domain: Spanned<String>,
+    /// Other trust domains whose workloads are accepted as callers of `vm_services:` (Istio's
+    /// `trustDomainAliases`).
+    #[serde(default)]
+    pub trust_domain_aliases: Vec<Spanned<String>>,
     /// `host:port`, or a list of them (the gateway's addresses when there is no DNS name).
     pub gateway: Spanned<OneOrMany<HostPort>>,
     /// How often the gateway name is resolved again (its addresses change as the LB scales).

@@ -58,12 +58,27 @@ pub(super) fn listeners(path: &Path, raw: &RawConfig, errs: &mut Collector) -> L
         } else {
             &mut binds
         };
-        if let Some(other) = binds.insert(l.bind.value.0, name.clone()).filter(|_| fixed_port) {
+        // 0.0.0.0:P (or [::]:P) takes port P on every address: it clashes with any other
+        // listener on P, as the bind itself would fail.
+        let addr = l.bind.value.0;
+        let clash = binds
+            .iter()
+            .find(|(a, _)| {
+                fixed_port
+                    && a.port() == addr.port()
+                    && (**a == addr || a.ip().is_unspecified() || addr.ip().is_unspecified())
+            })
+            .map(|(_, other)| other.clone());
+        if let Some(other) = clash {
             errs.at(
                 line(&l.bind),
-                format!("address {} is already bound by listener {other:?}", l.bind.value.0),
+                format!(
+                    "address {addr} is already bound by listener {other:?} (port {})",
+                    addr.port()
+                ),
             );
         }
+        binds.insert(addr, name.clone());
         let mode = l.proxy_protocol.value;
         if mode != super::super::ProxyProtocolMode::Off && l.trusted_proxies.is_empty() {
             errs.at(
@@ -76,9 +91,9 @@ pub(super) fn listeners(path: &Path, raw: &RawConfig, errs: &mut Collector) -> L
                 line(&l.name),
                 format!("listener {name:?} has protocol tcp but no service: name the service its connections go to"),
             ),
-            (ListenerProtocol::Http | ListenerProtocol::H3, Some(s)) => errs.at(
+            (ListenerProtocol::Http | ListenerProtocol::H3 | ListenerProtocol::MeshInbound, Some(s)) => errs.at(
                 line(s),
-                "service: only tcp listeners have one (http and h3 listeners route by Host)",
+                "service: only tcp listeners have one (http and h3 listeners route by Host, mesh-inbound ones by SNI and Host)",
             ),
             _ => {}
         }
@@ -189,5 +204,27 @@ pub(super) fn attach_services(
             ),
             None => errs.at(line(svc), format!("unknown service {:?}", svc.value)),
         }
+    }
+}
+
+/// `mesh-inbound` listeners and `vm_services:` come together: either alone does nothing.
+pub(super) fn inbound(raw: &RawConfig, has_vm_services: bool, errs: &mut Collector) {
+    let inbound = raw
+        .listeners
+        .iter()
+        .find(|l| l.protocol == ListenerProtocol::MeshInbound);
+    match (inbound, has_vm_services) {
+        (Some(l), false) => errs.at(
+            line(&l.name),
+            format!(
+                "listener {:?} has protocol mesh-inbound but there are no vm_services for it to serve",
+                l.name.value
+            ),
+        ),
+        (None, true) => errs.at(
+            None,
+            "vm_services: need a listener with protocol: mesh-inbound (where mesh workloads connect)",
+        ),
+        _ => {}
     }
 }

@@ -18,7 +18,7 @@ use super::schema::RawConfig;
 use super::{ConfigErrors, Snapshot};
 use yamlconf::{line_of as line, Collector};
 
-fn valid_name(s: &str) -> bool {
+pub(super) fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()
@@ -84,6 +84,15 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
         );
     }
     let upstream = settings::upstream(&raw, errs);
+    let mut trust_domains = vec![td.clone()];
+    for a in &raw.mesh.trust_domain_aliases {
+        if crate::identity::spiffe_trust_domain(&format!("spiffe://{}/x", a.value)) != Some(a.value.as_str()) {
+            errs.at(line(a), format!("invalid trust domain alias {:?}", a.value));
+        }
+        trust_domains.push(a.value.clone());
+    }
+    let vm_services = super::inbound::vm_services(&raw.vm_services, &trust_domains, errs);
+    listeners::inbound(&raw, !vm_services.is_empty(), errs);
     // Identity, last: it touches files, and its errors are clearer once the rest is right.
     let (identity, tenant_identities) = identity::identities(path, &raw, &mut tenants, (&td, td_ok), now, errs);
     telemetry::telemetry(&raw, &mut tenants.list, identity.as_ref(), &tenant_identities, errs);
@@ -103,6 +112,8 @@ fn build(path: &Path, raw: RawConfig, now: SystemTime, errs: &mut Collector) -> 
         tenant_identities,
         services,
         services_file,
+        vm_services,
+        trust_domains,
         tenants: tenants.list,
         tenant_names: tenants.names,
         api_key_header: api_key_header?,
