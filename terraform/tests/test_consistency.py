@@ -280,7 +280,7 @@ def test_security_groups_open_only_the_design():
         # preserved) or from the NLB's group; nothing of it exists while mesh_inbound is null.
         if "mesh" in name:
             assert port == "local.inbound_port", name
-            assert src.get("for_each") == "toset(local.inbound_source_cidrs)" or src.get("count") == "var.mesh_inbound==null?0:1".replace("==", " == ").replace("?", " ? ").replace(":", " : "), name
+            assert src.get("for_each") == "toset(local.inbound_source_cidrs)" or src.get("count") == "var.mesh_inbound == null ? 0 : 1", name
             assert ("cidr_ipv4" in src) == ("for_each" in src), name
     ingress = [n for (t, n) in mod.resources if t == "aws_vpc_security_group_ingress_rule"]
     assert sorted(ingress) == sorted(["nlb_from_vms", "proxy_from_nlb", "proxy_from_vms", "admin_from_nlb", "admin_from_admin_client", "admin_from_monitoring",

@@ -10,7 +10,6 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use crate::config::schema::HostPort;
 use crate::config::{LoadBalancing, UpstreamProtocol, VmService};
@@ -248,6 +247,7 @@ async fn check_one(addr: &HostPort, protocol: UpstreamProtocol, path: Option<&st
 mod tests {
     use super::*;
     use crate::config::inbound::{Outlier, VmService};
+    use std::time::Duration;
 
     fn service(lb: LoadBalancing, n: usize) -> Arc<VmService> {
         Arc::new(VmService {
