@@ -3,14 +3,12 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::SystemTime;
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use meshgate::config::{self, Snapshot};
-use meshgate::identity::rfc3339;
 
 /// `meshgate --version`: the release, the git revision it was built from and the target.
 const LONG_VERSION: &str = concat!(
@@ -143,112 +141,6 @@ fn load_or_report(path: &std::path::Path) -> Option<Snapshot> {
             eprintln!("{} error(s) in {}", errs.0.len(), path.display());
             None
         }
-    }
-}
-
-fn human_duration(d: std::time::Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0..=119 => format!("{s}s"),
-        120..=7199 => format!("{}m", s / 60),
-        7200..=172_799 => format!("{}h {}m", s / 3600, (s % 3600) / 60),
-        _ => format!("{}d {}h", s / 86400, (s % 86400) / 3600),
-    }
-}
-
-fn print_summary(s: &Snapshot) {
-    println!("config {}: OK", s.path.display());
-    println!("listeners:");
-    for l in &s.listeners {
-        println!("  {:<16} {:<22} {:?}", l.name, l.bind.to_string(), l.protocol);
-    }
-    match &s.admin {
-        Some(a) => println!(
-            "admin: {}{}",
-            a.bind,
-            if a.token.is_some() {
-                " (token required for /reload, /drain and /explain)"
-            } else {
-                ""
-            }
-        ),
-        None => println!("admin: (none)"),
-    }
-    println!("mesh: trust domain {}, gateway {}", s.trust_domain, s.gateway);
-    let id = &s.identity;
-    let left = id
-        .not_after
-        .duration_since(SystemTime::now())
-        .map(human_duration)
-        .unwrap_or_else(|_| "expired".into());
-    match &id.issuer {
-        Some(issuer) if id.is_pending() => println!(
-            "identity: {} (requested from {} at start, ttl {})",
-            id.spiffe_id,
-            issuer.describe(),
-            human_duration(issuer.ttl)
-        ),
-        Some(issuer) => println!(
-            "identity: {} (bootstrap certificate valid until {}, {} left; renewed from {})",
-            id.spiffe_id,
-            rfc3339(id.not_after),
-            left,
-            issuer.describe()
-        ),
-        None => println!(
-            "identity: {} (valid until {}, {} left)",
-            id.spiffe_id,
-            rfc3339(id.not_after),
-            left
-        ),
-    }
-    println!("services:");
-    for svc in &s.services {
-        match &svc.pattern {
-            Some(p) => {
-                let ports: Vec<String> = p.ports.iter().map(u16::to_string).collect();
-                println!(
-                    "  {:<16} {} ports {} {:?} sni=outbound_.PORT_._.HOST expects {}",
-                    svc.name,
-                    svc.host,
-                    ports.join(","),
-                    svc.protocol,
-                    svc.server_rule()
-                );
-            }
-            None => println!(
-                "  {:<16} {}:{} {:?} sni={} expects {}",
-                svc.name, svc.host, svc.port, svc.protocol, svc.sni, svc.expected_server
-            ),
-        }
-        if !svc.aliases.is_empty() {
-            println!("  {:<16} aliases: {}", "", svc.aliases.join(", "));
-        }
-    }
-    println!("tenants:");
-    for t in s.tenants.iter() {
-        let sources: Vec<String> = t.sources.iter().map(|n| n.to_string()).collect();
-        let allow = match &t.allow {
-            meshgate::policy::Allow::All => "*".to_string(),
-            meshgate::policy::Allow::Services(v) => s
-                .services
-                .iter()
-                .filter(|svc| v[svc.id])
-                .map(|svc| svc.name.clone())
-                .collect::<Vec<_>>()
-                .join(", "),
-        };
-        println!(
-            "  {:<16} sources: {}  api keys: {}  allow: {}",
-            t.name,
-            if sources.is_empty() {
-                "any".into()
-            } else {
-                sources.join(", ")
-            },
-            t.key_hashes.len(),
-            allow
-        );
     }
 }
 
@@ -434,7 +326,7 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Check { config } => match load_or_report(&config) {
             Some(s) => {
-                print_summary(&s);
+                print!("{}", config::summary(&s));
                 ExitCode::SUCCESS
             }
             None => ExitCode::FAILURE,

@@ -8,6 +8,7 @@ on the rendered config."""
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import re
 import signal
 import socket
@@ -93,6 +94,85 @@ def test_target_group_matches_meshgate_config(identity, pp):
     for rtype, name in (("aws_vpc_security_group_egress_rule", "nlb_health_check"), ("aws_vpc_security_group_ingress_rule", "admin_from_nlb")):
         rule = d.resource("fleet", rtype, name)
         assert d.eval_in("fleet", rule["from_port"]) == d.eval_in("fleet", rule["to_port"]) == hc["port"], name
+
+
+# ----------------------------------------------------------------------------------------------
+# The mesh → VM direction (mesh_inbound, vm_services)
+
+
+@pytest.mark.parametrize("pp", [False, True], ids=["plain", "proxy-protocol"])
+def test_mesh_inbound_listener_and_target_group_match_meshgate_config(identity, pp):
+    d = fleet(identity, proxy_protocol_v2=pp)
+    cfg = config_of(d)
+    inbound = d.inputs("fleet")["mesh_inbound"]
+    (listener,) = [l for l in cfg["listeners"] if l["protocol"] == "mesh-inbound"]
+    port = port_of(listener["bind"])
+    assert port == inbound["port"] == d.eval_in("fleet", d.child("fleet").outputs["mesh_inbound_port"]["value"])
+    # An NLB listener of its own on that port (no service port shares it), TCP to the
+    # mesh-inbound target group, which sends to the same port on the instances.
+    assert d.count("fleet", "aws_lb_listener", "mesh_inbound") == d.count("fleet", "aws_lb_target_group", "mesh_inbound") == 1
+    nlb_listener = d.resource("fleet", "aws_lb_listener", "mesh_inbound")
+    assert d.eval_in("fleet", nlb_listener["port"]) == port
+    assert d.eval_in("fleet", nlb_listener["protocol"]) == "TCP"
+    assert tfeval.expr_source(nlb_listener["default_action"][0]["target_group_arn"]) == "aws_lb_target_group.mesh_inbound[0].arn"
+    assert str(port) not in d.for_each_keys("fleet", "aws_lb_listener", "service")
+    tg = d.resource("fleet", "aws_lb_target_group", "mesh_inbound")
+    assert d.eval_in("fleet", tg["port"]) == port and d.eval_in("fleet", tg["protocol"]) == "TCP"
+    assert len(d.eval_in("fleet", tg["name"])) <= 32, "target group names are at most 32 characters"
+    # Client IPs preserved and no PROXY header in both modes, and the listener expects none.
+    assert d.eval_in("fleet", tg["proxy_protocol_v2"]) is False
+    assert d.eval_in("fleet", tg["preserve_client_ip"]) == "true"
+    assert "proxy_protocol" not in listener and "trusted_proxies" not in listener
+    # One meshgate process behind both target groups: the same readiness and drain.
+    assert d.block("fleet", "aws_lb_target_group", "mesh_inbound", "health_check") == d.block("fleet", "aws_lb_target_group", "proxy", "health_check")
+    assert d.eval_in("fleet", tg["deregistration_delay"]) == seconds(cfg["drain"]["delay"])
+    assert d.eval_in("fleet", tg["connection_termination"]) is False
+    assert d.block("fleet", "aws_lb_target_group", "mesh_inbound", "target_health_state")["enable_unhealthy_connection_termination"] is False
+    asg = d.resource("fleet", "aws_autoscaling_group", "this")
+    assert tfeval.expr_source(asg["target_group_arns"]) == "concat([aws_lb_target_group.proxy.arn], aws_lb_target_group.mesh_inbound[*].arn)"
+    # vm_services reach meshgate's config as given.
+    assert cfg["vm_services"] == d.inputs("fleet")["vm_services"]
+
+
+def test_mesh_inbound_security_groups(identity):
+    d = fleet(identity)
+    inbound = d.inputs("fleet")["mesh_inbound"]
+    services = d.inputs("fleet")["vm_services"]
+    ingress, egress = "aws_vpc_security_group_ingress_rule", "aws_vpc_security_group_egress_rule"
+    # The mesh's CIDRs reach the port on the NLB and, client IPs being preserved, on the instances.
+    for name in ("nlb_from_mesh", "mesh_inbound_from_mesh"):
+        assert d.for_each_keys("fleet", ingress, name) == sorted(inbound["source_cidrs"]), name
+        assert d.eval_in("fleet", d.resource("fleet", ingress, name)["from_port"]) == inbound["port"], name
+    for rtype, name in ((egress, "nlb_to_mesh_inbound"), (ingress, "mesh_inbound_from_nlb")):
+        assert d.count("fleet", rtype, name) == 1, name
+        assert d.eval_in("fleet", d.resource("fleet", rtype, name)["from_port"]) == inbound["port"], name
+    # The instances reach the backends' ports on backend_cidrs, nothing more.
+    ports = sorted({b.rsplit(":", 1)[1] for s in services.values() for b in s["backends"]})
+    assert d.for_each_keys("fleet", egress, "to_vm_backends") == sorted(f"{c}:{p}" for c in inbound["backend_cidrs"] for p in ports)
+    # Backends given as addresses lie in backend_cidrs, so those rules cover them.
+    for name, s in services.items():
+        for b in s["backends"]:
+            try:
+                ip = ipaddress.ip_address(b.rsplit(":", 1)[0])
+            except ValueError:
+                continue
+            assert any(ip in ipaddress.ip_network(c) for c in inbound["backend_cidrs"]), (name, b)
+
+
+def test_mesh_inbound_off_adds_nothing(identity):
+    d = fleet(identity, **INBOUND_OFF)
+    assert d.check_all("fleet") == []
+    cfg = config_of(d)
+    assert [l["protocol"] for l in cfg["listeners"]] == ["http"] and "vm_services" not in cfg
+    for rtype, name in (("aws_lb_listener", "mesh_inbound"), ("aws_lb_target_group", "mesh_inbound"),
+                        ("aws_vpc_security_group_egress_rule", "nlb_to_mesh_inbound"),
+                        ("aws_vpc_security_group_ingress_rule", "mesh_inbound_from_nlb")):
+        assert d.count("fleet", rtype, name) == 0, name
+    for rtype, name in (("aws_vpc_security_group_ingress_rule", "nlb_from_mesh"),
+                        ("aws_vpc_security_group_ingress_rule", "mesh_inbound_from_mesh"),
+                        ("aws_vpc_security_group_egress_rule", "to_vm_backends")):
+        assert d.for_each_keys("fleet", rtype, name) == [], name
+    assert d.eval_in("fleet", d.child("fleet").outputs["mesh_inbound_port"]["value"]) is None
 
 
 def test_systemd_waits_for_the_drain(identity):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import itertools
 import json
 import math
 import os
@@ -626,6 +627,7 @@ FUNCTIONS = {
     "tonumber": lambda v: None if v is None else to_number(v),
     "length": lambda v: len(v) if isinstance(v, (list, dict, str)) else _fail(f"length of {v!r}"),
     "concat": lambda *ls: [x for l in ls for x in l],
+    "setproduct": lambda *ls: [list(t) for t in itertools.product(*ls)],
     "compact": lambda l: [x for x in l if x not in (None, "")],
     "distinct": lambda l: [x for i, x in enumerate(l) if not any(_equal(x, y) for y in l[:i])],
     "flatten": lambda l: [y for x in l for y in (FUNCTIONS["flatten"](x) if isinstance(x, list) else [x])],

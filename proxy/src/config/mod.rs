@@ -6,6 +6,7 @@
 pub mod hbone;
 pub mod inbound;
 pub mod schema;
+mod summary;
 mod transcode;
 mod validate;
 
@@ -19,6 +20,7 @@ use http::HeaderName;
 pub use hbone::{HboneGateway, HboneRoute, Transport};
 pub use inbound::{LoadBalancing, PrincipalRule, VmService};
 pub use schema::{GatewayTarget, HostPort, ListenerProtocol, LogFormat, UpstreamProtocol};
+pub use summary::summary;
 
 use crate::identity::{ExpectedServer, Identity};
 
