@@ -5,5 +5,6 @@ mod cli;
 mod demo;
 mod explain;
 mod fuzz_corpus;
+mod inbound;
 mod lifecycle;
 mod services;

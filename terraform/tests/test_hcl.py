@@ -15,6 +15,8 @@ import tfeval
 from conftest import EXAMPLE, MODULES, TF, deployment, tf_dirs
 
 TF_FILES = sorted(TF.rglob("*.tf")) + sorted(TF.rglob("*.tfvars"))
+INBOUND = {"port": 15443, "source_cidrs": ["10.0.0.0/16"], "backend_cidrs": ["10.20.1.0/24"]}
+BILLING = {"hosts": ["billing.vms.internal"], "port": 8080, "protocol": "http1", "backends": ["10.20.1.5:8080"], "allow": ["ns/shop/*"]}
 
 
 def test_there_is_terraform_to_check():
@@ -139,6 +141,14 @@ def test_example_values_pass_validations_and_preconditions():
         ({"fleet": {"drain_spread_seconds": 40}}, "delay + spread <= drain timeout"),
         ({"fleet": {"spiffe_id": "spiffe://other.domain/ns/meshgate/sa/meshgate"}}, "must be in trust_domain"),
         ({"fleet": {"identity_secret_arn": None}}, "needs identity_secret_arn"),
+        ({"fleet": {"mesh_inbound": {**INBOUND, "port": 8080}}}, "must differ from proxy_port and admin_port"),
+        ({"fleet": {"mesh_inbound": {**INBOUND, "port": 9080}}}, "must not be a service port"),
+        ({"fleet": {"mesh_inbound": {**INBOUND, "source_cidrs": []}}}, "at least one IPv4 CIDR in source_cidrs"),
+        ({"fleet": {"mesh_inbound": None}}, "vm_services need mesh_inbound"),
+        ({"fleet": {"vm_services": {}}}, "would open a port that serves nothing"),
+        ({"fleet": {"vm_services": {"billing": {**BILLING, "allow": ["spiffe://other.domain/ns/shop/sa/cart"]}}}}, "vm_services allow: SPIFFE IDs must be in trust_domain"),
+        ({"fleet": {"vm_services": {"billing": {**BILLING, "protocol": "grpc"}}}}, "protocol http1, http2 or tcp"),
+        ({"fleet": {"vm_services": {"billing": {**BILLING, "backends": ["10.20.1.5"]}}}}, "one backend (host:port)"),
         ({"autoscaler": {"drain_timeout_seconds": 60}}, "must exceed the fleet's drain timeout"),
         ({"autoscaler": {"heartbeat_interval_seconds": 900}}, "below the lifecycle hook's heartbeat timeout"),
         ({"dns": {"record_names": ["reviews.bookinfo.example.org"]}}, "exactly one of zone_names"),
