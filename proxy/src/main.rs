@@ -72,8 +72,12 @@ enum Cmd {
         #[arg(long, requires = "admin")]
         token_file: Option<PathBuf>,
         /// The client address the request comes from.
-        #[arg(long)]
-        client: std::net::IpAddr,
+        #[arg(long, required_unless_present = "principal")]
+        client: Option<std::net::IpAddr>,
+        /// Explain a call from the mesh to a VM service instead (mesh-inbound): the caller's
+        /// SPIFFE ID; the target is then an SNI (outbound_.PORT_._.HOST) or a host[:port].
+        #[arg(long, conflicts_with_all = ["client", "key", "vpce", "admin"])]
+        principal: Option<String>,
         /// The API key the client presents, if any.
         #[arg(long)]
         key: Option<String>,
@@ -256,6 +260,28 @@ fn explain_cmd(
     }
 }
 
+/// `explain --principal`: a call from the mesh to a VM service, answered from a config file.
+fn explain_inbound_cmd(config: Option<PathBuf>, principal: &str, json: bool, target: &str) -> ExitCode {
+    let Some(path) = config else {
+        eprintln!("error: --principal needs -c FILE");
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let Some(snapshot) = load_or_report(&path) else {
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let e = meshgate::explain::inbound::explain_inbound(&snapshot, principal, target);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&e).expect("explanations serialise"));
+    } else {
+        print!("{e}");
+    }
+    if e.forwarded() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 /// `POST /explain` on a running instance's admin API.
 fn ask_admin(
     addr: &str,
@@ -336,11 +362,16 @@ fn main() -> ExitCode {
             admin,
             token_file,
             client,
+            principal,
             key,
             vpce,
             json,
             target,
-        } => explain_cmd(config, admin, token_file, client, key, vpce, json, target),
+        } => match (principal, client) {
+            (Some(p), _) => explain_inbound_cmd(config, &p, json, &target),
+            (None, Some(client)) => explain_cmd(config, admin, token_file, client, key, vpce, json, target),
+            (None, None) => unreachable!("clap requires --client without --principal"),
+        },
         Cmd::Services {
             cmd: ServicesCmd::Import(args),
         } => match meshgate::import::command(&args) {

@@ -99,3 +99,56 @@ fn listeners_and_vm_services_come_together_and_ports_do_not_clash() {
     );
     assert_rejected(&f, &text, 5, "no vm_services for it to serve");
 }
+
+#[test]
+fn explain_answers_for_a_mesh_caller() {
+    let f = Fixture::new();
+    let path = f.config(&with_inbound(BILLING));
+    let cfg = path.to_str().unwrap();
+    let ask =
+        |principal: &str, target: &str| crate::cli::meshgate(&["explain", "-c", cfg, "--principal", principal, target]);
+    let (code, out, err) = ask(
+        "spiffe://cluster.local/ns/ops/sa/deployer",
+        "outbound_.8080_._.billing.vms.internal",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("decision:        forward (200 forwarded)"), "{out}");
+    assert!(out.contains("allowed by:      ns/ops/*"), "{out}");
+    assert!(
+        out.contains("backends:        10.0.1.5:8080, billing-2.vm.internal:8080 (RoundRobin)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("server identity: spiffe://cluster.local/ns/meshgate/sa/meshgate"),
+        "{out}"
+    );
+    let (code, out, _) = ask(
+        "spiffe://cluster.local/ns/bookinfo/sa/reviews",
+        "billing.vms.internal:8080",
+    );
+    assert_eq!(code, 1);
+    assert!(out.contains("refuse (403 principal_not_allowed)"), "{out}");
+    assert!(out.contains("matches none of billing's allow list"), "{out}");
+    let (code, out, _) = ask(
+        "spiffe://cluster.local/ns/ops/sa/x",
+        "outbound_.9999_._.billing.vms.internal",
+    );
+    assert_eq!(code, 1);
+    assert!(out.contains("refuse (404 unknown_vm_service)"), "{out}");
+    let (code, out, _) = ask("spiffe://elsewhere/ns/ops/sa/x", "billing.vms.internal");
+    assert_eq!(code, 1);
+    assert!(out.contains("refuse (403 untrusted_caller)"), "{out}");
+    // JSON, as for outbound questions.
+    let (_, out, _) = crate::cli::meshgate(&[
+        "explain",
+        "-c",
+        cfg,
+        "--json",
+        "--principal",
+        "spiffe://cluster.local/ns/shop/sa/cart",
+        "billing.vms.internal",
+    ]);
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["vm_service"]["name"], "billing");
+    assert_eq!(j["matched_rule"], "spiffe://cluster.local/ns/shop/sa/cart");
+}

@@ -3,7 +3,6 @@ example deployment evaluated offline (tfeval.Deployment)."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,26 +97,8 @@ def identity(tmp_path_factory) -> Path:
     return make_identity(tmp_path_factory.mktemp("identity"))
 
 
-# The mesh → VM direction leaves the rendered config when the binary under test predates it.
+# The fleet without the mesh → VM direction (mesh_inbound and vm_services off).
 INBOUND_OFF = {"mesh_inbound": None, "vm_services": {}}
-
-
-@pytest.fixture(scope="session")
-def inbound_supported(meshgate, identity, tmp_path_factory) -> bool:
-    """Whether target/debug/meshgate knows the `mesh-inbound` listener and `vm_services` (issue
-    #16, built alongside the module). The example renders both; the tests that run the binary
-    on a rendered config leave them out (`binary_overrides`) only while the binary rejects
-    exactly those names, and test_mesh_inbound_config_passes_meshgate_check says so (xfail)."""
-    path = tmp_path_factory.mktemp("probe") / "meshgate.yaml"
-    path.write_text(deployment(module_overrides={"fleet": {"identity_dir": str(identity)}}).local("fleet", "meshgate_config"))
-    out = run([meshgate, "check", "-c", path])
-    return not re.search(r"unknown (variant|field) `(mesh-inbound|vm_services)`", out.stdout + out.stderr)
-
-
-@pytest.fixture(scope="session")
-def binary_overrides(inbound_supported) -> dict:
-    """Fleet overrides for a config the binary under test is to load."""
-    return {} if inbound_supported else dict(INBOUND_OFF)
 
 
 def run(cmd, **kw) -> subprocess.CompletedProcess:

@@ -427,7 +427,7 @@ def wait_ready(port, path, deadline=15.0, m=None):
 
 
 @pytest.fixture
-def running(meshgate, identity, tmp_path, binary_overrides):
+def running(meshgate, identity, tmp_path):
     started = []
 
     def start(subnet_cidrs=None, **fleet_overrides):
@@ -451,9 +451,8 @@ def running(meshgate, identity, tmp_path, binary_overrides):
 
     def start_once(subnet_cidrs=None, **fleet_overrides):
         proxy, admin = free_port(), free_port()
-        inbound = dict(binary_overrides)
-        if not inbound and tfvars().get("mesh_inbound"):
-            inbound["mesh_inbound"] = {**tfvars()["mesh_inbound"], "port": free_port()}
+        # The example's mesh-inbound listener too, on a free port of its own.
+        inbound = {"mesh_inbound": {**tfvars()["mesh_inbound"], "port": free_port()}}
         d = deployment(
             # A loopback gateway: the example's DNS name would make the binary ask a resolver at
             # start (slow when it times out, and traffic off the machine); nothing is sent to it.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import stat
 import subprocess
 
@@ -25,8 +26,8 @@ def config_from_user_data(d: tfeval.Deployment) -> str:
     return heredoc(d.local("fleet", "user_data"), "MESHGATE_CONFIG_EOF")
 
 
-def test_user_data_config_passes_meshgate_check(meshgate, identity, tmp_path, binary_overrides):
-    d = rendered(identity, **binary_overrides)
+def test_user_data_config_passes_meshgate_check(meshgate, identity, tmp_path):
+    d = rendered(identity)
     text = config_from_user_data(d)
     # The user data writes exactly the config the module renders (and outputs).
     assert text == d.local("fleet", "meshgate_config") + "\n"
@@ -42,25 +43,27 @@ def test_user_data_config_passes_meshgate_check(meshgate, identity, tmp_path, bi
         assert name in out.stdout and f"sni={sni}" in out.stdout, (name, out.stdout)
 
 
-def test_mesh_inbound_config_passes_meshgate_check(meshgate, identity, tmp_path, inbound_supported):
-    """The example's mesh-inbound listener and vm_services, as rendered, pass the real check."""
+def test_mesh_inbound_config_passes_meshgate_check(meshgate, identity, tmp_path):
+    """The example's mesh-inbound listener and vm_services, as rendered, are what meshgate reads."""
     d = rendered(identity)
-    cfg = yaml.safe_load(config_from_user_data(d))
-    assert [l["protocol"] for l in cfg["listeners"]] == ["http", "mesh-inbound"]
-    if not inbound_supported:
-        pytest.xfail(f"{meshgate} predates the mesh-inbound listener and vm_services (issue #16): "
-                     "the other checks run on the config without them")
     path = tmp_path / "meshgate.yaml"
     path.write_text(config_from_user_data(d))
     out = run([meshgate, "check", "-c", path])
     assert out.returncode == 0, out.stdout + out.stderr
+    inbound = d.inputs("fleet")["mesh_inbound"]
+    assert re.search(rf"mesh-inbound\s+0\.0\.0\.0:{inbound['port']}\s", out.stdout), out.stdout
+    for name, s in d.inputs("fleet")["vm_services"].items():
+        line = next((l for l in out.stdout.splitlines() if l.strip().startswith(name + " ")), None)
+        assert line, (name, out.stdout)
+        for value in (*s["hosts"], f"port {s['port']}", *s["backends"], *s["allow"]):
+            assert value in line, (value, line)
 
 
-def test_meshgate_check_rejects_a_foreign_identity(meshgate, tmp_path, binary_overrides):
+def test_meshgate_check_rejects_a_foreign_identity(meshgate, tmp_path):
     """The check really verifies the identity: a leaf from another trust domain fails."""
     other = make_identity(tmp_path / "other", spiffe_id="spiffe://other.domain/ns/meshgate/sa/meshgate")
     path = tmp_path / "meshgate.yaml"
-    path.write_text(config_from_user_data(rendered(other, **binary_overrides)))
+    path.write_text(config_from_user_data(rendered(other)))
     out = run([meshgate, "check", "-c", path])
     assert out.returncode != 0 and "trust domain" in (out.stdout + out.stderr).lower(), out.stdout + out.stderr
 
@@ -88,7 +91,7 @@ def test_meshgate_check_rejects_a_foreign_identity(meshgate, tmp_path, binary_ov
     ],
     ids=["secretsmanager", "proxy-protocol", "ssm", "vault-agent", "binary-url", "admin-token", "inbound-off"],
 )
-def test_user_data_variants(variant, meshgate, identity, tmp_path, binary_overrides):
+def test_user_data_variants(variant, meshgate, identity, tmp_path):
     d = rendered(identity, **variant)
     assert d.check_all("fleet") == []
     script = d.local("fleet", "user_data")
@@ -101,13 +104,12 @@ def test_user_data_variants(variant, meshgate, identity, tmp_path, binary_overri
     assert script.startswith("#!/bin/bash\n") and "set -euo pipefail" in script
     assert "${" not in script.replace("${MESHGATE_IDENTITY_GROUP:-meshgate}", ""), "an unrendered ${ or a bash ${ that Terraform would take"
     config = config_from_user_data(d)
-    checked = config_from_user_data(rendered(identity, **{**variant, **binary_overrides}))
+    checked = config
     if "admin_token_secret_arn" in variant:
         # meshgate check reads the token file; point it at a stand-in for the fetched secret.
         (tmp_path / "admin-token").write_text("test-token\n")
-        unchanged = checked
-        checked = checked.replace('"/etc/meshgate/admin-token"', f'"{tmp_path}/admin-token"')
-        assert checked != unchanged
+        checked = config.replace('"/etc/meshgate/admin-token"', f'"{tmp_path}/admin-token"')
+        assert checked != config
     (tmp_path / "meshgate.yaml").write_text(checked)
     out = run([meshgate, "check", "-c", tmp_path / "meshgate.yaml"])
     assert out.returncode == 0, out.stdout + out.stderr
@@ -165,8 +167,8 @@ def _secret_for(identity_dir) -> str:
     )
 
 
-def _run_fetch(tmp_path, target, secret_json, **fleet):
-    d = rendered(target, **fleet)
+def _run_fetch(tmp_path, target, secret_json):
+    d = rendered(target)
     fetch = tmp_path / "fetch-identity"
     fetch.write_text(heredoc(d.local("fleet", "user_data"), "FETCH_IDENTITY_EOF"))
     fetch.chmod(0o755)
@@ -176,11 +178,11 @@ def _run_fetch(tmp_path, target, secret_json, **fleet):
     return d, run([fetch], env=env)
 
 
-def test_fetch_identity_installs_the_secret(meshgate, identity, tmp_path, binary_overrides):
+def test_fetch_identity_installs_the_secret(meshgate, identity, tmp_path):
     """The JSON secret format of infra/istio/identity -> the fetcher -> files meshgate loads."""
     target = tmp_path / "certs"
     target.mkdir()
-    d, out = _run_fetch(tmp_path, target, _secret_for(identity), **binary_overrides)
+    d, out = _run_fetch(tmp_path, target, _secret_for(identity))
     assert out.returncode == 0, out.stderr
     for f in ("cert-chain.pem", "key.pem", "root-cert.pem"):
         assert (target / f).read_text() == (identity / f).read_text()

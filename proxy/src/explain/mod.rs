@@ -377,6 +377,7 @@ fn allow_names(snapshot: &Snapshot, t: &Tenant) -> Vec<String> {
     }
 }
 
+pub mod inbound;
 #[cfg(test)]
 mod tests;
 mod text;

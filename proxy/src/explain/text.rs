@@ -4,7 +4,7 @@ use std::fmt;
 
 use super::{Decision, Explanation};
 
-fn row(f: &mut fmt::Formatter<'_>, label: &str, value: impl fmt::Display) -> fmt::Result {
+pub(super) fn row(f: &mut fmt::Formatter<'_>, label: &str, value: impl fmt::Display) -> fmt::Result {
     writeln!(f, "{:<17}{value}", format!("{label}:"))
 }
 

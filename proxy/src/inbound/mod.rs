@@ -31,11 +31,8 @@ pub use backends::Backends;
 
 /// What the inbound side of one config generation needs.
 pub struct Inbound {
+    pub routes: Routes,
     pub services: Vec<Arc<VmService>>,
-    /// (host, port) → service.
-    by_host_port: HashMap<(String, u16), usize>,
-    /// host → services (several when they differ by port).
-    by_host: HashMap<String, Vec<usize>>,
     pub backends: Vec<Arc<Backends>>,
     /// One client per service: its connect timeout and HTTP version, pooled per backend.
     clients: Vec<http::BackendClient>,
@@ -44,6 +41,16 @@ pub struct Inbound {
     tls_no_alpn: Arc<ServerConfig>,
     /// meshgate's own SPIFFE ID (XFCC's `By=`).
     pub spiffe_id: String,
+}
+
+/// Which VM service a connection or request names, and whether its caller may call it: pure
+/// tables, shared by the data path and `meshgate explain`.
+pub struct Routes {
+    pub services: Vec<Arc<VmService>>,
+    /// (host, port) → service.
+    by_host_port: HashMap<(String, u16), usize>,
+    /// host → services (several when they differ by port).
+    by_host: HashMap<String, Vec<usize>>,
     pub trust_domains: Vec<String>,
 }
 
@@ -93,14 +100,6 @@ impl Inbound {
         // `istio` alone gets no ALPN and the handshake goes on, as BoringSSL's NOACK does
         // (rustls would refuse it: hence the second config).
         tls.alpn_protocols = SERVER_ALPN.iter().map(|p| p.to_vec()).collect();
-        let mut by_host_port = HashMap::new();
-        let mut by_host: HashMap<String, Vec<usize>> = HashMap::new();
-        for s in &snapshot.vm_services {
-            for h in &s.hosts {
-                by_host_port.insert((h.clone(), s.port), s.id);
-                by_host.entry(h.clone()).or_default().push(s.id);
-            }
-        }
         let backends = snapshot
             .vm_services
             .iter()
@@ -112,9 +111,8 @@ impl Inbound {
             })
             .collect();
         Ok(Inbound {
+            routes: Routes::new(snapshot),
             services: snapshot.vm_services.clone(),
-            by_host_port,
-            by_host,
             backends,
             clients: snapshot
                 .vm_services
@@ -124,8 +122,34 @@ impl Inbound {
             tls: Arc::new(tls),
             tls_no_alpn,
             spiffe_id: identity.spiffe_id.clone(),
-            trust_domains: snapshot.trust_domains.clone(),
         })
+    }
+
+    pub fn route(&self, sni: Option<&str>, authority: Option<&str>) -> Option<usize> {
+        self.routes.route(sni, authority)
+    }
+
+    pub fn decide(&self, caller: Option<&str>, sni: Option<&str>, authority: Option<&str>) -> Decision {
+        self.routes.decide(caller, sni, authority)
+    }
+}
+
+impl Routes {
+    pub fn new(snapshot: &Snapshot) -> Routes {
+        let mut by_host_port = HashMap::new();
+        let mut by_host: HashMap<String, Vec<usize>> = HashMap::new();
+        for s in &snapshot.vm_services {
+            for h in &s.hosts {
+                by_host_port.insert((h.clone(), s.port), s.id);
+                by_host.entry(h.clone()).or_default().push(s.id);
+            }
+        }
+        Routes {
+            services: snapshot.vm_services.clone(),
+            by_host_port,
+            by_host,
+            trust_domains: snapshot.trust_domains.clone(),
+        }
     }
 
     /// The VM service an SNI and/or Host names: `outbound_.PORT_.SUBSET_.HOST` by host and
