@@ -12,6 +12,7 @@ import ipaddress
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -498,6 +499,45 @@ def test_health_check_and_sigterm_drain_on_the_real_binary(running):
     elapsed = time.monotonic() - t0
     assert rc == 0
     assert 1.0 <= elapsed <= 5 + 2, elapsed
+
+
+def test_mesh_inbound_listener_is_what_the_istio_manifests_expect(running, identity):
+    """Behind the NLB's mesh-inbound port the real meshgate speaks Istio mTLS as
+    infra/istio/inbound expects of it: its workload certificate (the SPIFFE ID the ServiceEntry
+    and DestinationRule pin) for the SNI a sidecar sends, a client certificate required, and
+    HTTP/1.1 chosen from an HTTP/1.1 sidecar's ALPN list."""
+    d, m = running()
+    hc = d.block("fleet", "aws_lb_target_group", "mesh_inbound", "health_check")
+    wait_ready(hc["port"], hc["path"], m=m)
+    (listener,) = [l for l in config_of(d)["listeners"] if l["protocol"] == "mesh-inbound"]
+    port = port_of(listener["bind"])
+    assert port == d.eval_in("fleet", d.resource("fleet", "aws_lb_target_group", "mesh_inbound")["port"])
+    name, svc = sorted(d.inputs("fleet")["vm_services"].items())[0]
+    sni = f"outbound_.{svc['port']}_._.{svc['hosts'][0]}"
+
+    def client(with_cert: bool) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False  # Istio checks the URI SAN, below
+        ctx.load_verify_locations(identity / "root-cert.pem")
+        if with_cert:
+            ctx.load_cert_chain(identity / "cert-chain.pem", identity / "key.pem")
+        ctx.set_alpn_protocols(["istio-http/1.1", "istio", "http/1.1"])
+        return ctx
+
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as raw:
+        with client(True).wrap_socket(raw, server_hostname=sni) as tls:
+            assert tls.selected_alpn_protocol() == "http/1.1"
+            sans = tls.getpeercert()["subjectAltName"]
+            assert ("URI", d.inputs("fleet")["spiffe_id"]) in sans, sans
+    # Without a client certificate no request gets through (TLS 1.3 reports it at the first read).
+    with socket.create_connection(("127.0.0.1", port), timeout=3) as raw:
+        try:
+            with client(False).wrap_socket(raw, server_hostname=sni) as tls:
+                tls.sendall(f"GET / HTTP/1.1\r\nHost: {svc['hosts'][0]}\r\n\r\n".encode())
+                data = tls.recv(1)
+        except (ssl.SSLError, OSError):
+            data = b""
+    assert data == b"", f"{name}: answered a caller without a client certificate"
 
 
 def test_proxy_protocol_listener_with_nlb_style_peers(running):

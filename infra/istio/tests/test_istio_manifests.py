@@ -29,7 +29,7 @@ API_GROUPS = {
     "Certificate": ("cert-manager.io", {"v1"}),
     "PushSecret": ("external-secrets.io", {"v1alpha1"}),
 }
-HELM_VALUES = {"helm-values.yaml"}
+HELM_VALUES = {"helm-values.yaml", "istiod-values.yaml"}
 PRINCIPAL = re.compile(r"^[a-z0-9.-]+/ns/[a-z0-9-]+/sa/[a-z0-9-]+$")
 SNI = re.compile(r"^outbound_\.(\d+)_\.([a-z0-9-]*)_\.([a-z0-9.-]+)$")
 
@@ -48,8 +48,9 @@ def objects():
     return out
 
 
-def of_kind(kind):
-    return [(p, d) for p, d in objects() if d["kind"] == kind]
+def of_kind(kind, under=None):
+    """(path, object) of every manifest of a kind, or only those under a directory of ISTIO."""
+    return [(p, d) for p, d in objects() if d["kind"] == kind and (under is None or p.is_relative_to(ISTIO / under))]
 
 
 def one(kind):
@@ -64,8 +65,10 @@ def example():
 
 
 def test_every_directory_has_manifests_and_a_readme():
-    for d in ("eastwest-gateway", "peer-authentication", "authorization", "reverse", "identity", "subsets"):
+    for d in ("eastwest-gateway", "peer-authentication", "authorization", "reverse", "identity", "subsets", "inbound"):
         assert (ISTIO / d / "README.md").is_file(), d
+        assert list((ISTIO / d).rglob("*.yaml")), d
+    for d in ("inbound/direct", "inbound/east-west"):
         assert list((ISTIO / d).glob("*.yaml")), d
     assert (ISTIO / "README.md").is_file()
 
@@ -304,9 +307,9 @@ def test_subset_services_have_a_destination_rule_the_gateway_sees():
 
 
 def test_reverse_direction_through_the_vm_load_balancer():
-    se = one("ServiceEntry")
-    we = one("WorkloadEntry")
-    (dr,) = [d for p, d in of_kind("DestinationRule") if "reverse" in p.parts]
+    ((_, se),) = of_kind("ServiceEntry", "reverse")
+    ((_, we),) = of_kind("WorkloadEntry", "reverse")
+    ((_, dr),) = of_kind("DestinationRule", "reverse")
     spec = se["spec"]
     assert spec["hosts"] and spec["location"] == "MESH_INTERNAL"
     assert spec["resolution"] in ("DNS", "STATIC", "DNS_ROUND_ROBIN")

@@ -324,7 +324,7 @@ resource "aws_launch_template" "this" {
     }
     precondition {
       condition     = alltrue([for a in flatten([for s in values(var.vm_services) : s.allow]) : !startswith(a, "spiffe://") || startswith(a, "spiffe://${var.trust_domain}/")])
-      error_message = "vm_services allow: SPIFFE IDs must be in trust_domain (the mesh CA signs no other, so any other could never match)."
+      error_message = "vm_services allow: SPIFFE IDs must be in trust_domain (the module sets no trust_domain_aliases, so meshgate would accept no caller from another)."
     }
   }
 }
