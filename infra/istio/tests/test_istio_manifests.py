@@ -6,6 +6,7 @@ ID, the exposed services, the identity secret format)."""
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import re
 import subprocess
 import sys
@@ -59,9 +60,12 @@ def one(kind):
 
 
 def example():
+    """terraform.tfvars of the example as Terraform sees it: converted to the example's variable
+    types, defaults filled in."""
     raw = tfeval.load_hcl(REPO / "terraform/examples/complete/terraform.tfvars")
     scope = tfeval.Scope({}, REPO)
-    return {k: tfeval.evaluate(tfeval.parse_expr(tfeval.expr_source(v)), scope) for k, v in raw.items() if not k.startswith("__")}
+    values = {k: tfeval.evaluate(tfeval.parse_expr(tfeval.expr_source(v)), scope) for k, v in raw.items() if not k.startswith("__")}
+    return tfeval.Module(REPO / "terraform/examples/complete").input_values(values)
 
 
 def test_every_directory_has_manifests_and_a_readme():
@@ -359,3 +363,200 @@ def test_vault_recipe():
         assert f"--from-file={f}=" in text, f"cacerts needs {f}"
     # The Vault paths the recipe creates are the ones its fleet example names.
     assert "pki_meshgate/issue/meshgate" in text and "pki_root/cert/ca" in text
+
+
+# ---- The mesh → VM direction: infra/istio/inbound ----------------------------------------------
+# Both ways of reaching meshgate's mesh-inbound listener, checked against the example's
+# vm_services, mesh_inbound port and identity: (A) direct, a ServiceEntry whose endpoint is the
+# NLB; (B) east-west, meshgate as a WorkloadEntry on a network whose gateway is the NLB.
+
+TLS_MODE = "security.istio.io/tlsMode"
+# The Istio port protocols that carry each vm_service protocol.
+PORT_PROTOCOLS = {"http1": {"HTTP"}, "http2": {"HTTP2", "GRPC"}, "tcp": {"TCP"}}
+
+
+def inbound_example():
+    ex = example()
+    assert ex["mesh_inbound"] and ex["vm_services"], "the example enables the mesh → VM direction"
+    return ex, ex["mesh_inbound"]["port"], ex["vm_services"]
+
+
+def is_ip(address):
+    try:
+        ipaddress.ip_address(address)
+        return True
+    except ValueError:
+        return False
+
+
+def nlb_dns_name(ex):
+    """How an internal NLB's DNS name looks (terraform output nlb_dns_name): the manifests name
+    the example's fleet in the example's region."""
+    return re.compile(rf"internal-{re.escape(ex['name'])}-[0-9a-z]+\.elb\.{re.escape(ex['region'])}\.amazonaws\.com")
+
+
+def caller_namespaces(allow):
+    """The namespaces a vm_service's allow list admits callers from, or {"*"} when it admits a
+    whole trust domain."""
+    out = set()
+    for a in allow:
+        if a == "*" or re.fullmatch(r"spiffe://[a-z0-9.-]+/\*", a):
+            return {"*"}
+        m = re.fullmatch(r"(?:spiffe://[a-z0-9.-]+/)?ns/([a-z0-9-]+)/(?:\*|sa/(?:\*|[a-z0-9-]+))", a)
+        assert m, f"{a!r} is none of meshgate's allow forms"
+        out.add(m.group(1))
+    return out
+
+
+def workload_spiffe_id(we, trust_domain):
+    """The SPIFFE ID Istio derives from a WorkloadEntry's namespace and serviceAccount."""
+    return f"spiffe://{trust_domain}/ns/{we['metadata']['namespace']}/sa/{we['spec']['serviceAccount']}"
+
+
+def service_entries_for(under, vm_services):
+    """vm_service name -> the ServiceEntry under a directory that registers its hosts."""
+    entries = of_kind("ServiceEntry", under)
+    out = {}
+    for name, svc in vm_services.items():
+        found = [(p, se) for p, se in entries if set(se["spec"]["hosts"]) == set(svc["hosts"])]
+        assert len(found) == 1, f"{under}: one ServiceEntry for {name} ({svc['hosts']}), found {len(found)}"
+        out[name] = found[0]
+    assert len(entries) == len(out), f"{under}: a ServiceEntry for no vm_service of the example"
+    return out
+
+
+def assert_service_entry_reaches_mesh_inbound(path, se, svc, inbound_port):
+    """What both ways share: the vm_service's hosts and port, the port a protocol carrying the
+    vm_service's, and the connection sent to the mesh-inbound port."""
+    spec = se["spec"]
+    assert spec["location"] == "MESH_INTERNAL", f"{path}: auto mTLS never applies to MESH_EXTERNAL"
+    (port,) = spec["ports"]
+    assert port["number"] == svc["port"], f"{path}: callers dial the vm_service's port (and the SNI carries it)"
+    assert port["protocol"] in PORT_PROTOCOLS[svc["protocol"]], (path, port, svc["protocol"])
+    assert port["name"], path
+    assert port.get("targetPort") == inbound_port, f"{path}: the connection goes to the mesh-inbound port"
+    # No endpoint or WorkloadEntry port overrides targetPort with another one.
+    for ep in spec.get("endpoints", []):
+        assert ep.get("ports", {}).get(port["name"], inbound_port) == inbound_port, (path, ep)
+    assert se["metadata"]["namespace"], path
+
+
+def test_inbound_direct_service_entries_point_at_the_mesh_inbound_listener():
+    ex, inbound_port, vm_services = inbound_example()
+    dns_name = nlb_dns_name(ex)
+    for name, (path, se) in service_entries_for("inbound/direct", vm_services).items():
+        svc = vm_services[name]
+        assert_service_entry_reaches_mesh_inbound(path, se, svc, inbound_port)
+        spec = se["spec"]
+        assert spec["resolution"] in ("DNS", "STATIC"), path
+        assert "workloadSelector" not in spec and spec["endpoints"], f"{path}: the NLB as the endpoint"
+        for ep in spec["endpoints"]:
+            # Auto mTLS sends Istio mTLS to labelled endpoints only.
+            assert ep["labels"][TLS_MODE] == "istio", (path, ep)
+            if is_ip(ep["address"]):
+                assert spec["resolution"] == "STATIC", f"{path}: an IP endpoint wants STATIC"
+            else:
+                assert spec["resolution"] == "DNS", f"{path}: a DNS name as endpoint needs resolution DNS"
+                assert dns_name.fullmatch(ep["address"]), f"{path}: {ep['address']} is not the fleet's NLB"
+        # Sidecars accept meshgate's certificate only.
+        assert spec["subjectAltNames"] == [ex["spiffe_id"]], path
+
+
+def test_inbound_direct_destination_rules_pin_istio_mtls_to_meshgate():
+    ex, _, vm_services = inbound_example()
+    entries = service_entries_for("inbound/direct", vm_services)
+    rules = {d["spec"]["host"]: (p, d) for p, d in of_kind("DestinationRule", "inbound/direct")}
+    for name, (_, se) in entries.items():
+        svc = vm_services[name]
+        for host in svc["hosts"]:
+            assert host in rules, f"no DestinationRule for {host}"
+            path, dr = rules[host]
+            assert dr["metadata"]["namespace"] == se["metadata"]["namespace"], f"{path}: the service's namespace, looked up after the caller's"
+            tls = dr["spec"]["trafficPolicy"]["tls"]
+            assert tls["mode"] == "ISTIO_MUTUAL", path
+            assert tls["subjectAltNames"] == [ex["spiffe_id"]], path
+            if "sni" in tls:
+                # What the caller's sidecar would send anyway, and what meshgate routes on.
+                assert tls["sni"] == f"outbound_.{svc['port']}_._.{host}", path
+                assert SNI.fullmatch(tls["sni"]), path
+            assert set(dr["spec"].get("exportTo", ["*"])) >= set(se["spec"].get("exportTo", ["*"])), f"{path}: seen wherever the ServiceEntry is"
+    assert len(rules) == sum(len(s["hosts"]) for s in vm_services.values())
+
+
+def test_inbound_east_west_workload_entry_is_meshgate_on_a_network_of_its_own():
+    ex, inbound_port, _ = inbound_example()
+    ((path, we),) = of_kind("WorkloadEntry", "inbound/east-west")
+    spec = we["spec"]
+    # Istio derives the identity sidecars require from the namespace and service account.
+    spiffe_id = workload_spiffe_id(we, ex["trust_domain"])
+    assert spiffe_id == ex["spiffe_id"], f"{path}: {spiffe_id} is not meshgate's identity {ex['spiffe_id']}"
+    # Across networks Istio only routes to mTLS endpoints.
+    assert spec["labels"][TLS_MODE] == "istio", path
+    cluster_network = one("IstioOperator")["spec"]["values"]["global"]["network"]
+    assert spec["network"] and spec["network"] != cluster_network, f"{path}: a network of its own, not the cluster's {cluster_network}"
+    assert is_ip(spec["address"]) and ipaddress.ip_address(spec["address"]).is_private, f"{path}: one of the internal NLB's addresses"
+    for port in spec.get("ports", {}).values():
+        assert port == inbound_port, path
+
+
+def test_inbound_east_west_service_entries_select_meshgate():
+    _, inbound_port, vm_services = inbound_example()
+    ((_, we),) = of_kind("WorkloadEntry", "inbound/east-west")
+    for name, (path, se) in service_entries_for("inbound/east-west", vm_services).items():
+        assert_service_entry_reaches_mesh_inbound(path, se, vm_services[name], inbound_port)
+        spec = se["spec"]
+        assert "endpoints" not in spec, path
+        # workloadSelector picks WorkloadEntries of its own namespace.
+        assert se["metadata"]["namespace"] == we["metadata"]["namespace"], path
+        assert spec["workloadSelector"]["labels"].items() <= we["spec"]["labels"].items(), path
+        assert spec["resolution"] == "STATIC", f"{path}: the WorkloadEntry's address is an IP"
+
+
+def test_inbound_east_west_network_gateway_is_the_mesh_inbound_listener():
+    ex, inbound_port, _ = inbound_example()
+    ((_, we),) = of_kind("WorkloadEntry", "inbound/east-west")
+    values = yaml.safe_load((ISTIO / "inbound/east-west/istiod-values.yaml").read_text())
+    networks = values["global"]["meshNetworks"]
+    network = networks[we["spec"]["network"]]
+    # The NLB on the mesh-inbound port is the network's only gateway: what sidecars on other
+    # networks send vm-network's traffic to.
+    (gateway,) = network["gateways"]
+    assert gateway["port"] == inbound_port
+    assert is_ip(gateway["address"]) or nlb_dns_name(ex).fullmatch(gateway["address"]), gateway
+    # endpoints (required by the API) name nothing but meshgate's WorkloadEntry.
+    cidrs = [ipaddress.ip_network(e["fromCidr"]) for e in network["endpoints"]]
+    assert cidrs and all(c.num_addresses == 1 for c in cidrs)
+    assert ipaddress.ip_address(we["spec"]["address"]) in cidrs[0]
+    # The cluster's own network is not redefined here (Helm would replace the whole map).
+    assert set(networks) == {we["spec"]["network"]}
+
+
+def test_inbound_callers_are_principals_of_the_trust_domain_and_see_the_service():
+    """allow entries are SPIFFE IDs of the mesh's trust domain (the Istio principal form without
+    spiffe://) or namespace patterns, and each ServiceEntry is visible exactly where they live."""
+    ex, _, vm_services = inbound_example()
+    td = ex["trust_domain"]
+    for name, svc in vm_services.items():
+        assert svc["allow"], f"{name}: default deny admits nobody"
+        for a in svc["allow"]:
+            if a.startswith("spiffe://") and "*" not in a:
+                principal = a.removeprefix("spiffe://")
+                assert PRINCIPAL.fullmatch(principal), f"{name}: {a}"
+                assert principal.startswith(td + "/"), f"{name}: {a} not in trust domain {td}"
+        namespaces = caller_namespaces(svc["allow"])
+        for under in ("inbound/direct", "inbound/east-west"):
+            path, se = service_entries_for(under, vm_services)[name]
+            assert set(se["spec"].get("exportTo", ["*"])) == namespaces, f"{path}: exportTo should be {sorted(namespaces)}"
+
+
+def test_inbound_sni_and_identity_in_the_docs():
+    """The README names the SNI sidecars send for each vm_service and meshgate's identity; the
+    old reverse way points at it."""
+    ex, inbound_port, vm_services = inbound_example()
+    readme = (ISTIO / "inbound/README.md").read_text()
+    for svc in vm_services.values():
+        for host in svc["hosts"]:
+            assert f"outbound_.{svc['port']}_._.{host}" in readme, host
+    assert ex["spiffe_id"] in readme and f":{inbound_port}" in readme
+    assert "../inbound" in (ISTIO / "reverse/README.md").read_text()
+    assert "(inbound/README.md)" in (ISTIO / "README.md").read_text()

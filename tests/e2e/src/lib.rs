@@ -572,3 +572,76 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A VM app: answers every request with JSON naming itself and echoing what it saw.
+pub struct VmApp {
+    pub addr: SocketAddr,
+    tasks: std::sync::Arc<std::sync::Mutex<tokio::task::JoinSet<()>>>,
+}
+
+impl VmApp {
+    pub async fn http(name: &'static str) -> VmApp {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tasks = std::sync::Arc::new(std::sync::Mutex::new(tokio::task::JoinSet::new()));
+        let t = tasks.clone();
+        tasks.lock().unwrap().spawn(async move {
+            loop {
+                let Ok((s, _)) = listener.accept().await else { return };
+                t.lock().unwrap().spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| async move {
+                        let headers: serde_json::Map<String, serde_json::Value> = req
+                            .headers()
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into()))
+                            .collect();
+                        let xfcc: Vec<&str> = req
+                            .headers()
+                            .get_all("x-forwarded-client-cert")
+                            .iter()
+                            .map(|v| v.to_str().unwrap_or(""))
+                            .collect();
+                        let body = serde_json::json!({
+                            "backend": name,
+                            "path": req.uri().path(),
+                            "version": format!("{:?}", req.version()),
+                            "headers": headers,
+                            "xfcc_count": xfcc.len(),
+                        });
+                        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(Bytes::from(
+                            body.to_string(),
+                        ))))
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        VmApp { addr, tasks }
+    }
+
+    pub async fn tcp_echo() -> VmApp {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tasks = std::sync::Arc::new(std::sync::Mutex::new(tokio::task::JoinSet::new()));
+        let t = tasks.clone();
+        tasks.lock().unwrap().spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                t.lock().unwrap().spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        VmApp { addr, tasks }
+    }
+
+    /// The VM dies: it stops listening and its open connections close.
+    pub fn stop(&self) {
+        self.tasks.lock().unwrap().abort_all();
+    }
+}

@@ -4,7 +4,6 @@
 //! apps) and tells them who called in `x-forwarded-client-cert`.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,79 +13,6 @@ use http::{Request, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MESHGATE_ID: &str = "spiffe://cluster.local/ns/meshgate/sa/meshgate";
-
-/// A VM app: answers every request with JSON naming itself and echoing what it saw.
-struct VmApp {
-    addr: SocketAddr,
-    tasks: Arc<Mutex<tokio::task::JoinSet<()>>>,
-}
-
-impl VmApp {
-    async fn http(name: &'static str) -> VmApp {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let tasks = Arc::new(Mutex::new(tokio::task::JoinSet::new()));
-        let t = tasks.clone();
-        tasks.lock().unwrap().spawn(async move {
-            loop {
-                let Ok((s, _)) = listener.accept().await else { return };
-                t.lock().unwrap().spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| async move {
-                        let headers: serde_json::Map<String, serde_json::Value> = req
-                            .headers()
-                            .iter()
-                            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into()))
-                            .collect();
-                        let xfcc: Vec<&str> = req
-                            .headers()
-                            .get_all("x-forwarded-client-cert")
-                            .iter()
-                            .map(|v| v.to_str().unwrap_or(""))
-                            .collect();
-                        let body = serde_json::json!({
-                            "backend": name,
-                            "path": req.uri().path(),
-                            "version": format!("{:?}", req.version()),
-                            "headers": headers,
-                            "xfcc_count": xfcc.len(),
-                        });
-                        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(Bytes::from(
-                            body.to_string(),
-                        ))))
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                        .await;
-                });
-            }
-        });
-        VmApp { addr, tasks }
-    }
-
-    async fn tcp_echo() -> VmApp {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let tasks = Arc::new(Mutex::new(tokio::task::JoinSet::new()));
-        let t = tasks.clone();
-        tasks.lock().unwrap().spawn(async move {
-            loop {
-                let Ok((mut s, _)) = listener.accept().await else {
-                    return;
-                };
-                t.lock().unwrap().spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
-        VmApp { addr, tasks }
-    }
-
-    /// The VM dies: it stops listening and its open connections close.
-    fn stop(&self) {
-        self.tasks.lock().unwrap().abort_all();
-    }
-}
 
 struct Setup {
     env: Env,

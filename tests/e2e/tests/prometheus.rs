@@ -328,7 +328,56 @@ fn traffic_mix() -> Vec<Probe> {
 }
 
 /// Sends the whole mix once, each on a fresh client connection; fails on an unexpected status.
+/// A `mesh-inbound` listener and one VM service with a live and a dead backend, so the mesh →
+/// VM metrics exist: allowed and refused calls, backend connect errors, health gauges.
+async fn with_inbound(builder: EnvBuilder) -> (Env, VmApp) {
+    let app = VmApp::http("vm-a").await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let env = builder
+        .listener("  - name: mesh-in\n    bind: 127.0.0.1:0\n    protocol: mesh-inbound\n")
+        .extra(&format!(
+            "vm_services:\n  billing:\n    hosts: [billing.vms.internal]\n    port: 8080\n    protocol: http1\n    backends: [\"{}\", \"{dead}\"]\n    allow: [\"spiffe://{TD}/ns/shop/sa/cart\"]\n    outlier_detection: {{consecutive_failures: 1, ejection_time: 1s}}\n",
+            app.addr
+        ))
+        .start()
+        .await
+        .unwrap();
+    (env, app)
+}
+
+/// From the mesh: an allowed call (200, whichever backend it tries first) and a refused one.
+async fn send_inbound(env: &Env) -> anyhow::Result<()> {
+    let Some(addr) = env.gate.addr("mesh-in") else {
+        return Ok(());
+    };
+    let ca = env.mesh.ca();
+    for (ns, sa, want) in [("shop", "cart", 200), ("bookinfo", "reviews", 403)] {
+        let client = meshsim::MeshClient::new(ca.root_der(), Some(ca.issue(ns, sa)?), &[])?;
+        let req = Request::get("/")
+            .header("host", "billing.vms.internal")
+            .body(Bytes::new())?;
+        let r = client
+            .request(
+                addr,
+                "outbound_.8080_._.billing.vms.internal",
+                meshsim::MeshProtocol::Http1,
+                req,
+            )
+            .await?;
+        anyhow::ensure!(
+            r.status().as_u16() == want,
+            "mesh caller {ns}/{sa}: got {}, want {want}",
+            r.status()
+        );
+    }
+    Ok(())
+}
+
 async fn send_mix(env: &Env) -> anyhow::Result<()> {
+    send_inbound(env).await?;
     for p in traffic_mix() {
         let r = env.get(p.src, &p.host, "/traffic", &p.headers).await?;
         anyhow::ensure!(
@@ -646,12 +695,12 @@ fn metric_name_extraction() {
 
 #[tokio::test]
 async fn metrics_used_by_dashboards_and_rules_are_exported() {
-    let env = EnvBuilder::default()
-        .services_and_tenants(&services_with_ghost())
-        .admin()
-        .start()
-        .await
-        .unwrap();
+    let (env, _vm) = with_inbound(
+        EnvBuilder::default()
+            .services_and_tenants(&services_with_ghost())
+            .admin(),
+    )
+    .await;
     send_mix(&env).await.unwrap();
     // A second round: upstream connections are now reused.
     send_mix(&env).await.unwrap();
@@ -742,18 +791,18 @@ enum Expect {
 async fn prometheus_evaluates_every_dashboard_query_and_rule() {
     // An identity that expires in 3 h, inside the 6 h of MeshgateCertExpiringSoon.
     let expires = SystemTime::now() + Duration::from_secs(3 * 3600);
-    let env = EnvBuilder::default()
-        .services_and_tenants(&services_with_ghost())
-        .identity(move |ca| {
-            let mut o = meshsim::IssueOptions::workload(TD, "meshgate", "meshgate");
-            o.not_after = expires;
-            let c = ca.issue_with(&o).unwrap();
-            (c.chain_pem, c.key_pem, ca.root_pem())
-        })
-        .admin()
-        .start()
-        .await
-        .unwrap();
+    let (env, _vm) = with_inbound(
+        EnvBuilder::default()
+            .services_and_tenants(&services_with_ghost())
+            .identity(move |ca| {
+                let mut o = meshsim::IssueOptions::workload(TD, "meshgate", "meshgate");
+                o.not_after = expires;
+                let c = ca.issue_with(&o).unwrap();
+                (c.chain_pem, c.key_pem, ca.root_pem())
+            })
+            .admin(),
+    )
+    .await;
     // Every traffic kind works before Prometheus looks at it.
     send_mix(&env).await.unwrap();
 
