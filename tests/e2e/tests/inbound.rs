@@ -152,6 +152,31 @@ async fn an_allowed_principal_reaches_vm_backends_over_http1_http2_and_tcp() {
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(json(&r)["version"], "HTTP/1.1");
 
+    // A plain SNI, and no SNI at all (an IP as the server name): the Host header decides.
+    for sni in ["billing.vms.internal", "127.0.0.1"] {
+        let r = cart
+            .request(
+                s.inbound(),
+                sni,
+                MeshProtocol::Http1,
+                get("/plain", "billing.vms.internal:8080"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{sni}: {:?}", r.body());
+        assert_eq!(json(&r)["path"], "/plain");
+    }
+    let r = cart
+        .request(
+            s.inbound(),
+            "127.0.0.1",
+            MeshProtocol::Http1,
+            get("/", "ledger.vms.internal:9090"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(json(&r)["backend"], "ledger-a");
+
     // TCP: ALPN `istio` alone, bytes both ways.
     let mut tls = cart
         .connect(s.inbound(), "outbound_.5432_._.db.vms.internal", MeshProtocol::Tcp)
@@ -168,7 +193,7 @@ async fn an_allowed_principal_reaches_vm_backends_over_http1_http2_and_tcp() {
 
     let m = s.env.gate.app.metrics().encode();
     assert!(
-        m.contains(r#"meshgate_inbound_requests_total{listener="mesh-in",service="billing",code="200"} 2"#),
+        m.contains(r#"meshgate_inbound_requests_total{listener="mesh-in",service="billing",code="200"} 4"#),
         "{m}"
     );
     assert!(m.contains(r#"meshgate_inbound_requests_total{listener="mesh-in",service="db",code="200"} 1"#));
@@ -390,4 +415,47 @@ async fn consecutive_failures_eject_a_backend() {
         m.contains(r#"meshgate_vm_backend_errors_total{service="billing",reason="connect"} 2"#),
         "{m}"
     );
+}
+
+#[tokio::test]
+async fn idle_mesh_connections_are_closed_and_silent_ones_cut_at_the_head_deadline() {
+    let apps = VmApp::http("billing-a").await;
+    let env = EnvBuilder::default()
+        .listener("  - name: mesh-in\n    bind: 127.0.0.1:0\n    protocol: mesh-inbound\n")
+        .extra(&format!(
+            "limits:\n  idle_timeout: 300ms\n  header_read_timeout: 500ms\nvm_services:\n  billing:\n    hosts: [billing.vms.internal]\n    port: 8080\n    protocol: http1\n    backends: [\"{}\"]\n    allow: [\"*\"]\n",
+            apps.addr
+        ))
+        .start()
+        .await
+        .unwrap();
+    let addr = env.gate.addr("mesh-in").unwrap();
+    let ca = env.mesh.ca();
+    let client = MeshClient::new(ca.root_der(), Some(ca.issue("shop", "cart").unwrap()), &[MESHGATE_ID]).unwrap();
+    let mut tls = client
+        .connect(addr, "outbound_.8080_._.billing.vms.internal", MeshProtocol::Http1)
+        .await
+        .unwrap();
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: billing.vms.internal\r\n\r\n")
+        .await
+        .unwrap();
+    // The response, then the close once the connection has been idle for 300 ms.
+    let mut got = Vec::new();
+    let read_all = tokio::time::timeout(CLIENT_TIMEOUT, tls.read_to_end(&mut got)).await;
+    assert!(read_all.is_ok(), "the idle connection was not closed");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    // A TCP connection that never starts its TLS handshake is cut at the head deadline.
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(CLIENT_TIMEOUT, silent.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert!(env
+        .gate
+        .app
+        .metrics()
+        .encode()
+        .contains(r#"meshgate_inbound_denied_total{listener="mesh-in",reason="handshake"} 1"#));
 }
