@@ -402,7 +402,7 @@ def caller_namespaces(allow):
     for a in allow:
         if a == "*" or re.fullmatch(r"spiffe://[a-z0-9.-]+/\*", a):
             return {"*"}
-        m = re.fullmatch(r"(?:spiffe://[a-z0-9.-]+/)?ns/([a-z0-9-]+)/(?:\*|sa/(?:\*|[a-z0-9-]+))", a)
+        m = re.fullmatch(r"(?:(?:spiffe://)?[a-z0-9.-]+/)?ns/([a-z0-9-]+)/(?:\*|sa/(?:\*|[a-z0-9-]+))", a)
         assert m, f"{a!r} is none of meshgate's allow forms"
         out.add(m.group(1))
     return out
@@ -539,10 +539,12 @@ def test_inbound_callers_are_principals_of_the_trust_domain_and_see_the_service(
     for name, svc in vm_services.items():
         assert svc["allow"], f"{name}: default deny admits nobody"
         for a in svc["allow"]:
-            if a.startswith("spiffe://") and "*" not in a:
-                principal = a.removeprefix("spiffe://")
-                assert PRINCIPAL.fullmatch(principal), f"{name}: {a}"
+            # An exact caller, as a SPIFFE ID or in Istio's principal form: the mesh's trust domain.
+            principal = a.removeprefix("spiffe://")
+            if PRINCIPAL.fullmatch(principal):
                 assert principal.startswith(td + "/"), f"{name}: {a} not in trust domain {td}"
+            else:
+                assert "*" in a, f"{name}: {a} is neither a principal nor a pattern"
         namespaces = caller_namespaces(svc["allow"])
         for under in ("inbound/direct", "inbound/east-west"):
             path, se = service_entries_for(under, vm_services)[name]

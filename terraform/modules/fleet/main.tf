@@ -323,8 +323,8 @@ resource "aws_launch_template" "this" {
       error_message = "mesh_inbound without vm_services would open a port that serves nothing."
     }
     precondition {
-      condition     = alltrue([for a in flatten([for s in values(var.vm_services) : s.allow]) : !startswith(a, "spiffe://") || startswith(a, "spiffe://${var.trust_domain}/")])
-      error_message = "vm_services allow: SPIFFE IDs must be in trust_domain (the module sets no trust_domain_aliases, so meshgate would accept no caller from another)."
+      condition     = alltrue([for a in flatten([for s in values(var.vm_services) : s.allow]) : !can(regex("^(spiffe://[^/]+/|[a-z0-9.-]+/ns/[a-z0-9-]+/sa/)", a)) || startswith(trimprefix(a, "spiffe://"), "${var.trust_domain}/")])
+      error_message = "vm_services allow: SPIFFE IDs and principals must be in trust_domain (the module sets no trust_domain_aliases, so meshgate would accept no caller from another)."
     }
   }
 }

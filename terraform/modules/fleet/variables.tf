@@ -168,7 +168,7 @@ variable "vm_services" {
     backends = list(string)
     allow    = list(string)
   }))
-  description = "VM-side services mesh workloads call through the mesh-inbound listener (meshgate's vm_services map; needs mesh_inbound). hosts and port are what mesh callers dial (the ServiceEntry's hosts and port, and the SNI outbound_.PORT_._.HOST); backends the VMs as host:port; allow the callers meshgate admits, as SPIFFE IDs (spiffe://TRUST_DOMAIN/ns/NS/sa/SA) or patterns such as ns/NS/*. meshgate checks allow itself: the VMs have no sidecar to enforce AuthorizationPolicies."
+  description = "VM-side services mesh workloads call through the mesh-inbound listener (meshgate's vm_services map; needs mesh_inbound). hosts and port are what mesh callers dial (the ServiceEntry's hosts and port, and the SNI outbound_.PORT_._.HOST); backends the VMs as host:port; allow the callers meshgate admits (docs/config.md, vm_services): SPIFFE IDs spiffe://TRUST_DOMAIN/ns/NS/sa/SA (or Istio's TRUST_DOMAIN/ns/NS/sa/SA) or patterns such as ns/NS/*. meshgate checks allow itself: the VMs have no sidecar to enforce AuthorizationPolicies."
   default     = {}
 
   validation {
