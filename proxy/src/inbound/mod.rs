@@ -20,11 +20,10 @@ use std::time::Instant;
 use rustls::server::WebPkiClientVerifier;
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
 
 use crate::config::{PrincipalRule, Snapshot, UpstreamProtocol, VmService};
 use crate::lifecycle::CloseSignal;
-use crate::listener::{accept_failed, finish, told_to_close, Admission, ConnGauge, PrefaceSlot};
+use crate::listener::{Admission, ConnGauge, PrefaceSlot};
 use crate::metrics::{InboundLabels, ListenerReasonLabels, Metrics};
 use crate::runtime::{Generation, Runtime};
 pub use backends::Backends;
@@ -223,39 +222,23 @@ impl rustls::server::ResolvesServerCert for ServerCert {
 }
 
 /// Serves a `mesh-inbound` listener until told to close.
-pub async fn serve(listener: TcpListener, name: Arc<str>, runtime: Arc<Runtime>, mut close: CloseSignal) {
-    let admission = Admission::new(runtime.clone(), name.clone());
-    let mut conns = JoinSet::new();
-    let deadline = loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        accept_failed(&name, e).await;
-                        continue;
-                    }
-                };
-                let accepted = Instant::now();
-                let gen = runtime.current();
-                let Some(mut guard) = admission.admit(&gen) else { continue };
-                let behind_lb = gen.listener(&name).is_some_and(|l| crate::proxy_protocol::trusts(l, peer));
-                if !behind_lb && !admission.admit_source(&gen, &mut guard, peer.ip()) {
-                    continue;
-                }
-                let preface = admission.admit_preface(&gen);
-                let _ = stream.set_nodelay(true);
-                let (close, admission) = (close.clone(), admission.clone());
-                conns.spawn(async move {
-                    handle(gen, admission, guard, stream, peer, close, preface, accepted, behind_lb).await;
-                });
-            }
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            deadline = told_to_close(&mut close) => break deadline,
-        }
-    };
-    drop(listener);
-    finish(&name, conns, deadline).await;
+pub async fn serve(listener: TcpListener, name: Arc<str>, runtime: Arc<Runtime>, close: CloseSignal) {
+    crate::listener::accept_loop(listener, name, runtime, close, |c| async move {
+        let started = c.accepted_at.into_std();
+        handle(
+            c.gen,
+            c.admission,
+            c.guard,
+            c.stream,
+            c.peer,
+            c.close,
+            c.preface,
+            started,
+            c.behind_lb,
+        )
+        .await;
+    })
+    .await;
 }
 
 fn deny(metrics: &Metrics, listener: &str, reason: &str) {

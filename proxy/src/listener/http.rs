@@ -14,10 +14,10 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
+
 use tokio::time::Instant;
 
-use super::{accept_failed, finish, told_to_close, Admission, PrefaceSlot};
+use super::{Accepted, PrefaceSlot};
 use crate::config::Limits;
 use crate::h1::{self, buf::ReadBuf};
 use crate::io::Prefixed;
@@ -47,69 +47,51 @@ fn h2_builder(limits: &Limits) -> hyper::server::conn::http2::Builder<TokioExecu
 }
 
 /// Serves `listener` until told to close.
-pub async fn serve(listener: TcpListener, name: Arc<str>, runtime: Arc<Runtime>, mut close: CloseSignal) {
-    let admission = Admission::new(runtime.clone(), name.clone());
-    let mut conns = JoinSet::new();
-    let deadline = loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        accept_failed(&name, e).await;
-                        continue;
-                    }
-                };
-                let accepted_at = Instant::now();
-                let gen = runtime.current();
-                let Some(mut guard) = admission.admit(&gen) else {
-                    drop(stream);
-                    continue;
-                };
-                // Counted by the PROXY header's source when a trusted load balancer sends one.
-                let behind_lb = gen.listener(&name).is_some_and(|l| proxy_protocol::trusts(l, peer));
-                if !behind_lb && !admission.admit_source(&gen, &mut guard, peer.ip()) {
-                    continue;
-                }
-                let preface = admission.admit_preface(&gen);
-                let _ = stream.set_nodelay(true);
-                let conn = Accepted { stream, peer, accepted_at, gen, guard, preface, behind_lb, runtime: runtime.clone(), admission: admission.clone(), close: close.clone() };
-                conns.spawn(async move {
-                    // The setup is boxed and freed before the protocol's server takes over: an
-                    // idle connection's task holds only what that server needs.
-                    match Box::pin(setup(conn)).await {
-                        Some(Ready::H2 { runtime, info, limits, io, alt_svc, close, preface, accepted_at }) => {
-                            // Boxed: hyper's HTTP/2 connection state would otherwise size every
-                            // connection's task, HTTP/1.1 ones included.
-                            Box::pin(serve_h2(runtime, info, &limits, io, alt_svc, close, preface, accepted_at)).await;
-                        }
-                        Some(Ready::H1 { stream, rbuf, runtime, info, close, settings, accepted_at, preface }) => {
-                            h1::serve(stream, rbuf, runtime, info, close, settings, accepted_at, preface).await;
-                        }
-                        None => {}
-                    }
-                });
+pub async fn serve(listener: TcpListener, name: Arc<str>, runtime: Arc<Runtime>, close: CloseSignal) {
+    super::accept_loop(listener, name, runtime, close, |conn| async move {
+        // The setup is boxed and freed before the protocol's server takes over: an idle
+        // connection's task holds only what that server needs.
+        match Box::pin(setup(conn)).await {
+            Some(Ready::H2 {
+                runtime,
+                info,
+                limits,
+                io,
+                alt_svc,
+                close,
+                preface,
+                accepted_at,
+            }) => {
+                // Boxed: hyper's HTTP/2 connection state would otherwise size every
+                // connection's task, HTTP/1.1 ones included.
+                Box::pin(serve_h2(
+                    runtime,
+                    info,
+                    &limits,
+                    io,
+                    alt_svc,
+                    close,
+                    preface,
+                    accepted_at,
+                ))
+                .await;
             }
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            deadline = told_to_close(&mut close) => break deadline,
+            Some(Ready::H1 {
+                stream,
+                rbuf,
+                runtime,
+                info,
+                close,
+                settings,
+                accepted_at,
+                preface,
+            }) => {
+                h1::serve(stream, rbuf, runtime, info, close, settings, accepted_at, preface).await;
+            }
+            None => {}
         }
-    };
-    drop(listener);
-    finish(&name, conns, deadline).await;
-}
-
-/// A connection just accepted and admitted.
-struct Accepted {
-    stream: TcpStream,
-    peer: std::net::SocketAddr,
-    accepted_at: Instant,
-    gen: Arc<crate::runtime::Generation>,
-    guard: super::ConnGauge,
-    preface: PrefaceSlot,
-    behind_lb: bool,
-    runtime: Arc<Runtime>,
-    admission: Admission,
-    close: CloseSignal,
+    })
+    .await;
 }
 
 /// A connection ready for its protocol's server.

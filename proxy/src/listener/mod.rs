@@ -146,6 +146,80 @@ impl Admission {
     }
 }
 
+/// A connection just accepted and admitted (connection limits, its source's cap unless a
+/// trusted load balancer's PROXY header will name the source, a preface slot).
+pub(crate) struct Accepted {
+    pub stream: tokio::net::TcpStream,
+    pub peer: std::net::SocketAddr,
+    pub accepted_at: tokio::time::Instant,
+    /// The config current at accept time.
+    pub gen: Arc<Generation>,
+    pub guard: ConnGauge,
+    pub preface: PrefaceSlot,
+    pub behind_lb: bool,
+    pub runtime: Arc<Runtime>,
+    pub admission: Admission,
+    pub close: CloseSignal,
+}
+
+/// The accept loop every TCP listener kind shares: accept, admit, hand each connection to
+/// `handle` on a task of its own; once told to close, stop accepting and let the connections
+/// finish until the drain deadline.
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    name: Arc<str>,
+    runtime: Arc<Runtime>,
+    mut close: CloseSignal,
+    handle: F,
+) where
+    F: Fn(Accepted) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let admission = Admission::new(runtime.clone(), name.clone());
+    let mut conns = JoinSet::new();
+    let deadline = loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        accept_failed(&name, e).await;
+                        continue;
+                    }
+                };
+                let accepted_at = tokio::time::Instant::now();
+                let gen = runtime.current();
+                let Some(mut guard) = admission.admit(&gen) else {
+                    continue;
+                };
+                // Counted by the PROXY header's source when a trusted load balancer sends one.
+                let behind_lb = gen.listener(&name).is_some_and(|l| crate::proxy_protocol::trusts(l, peer));
+                if !behind_lb && !admission.admit_source(&gen, &mut guard, peer.ip()) {
+                    continue;
+                }
+                let preface = admission.admit_preface(&gen);
+                let _ = stream.set_nodelay(true);
+                conns.spawn(handle(Accepted {
+                    stream,
+                    peer,
+                    accepted_at,
+                    gen,
+                    guard,
+                    preface,
+                    behind_lb,
+                    runtime: runtime.clone(),
+                    admission: admission.clone(),
+                    close: close.clone(),
+                }));
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            deadline = told_to_close(&mut close) => break deadline,
+        }
+    };
+    drop(listener);
+    finish(&name, conns, deadline).await;
+}
+
 /// Backs off briefly after a failed accept (EMFILE and friends) instead of spinning.
 pub(crate) async fn accept_failed(name: &str, e: std::io::Error) {
     tracing::warn!(listener = %name, error = %e, "accept failed");

@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
 
-use super::{accept_failed, finish, told_to_close, Admission, ConnGauge, PrefaceSlot};
+use super::{Admission, ConnGauge, PrefaceSlot};
 use crate::io::Prefixed;
 use crate::lifecycle::CloseSignal;
 use crate::pipeline::{tunnel, ConnInfo};
@@ -17,41 +16,23 @@ use crate::runtime::{Generation, Runtime};
 
 /// Serves `listener` until told to close; connections still open at the drain deadline are cut
 /// (a byte stream has no way to ask the client to finish).
-pub async fn serve(listener: TcpListener, name: Arc<str>, runtime: Arc<Runtime>, mut close: CloseSignal) {
-    let admission = Admission::new(runtime.clone(), name.clone());
-    let mut conns = JoinSet::new();
-    let deadline = loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        accept_failed(&name, e).await;
-                        continue;
-                    }
-                };
-                let accepted = Instant::now();
-                let gen = runtime.current();
-                let Some(mut guard) = admission.admit(&gen) else {
-                    continue;
-                };
-                let behind_lb = gen.listener(&name).is_some_and(|l| proxy_protocol::trusts(l, peer));
-                if !behind_lb && !admission.admit_source(&gen, &mut guard, peer.ip()) {
-                    continue;
-                }
-                let preface = admission.admit_preface(&gen);
-                let _ = stream.set_nodelay(true);
-                let (close, admission) = (close.clone(), admission.clone());
-                conns.spawn(async move {
-                    handle(&gen, &admission, guard, stream, peer, close, preface, accepted, behind_lb).await;
-                });
-            }
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            deadline = told_to_close(&mut close) => break deadline,
-        }
-    };
-    drop(listener);
-    finish(&name, conns, deadline).await;
+pub async fn serve(listener: TcpListener, name: Arc<str>, runtime: Arc<Runtime>, close: CloseSignal) {
+    super::accept_loop(listener, name, runtime, close, |c| async move {
+        let started = c.accepted_at.into_std();
+        handle(
+            &c.gen,
+            &c.admission,
+            c.guard,
+            c.stream,
+            c.peer,
+            c.close,
+            c.preface,
+            started,
+            c.behind_lb,
+        )
+        .await;
+    })
+    .await;
 }
 
 /// `gen` is the config current at accept time: the listener's service index belongs to it, so
