@@ -79,6 +79,18 @@ impl Backends {
             && a.protocol == service.protocol
             && a.health_check == service.health_check
             && a.outlier == service.outlier
+            && a.connect_timeout == service.connect_timeout
+    }
+
+    /// Removes this set's backends from `meshgate_vm_backend_healthy` unless `kept` says the
+    /// new config still has them (a reload dropped the rest).
+    pub fn forget_gauges(&self, kept: impl Fn(&str, &HostPort) -> bool) {
+        for b in self.members.iter().filter(|b| !kept(&self.service.name, &b.addr)) {
+            self.metrics.vm_backend_healthy.remove(&BackendLabels {
+                service: self.service.name.clone(),
+                backend: b.addr.to_string(),
+            });
+        }
     }
 
     fn gauge(&self, b: &Backend) -> prometheus_client::metrics::gauge::Gauge {

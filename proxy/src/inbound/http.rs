@@ -48,7 +48,9 @@ pub(super) struct MeshConn {
     pub leaf: Vec<u8>,
 }
 
-/// A pooled HTTP client for one VM service's backends (connections reused per backend).
+/// A pooled HTTP client for one VM service's backends (connections reused per backend); clones
+/// share the pool.
+#[derive(Clone)]
 pub(super) struct BackendClient {
     client: Client<HttpConnector, Body>,
 }
@@ -131,6 +133,7 @@ pub(super) async fn serve_http<IO>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
+        .max_headers(limits.max_headers)
         .max_buf_size(limits.max_header_bytes.max(8192));
     builder
         .http2()
@@ -272,6 +275,23 @@ async fn forward(
         .path_and_query()
         .map_or("/".to_string(), |p| p.as_str().to_string());
     let deadline = tokio::time::Instant::now() + service.request_timeout;
+    // `limits.max_request_body` holds for mesh callers as for VMs: a declared length over it
+    // is refused before anything is sent, a streamed body is cut where it passes it.
+    let limit = gen.snapshot.limits.max_request_body;
+    if let (Some(max), Some(len)) = (limit, body.size_hint().exact()) {
+        if len > max {
+            return local(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("meshgate: body_too_large: the request body is over {max} bytes\n"),
+            );
+        }
+    }
+    let body = match limit {
+        Some(max) => http_body_util::Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
+            .map_err(BoxError::from)
+            .boxed(),
+        None => body.map_err(BoxError::from).boxed(),
+    };
     // Small or empty bodies are kept for a second attempt; others go once.
     let small = body.is_end_stream() || body.size_hint().upper().is_some_and(|n| n <= REPLAY_LIMIT);
     let (mut once, replay) = if small {
@@ -285,7 +305,7 @@ async fn forward(
             }
         }
     } else {
-        (Some(body.map_err(BoxError::from).boxed()), None)
+        (Some(body), None)
     };
     let mut tried = Vec::new();
     loop {

@@ -99,25 +99,36 @@ impl Inbound {
         // `istio` alone gets no ALPN and the handshake goes on, as BoringSSL's NOACK does
         // (rustls would refuse it: hence the second config).
         tls.alpn_protocols = SERVER_ALPN.iter().map(|p| p.to_vec()).collect();
-        let backends = snapshot
+        // A service whose backends and settings did not change keeps its backend set (with
+        // the health learnt so far) and its client (with its pooled connections).
+        let (backends, clients) = snapshot
             .vm_services
             .iter()
             .map(|s| {
-                previous
-                    .and_then(|p| p.backends.iter().find(|b| b.serves(s)))
-                    .cloned()
-                    .unwrap_or_else(|| Backends::new(s.clone(), metrics.clone()))
+                let kept = previous.and_then(|p| {
+                    let j = p.backends.iter().position(|b| b.serves(s))?;
+                    Some((p.backends[j].clone(), p.clients[j].clone()))
+                });
+                kept.unwrap_or_else(|| (Backends::new(s.clone(), metrics.clone()), http::BackendClient::new(s)))
             })
-            .collect();
+            .unzip();
+        if let Some(p) = previous {
+            // Backends no longer configured leave the health gauge.
+            let kept = |name: &str, addr: &crate::config::schema::HostPort| {
+                snapshot
+                    .vm_services
+                    .iter()
+                    .any(|s| s.name == name && s.backends.contains(addr))
+            };
+            for old in &p.backends {
+                old.forget_gauges(kept);
+            }
+        }
         Ok(Inbound {
             routes: Routes::new(snapshot),
             services: snapshot.vm_services.clone(),
             backends,
-            clients: snapshot
-                .vm_services
-                .iter()
-                .map(|s| http::BackendClient::new(s))
-                .collect(),
+            clients,
             tls: Arc::new(tls),
             tls_no_alpn,
             spiffe_id: identity.spiffe_id.clone(),

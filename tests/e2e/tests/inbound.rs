@@ -459,3 +459,54 @@ async fn idle_mesh_connections_are_closed_and_silent_ones_cut_at_the_head_deadli
         .encode()
         .contains(r#"meshgate_inbound_denied_total{listener="mesh-in",reason="handshake"} 1"#));
 }
+
+#[tokio::test]
+async fn a_reload_forgets_removed_backends_and_bodies_keep_their_limit() {
+    let s = setup("").await;
+    let cart = s.client("shop", "cart");
+    let sni = "outbound_.8080_._.billing.vms.internal";
+    let (a, b) = (s.apps[0].addr, s.apps[1].addr);
+    // billing-a leaves the config; a body limit arrives.
+    let text = std::fs::read_to_string(&s.env.config_path).unwrap();
+    let text = text.replace(&format!("\"{a}\", "), "") + "limits:\n  max_request_body: 1000\n";
+    std::fs::write(&s.env.config_path, text).unwrap();
+    let (st, body) = admin_request(s.env.admin_addr(), http::Method::POST, "/reload")
+        .await
+        .unwrap();
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let (_, m) = s.env.admin_get("/metrics").await.unwrap();
+    assert!(!m.contains(&format!("backend=\"{a}\"")), "{m}");
+    assert!(
+        m.contains(&format!(
+            r#"meshgate_vm_backend_healthy{{service="billing",backend="{b}"}} 1"#
+        )),
+        "{m}"
+    );
+    for _ in 0..3 {
+        let r = cart
+            .request(s.inbound(), sni, MeshProtocol::Http1, get("/", "billing.vms.internal"))
+            .await
+            .unwrap();
+        assert_eq!(json(&r)["backend"], "billing-b");
+    }
+    // `limits.max_request_body` holds for mesh callers too.
+    let big = Request::post("/upload")
+        .header("host", "billing.vms.internal")
+        .body(Bytes::from(vec![b'x'; 2000]))
+        .unwrap();
+    let r = cart.request(s.inbound(), sni, MeshProtocol::Http1, big).await.unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE, "{:?}", r.body());
+    assert_eq!(
+        String::from_utf8_lossy(r.body()),
+        "meshgate: body_too_large: the request body is over 1000 bytes\n"
+    );
+    let small = Request::post("/upload")
+        .header("host", "billing.vms.internal")
+        .body(Bytes::from(vec![b'x'; 500]))
+        .unwrap();
+    let r = cart
+        .request(s.inbound(), sni, MeshProtocol::Http1, small)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
