@@ -155,7 +155,7 @@ async fn metrics(State(app): State<Admin>) -> Response {
     let rows = gen.upstream.pool_rows();
     app.runtime
         .metrics
-        .set_dynamic_destinations(&gen.upstream.destination_rows());
+        .set_dynamic_destinations(&gen.upstream.destination_rows(&gen.snapshot));
     (
         StatusCode::OK,
         [(

@@ -248,12 +248,17 @@ fn explain_cmd(
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    print_explanation(&e, json, e.forwarded())
+}
+
+/// An explanation as text or JSON; exit status 0 when the request would be forwarded.
+fn print_explanation(e: &(impl serde::Serialize + std::fmt::Display), json: bool, forwarded: bool) -> ExitCode {
     if json {
-        println!("{}", serde_json::to_string_pretty(&e).expect("explanations serialise"));
+        println!("{}", serde_json::to_string_pretty(e).expect("explanations serialise"));
     } else {
         print!("{e}");
     }
-    if e.forwarded() {
+    if forwarded {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -270,16 +275,7 @@ fn explain_inbound_cmd(config: Option<PathBuf>, principal: &str, json: bool, tar
         return ExitCode::from(EXIT_USAGE);
     };
     let e = meshgate::explain::inbound::explain_inbound(&snapshot, principal, target);
-    if json {
-        println!("{}", serde_json::to_string_pretty(&e).expect("explanations serialise"));
-    } else {
-        print!("{e}");
-    }
-    if e.forwarded() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    print_explanation(&e, json, e.forwarded())
 }
 
 /// `POST /explain` on a running instance's admin API.

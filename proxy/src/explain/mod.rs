@@ -185,14 +185,8 @@ pub fn explain(
         let (host, port) = crate::route::split_authority(a)?;
         if connect {
             // As the pipeline's tunnel: a listed tcp service, then a tcp host pattern.
-            let tcp = snapshot.services.iter().find(|s| {
-                s.protocol == crate::config::UpstreamProtocol::Tcp
-                    && s.pattern.is_none()
-                    && Some(s.port) == port
-                    && (s.host == host || s.aliases.contains(&host))
-            });
-            if let Some(s) = tcp {
-                return Ok(Route::Service(s.id));
+            if let Some(id) = port.and_then(|p| crate::route::tcp_service(&snapshot.services, &host, p)) {
+                return Ok(Route::Service(id));
             }
             if let Some(r) = port.and_then(|p| routes.resolve_tcp_pattern(&host, p, allowed)) {
                 return Ok(r);

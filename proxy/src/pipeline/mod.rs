@@ -324,7 +324,7 @@ where
         };
         made = gen
             .upstream
-            .destination(identity, listed, host, port, protocol)
+            .destination(snap, identity, listed, host, port, protocol)
             .ok_or(RouteError::UnknownHost)?;
         (made.service(), &made)
     } else {

@@ -116,15 +116,9 @@ pub(super) async fn connect<B>(
     // on an unambiguous host, which for a tunnel would quietly connect somewhere the client did
     // not name). An HTTP service is refused: inside a tunnel its requests would skip every
     // header rule (identity headers, X-Forwarded-For, the key header, x-envoy-*).
-    let tcp = snap.services.iter().find(|s| {
-        s.protocol == UpstreamProtocol::Tcp
-            && s.pattern.is_none()
-            && s.port == port
-            && (s.host == host || s.aliases.contains(&host))
-    });
     let allowed = |id| gen.tenants.allows(tenant_id, id);
-    let (service_id, destination) = match tcp {
-        Some(s) => (s.id, None),
+    let (service_id, destination) = match crate::route::tcp_service(&snap.services, &host, port) {
+        Some(id) => (id, None),
         None => match gen.routes.resolve_tcp_pattern(&host, port, allowed) {
             Some(Route::Pattern { service, host, port }) => (service, Some((host, port))),
             _ => {
@@ -152,7 +146,7 @@ pub(super) async fn connect<B>(
         Some((host, port)) => {
             made = gen
                 .upstream
-                .destination(tenant.identity, listed, host, *port, UpstreamProtocol::Tcp)
+                .destination(snap, tenant.identity, listed, host, *port, UpstreamProtocol::Tcp)
                 .ok_or(RouteError::UnknownHost)?;
             &made
         }

@@ -97,6 +97,20 @@ pub fn is_dns_name(host: &str) -> bool {
         })
 }
 
+/// The listed `tcp` service a CONNECT to `host:port` names: by host or alias and its own port
+/// (a tunnel never tolerates another port). `host` is lower case, without a trailing dot.
+pub fn tcp_service(services: &[std::sync::Arc<crate::config::Service>], host: &str, port: u16) -> Option<usize> {
+    services
+        .iter()
+        .find(|s| {
+            s.protocol == crate::config::UpstreamProtocol::Tcp
+                && s.pattern.is_none()
+                && s.port == port
+                && (s.host == host || s.aliases.iter().any(|a| a == host))
+        })
+        .map(|s| s.id)
+}
+
 impl RouteTable {
     /// `entries`: (name, service port, service id). Callers reject duplicate (name, port) pairs.
     pub fn new<'a>(entries: impl IntoIterator<Item = (&'a str, u16, usize)>) -> RouteTable {

@@ -153,8 +153,6 @@ pub struct Upstream {
     services: usize,
     dynamic: dynamic::Destinations<Arc<Pool>>,
     metrics: Arc<Metrics>,
-    /// Everything a destination's pool key takes from the snapshot.
-    snapshot: Arc<Snapshot>,
 }
 
 impl Upstream {
@@ -205,8 +203,6 @@ impl Upstream {
             services: snapshot.services.len(),
             dynamic,
             metrics,
-            // Services are shared, so this copy costs the lists, not the services.
-            snapshot: Arc::new(snapshot.clone()),
         }
     }
 
@@ -220,9 +216,11 @@ impl Upstream {
 
     /// The pool of one destination of `service` (a host its pattern matched, or its own host
     /// for `protocol: auto`), spoken in `protocol`, for identity number `identity`; made if
-    /// needed. `None` when the host does not fit the service's identity rule.
+    /// needed. `None` when the host does not fit the service's identity rule. `snapshot` is
+    /// the one this upstream was built for.
     pub fn destination(
         &self,
+        snapshot: &Snapshot,
         identity: usize,
         service: &Service,
         host: &str,
@@ -238,11 +236,11 @@ impl Upstream {
         };
         self.dynamic.get_or_make(&key, || {
             let dest = Arc::new(service.destination(host, port, protocol)?);
-            let key = PoolKey::new(&self.snapshot, &dest, identity);
+            let key = PoolKey::new(snapshot, &dest, identity);
             Some(Pool::new(
                 key,
                 dest,
-                self.snapshot.identity_at(identity),
+                snapshot.identity_at(identity),
                 self.gateway.clone(),
                 self.metrics.clone(),
             ))
@@ -281,9 +279,8 @@ impl Upstream {
     }
 
     /// `(service, destinations)` rows for `meshgate_dynamic_destinations`.
-    pub fn destination_rows(&self) -> Vec<(String, i64)> {
-        let mut by_service: std::collections::BTreeMap<String, i64> = self
-            .snapshot
+    pub fn destination_rows(&self, snapshot: &Snapshot) -> Vec<(String, i64)> {
+        let mut by_service: std::collections::BTreeMap<String, i64> = snapshot
             .services
             .iter()
             .filter(|s| s.is_dynamic())

@@ -407,6 +407,11 @@ impl Pool {
 
     /// The cached "no such service" answer of the gateway, while it lasts.
     fn check_known(&self) -> Result<(), UpstreamError> {
+        // Only a pattern's destination can be unknown: a listed service's checkout takes no
+        // extra lock for it.
+        if !self.service.via_pattern {
+            return Ok(());
+        }
         match self.lock().unknown_until {
             Some(t) if Instant::now() < t => Err(UpstreamError::UnknownMeshService {
                 sni: self.service.sni.clone(),

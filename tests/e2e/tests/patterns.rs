@@ -1,7 +1,7 @@
 //! Services by host pattern (issue #20): meshgate's config names a pattern, never these
 //! services, and meshsim's gateway routes each on the SNI meshgate builds from the host alone.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use e2e::meshsim::{PodSpec, ServiceSpec};
@@ -178,11 +178,10 @@ async fn hosts_and_ports_outside_the_pattern_and_other_tenants_are_refused() {
 async fn an_unknown_service_is_a_502_that_names_the_sni_and_is_remembered() {
     let env = env("  unknown_service_cache: 60s\n").await;
     let mut c = env.h1(BILLING_IP).await.unwrap();
-    let started = Instant::now();
     let r = get(&mut c, &format!("ghost.{SHOP}:8080")).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
-    // Answered on the gateway's refusal, not after a timeout (connect_timeout is 2 s).
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    // The gateway's refusal answered, not a connect or pool timeout: those are 503/504 with
+    // other reasons, and the reason counted below is unknown_mesh_service.
     let text = r.text();
     assert!(text.contains(&format!("outbound_.8080_._.ghost.{SHOP}")), "{text}");
     assert!(
