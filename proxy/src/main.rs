@@ -344,6 +344,9 @@ async fn wait_for_ctrl_c() {
 }
 
 fn main() -> ExitCode {
+    // HPACK literals without indexing or Huffman coding for every HTTP/2 connection meshgate
+    // opens or serves: less CPU per request for a few more header bytes (loadtest/RESULTS.md).
+    h2::set_literal_header_encoding(true);
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Check { config } => match load_or_report(&config) {

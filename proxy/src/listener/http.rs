@@ -277,13 +277,16 @@ async fn serve_h2(
         let conn_info = conn_info.clone();
         let alt_svc = alt_svc.clone();
         let watched = watched.clone();
-        async move {
+        // Boxed where it is made: hyper moves the service's future into its stream state and
+        // then into a task of its own, and each move of the request's whole state was a
+        // `memmove` of kilobytes per request.
+        Box::pin(async move {
             let mut r = pipeline::handle(gen, conn_info, req, upgrade).await;
             if let Some(v) = alt_svc {
                 r.headers_mut().insert(http::header::ALT_SVC, v);
             }
             Ok::<_, std::convert::Infallible>(r.map(|b| watched.guard(b)))
-        }
+        })
     });
     let conn = h2_builder(limits).serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);

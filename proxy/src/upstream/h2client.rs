@@ -259,3 +259,123 @@ impl Body for UpstreamH2Body {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    use super::*;
+
+    /// A client-side stream that keeps a copy of every byte written.
+    struct Tap {
+        io: tokio::io::DuplexStream,
+        written: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl AsyncRead for Tap {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Tap {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, buf))?;
+            self.written.lock().unwrap().extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    /// meshgate's HPACK encoding (`h2::set_literal_header_encoding`, third_party/h2): every
+    /// kind of field crosses intact to a decoder, twice on one connection, and the strings are
+    /// on the wire as they are (no Huffman coding, no dynamic-table reference on the second
+    /// request).
+    #[tokio::test]
+    async fn literal_header_encoding_round_trips_every_kind_of_field() {
+        h2::set_literal_header_encoding(true);
+        let (client_io, server_io) = tokio::io::duplex(1 << 16);
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let tap = Tap {
+            io: client_io,
+            written: written.clone(),
+        };
+        let long = "v".repeat(300);
+        let mut secret = http::HeaderValue::from_static("Bearer s3cr3t");
+        secret.set_sensitive(true);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io).await.unwrap();
+            let mut seen = Vec::new();
+            while let Some(r) = conn.accept().await {
+                let (req, mut respond) = r.unwrap();
+                seen.push(req.headers().clone());
+                let (parts, _) = req.into_parts();
+                let resp = Response::builder()
+                    .status(203)
+                    .header("x-echo-path", parts.uri.path())
+                    .header("x-echo-authority", parts.uri.authority().unwrap().as_str())
+                    .body(())
+                    .unwrap();
+                respond.send_response(resp, true).unwrap();
+                if seen.len() == 2 {
+                    break;
+                }
+            }
+            // Serve until the client has read both responses and hung up.
+            let _ = poll_fn(|cx| conn.poll_closed(cx)).await;
+            seen
+        });
+        let (mut send, conn) = h2::client::handshake(tap).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        for path in ["/first/path", "/second/path"] {
+            let mut req = Request::builder()
+                .uri(format!("http://reviews.bookinfo.svc.cluster.local:9080{path}?q=1"))
+                .header("x-multi", "one")
+                .header("x-multi", "two")
+                .header("x-long", long.as_str())
+                .header("x-empty", "")
+                .header("user-agent", "meshgate-test/1")
+                .body(())
+                .unwrap();
+            req.headers_mut().insert(http::header::AUTHORIZATION, secret.clone());
+            send = send.ready().await.unwrap();
+            let (resp, _) = send.send_request(req, true).unwrap();
+            let resp = resp.await.unwrap();
+            assert_eq!(resp.status(), 203);
+            assert_eq!(resp.headers()["x-echo-path"], path);
+            assert_eq!(
+                resp.headers()["x-echo-authority"],
+                "reviews.bookinfo.svc.cluster.local:9080"
+            );
+        }
+        drop(send);
+        let seen = server.await.unwrap();
+        for h in &seen {
+            let multi: Vec<_> = h.get_all("x-multi").iter().collect();
+            assert_eq!(multi, ["one", "two"]);
+            assert_eq!(h["x-long"], long.as_str());
+            assert_eq!(h["x-empty"], "");
+            assert_eq!(h["authorization"], "Bearer s3cr3t");
+            assert_eq!(h["user-agent"], "meshgate-test/1");
+        }
+        let wire = written.lock().unwrap().clone();
+        let count = |needle: &[u8]| wire.windows(needle.len()).filter(|w| *w == needle).count();
+        // Both requests carry each string verbatim: nothing was Huffman-coded or indexed.
+        assert_eq!(count(b"reviews.bookinfo.svc.cluster.local:9080"), 2);
+        assert_eq!(count(b"meshgate-test/1"), 2);
+        assert_eq!(count(long.as_bytes()), 2);
+    }
+}

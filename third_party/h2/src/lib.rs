@@ -135,6 +135,8 @@ mod share;
 #[cfg_attr(feature = "unstable", allow(missing_docs))]
 pub mod fuzz_bridge;
 
+// meshgate: a process-wide choice of HPACK encoding (MESHGATE.md).
+pub use crate::hpack::set_literal_header_encoding;
 pub use crate::error::{Error, Reason};
 pub use crate::share::{FlowControl, Ping, PingPong, Pong, RecvStream, SendStream, StreamId};
 

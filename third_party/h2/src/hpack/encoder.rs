@@ -2,6 +2,7 @@ use super::table::{Index, Table};
 use super::{huffman, Header};
 
 use bytes::{BufMut, BytesMut};
+use std::sync::atomic::{AtomicBool, Ordering};
 use http::header::{HeaderName, HeaderValue};
 
 const DEFAULT_MAX_ALLOWED_SIZE: usize = 4 * 1024;
@@ -107,6 +108,7 @@ impl Encoder {
 
         self.encode_size_updates(dst);
 
+        let literal = LITERAL_ONLY.load(Ordering::Relaxed);
         let mut last_index = None;
 
         for header in headers {
@@ -114,8 +116,13 @@ impl Encoder {
                 // The header has an associated name. In which case, try to
                 // index it in the table.
                 Ok(header) => {
-                    let index = self.table.index(header);
-                    self.encode_header(&index, dst);
+                    // meshgate: literals without indexing when the process asked for them.
+                    let index = if literal {
+                        Table::index_static_only(header)
+                    } else {
+                        self.table.index(header)
+                    };
+                    self.encode_header(&index, dst, literal);
 
                     last_index = Some(index);
                 }
@@ -130,6 +137,7 @@ impl Encoder {
                         }),
                         &value,
                         dst,
+                        literal,
                     );
                 }
             }
@@ -152,7 +160,7 @@ impl Encoder {
         }
     }
 
-    fn encode_header(&mut self, index: &Index, dst: &mut BytesMut) {
+    fn encode_header(&mut self, index: &Index, dst: &mut BytesMut, literal: bool) {
         match *index {
             Index::Indexed(idx, _) => {
                 encode_int(idx, 7, 0x80, dst);
@@ -160,7 +168,7 @@ impl Encoder {
             Index::Name(idx, _) => {
                 let header = self.table.resolve(index);
 
-                encode_not_indexed(idx, header.value_slice(), header.is_sensitive(), dst);
+                encode_not_indexed(idx, header.value_slice(), header.is_sensitive(), dst, literal);
             }
             Index::Inserted(_) => {
                 let header = self.table.resolve(index);
@@ -169,8 +177,8 @@ impl Encoder {
 
                 dst.put_u8(0b0100_0000);
 
-                encode_str(header.name().as_slice(), dst);
-                encode_str(header.value_slice(), dst);
+                encode_str(header.name().as_slice(), dst, literal);
+                encode_str(header.value_slice(), dst, literal);
             }
             Index::InsertedValue(idx, _) => {
                 let header = self.table.resolve(index);
@@ -178,7 +186,7 @@ impl Encoder {
                 assert!(!header.is_sensitive());
 
                 encode_int(idx, 6, 0b0100_0000, dst);
-                encode_str(header.value_slice(), dst);
+                encode_str(header.value_slice(), dst, literal);
             }
             Index::NotIndexed(_) => {
                 let header = self.table.resolve(index);
@@ -188,6 +196,7 @@ impl Encoder {
                     header.value_slice(),
                     header.is_sensitive(),
                     dst,
+                    literal,
                 );
             }
         }
@@ -198,6 +207,7 @@ impl Encoder {
         last: &Index,
         value: &HeaderValue,
         dst: &mut BytesMut,
+        literal: bool,
     ) {
         match *last {
             Index::Indexed(..)
@@ -206,7 +216,7 @@ impl Encoder {
             | Index::InsertedValue(..) => {
                 let idx = self.table.resolve_idx(last);
 
-                encode_not_indexed(idx, value.as_ref(), value.is_sensitive(), dst);
+                encode_not_indexed(idx, value.as_ref(), value.is_sensitive(), dst, literal);
             }
             Index::NotIndexed(_) => {
                 let last = self.table.resolve(last);
@@ -216,6 +226,7 @@ impl Encoder {
                     value.as_ref(),
                     value.is_sensitive(),
                     dst,
+                    literal,
                 );
             }
         }
@@ -232,28 +243,52 @@ fn encode_size_update(val: usize, dst: &mut BytesMut) {
     encode_int(val, 5, 0b0010_0000, dst)
 }
 
-fn encode_not_indexed(name: usize, value: &[u8], sensitive: bool, dst: &mut BytesMut) {
+fn encode_not_indexed(name: usize, value: &[u8], sensitive: bool, dst: &mut BytesMut, literal: bool) {
     if sensitive {
         encode_int(name, 4, 0b10000, dst);
     } else {
         encode_int(name, 4, 0, dst);
     }
 
-    encode_str(value, dst);
+    encode_str(value, dst, literal);
 }
 
-fn encode_not_indexed2(name: &[u8], value: &[u8], sensitive: bool, dst: &mut BytesMut) {
+fn encode_not_indexed2(
+    name: &[u8],
+    value: &[u8],
+    sensitive: bool,
+    dst: &mut BytesMut,
+    literal: bool,
+) {
     if sensitive {
         dst.put_u8(0b10000);
     } else {
         dst.put_u8(0);
     }
 
-    encode_str(name, dst);
-    encode_str(value, dst);
+    encode_str(name, dst, literal);
+    encode_str(value, dst, literal);
 }
 
-fn encode_str(val: &[u8], dst: &mut BytesMut) {
+/// meshgate: whether header fields go out as literals without indexing and without Huffman
+/// coding (`set_literal_header_encoding`). Off by default: h2 as released.
+static LITERAL_ONLY: AtomicBool = AtomicBool::new(false);
+
+/// meshgate: for the whole process, encode header fields as literals without indexing (names
+/// from the static table), their strings without Huffman coding: no hashing, no value
+/// comparisons and no encoder table per connection, for a few more bytes per header block
+/// (HAProxy's encoder works the same way). Any HPACK decoder reads it (RFC 7541 §6.2.2, §5.2).
+pub fn set_literal_header_encoding(on: bool) {
+    LITERAL_ONLY.store(on, Ordering::Relaxed);
+}
+
+fn encode_str(val: &[u8], dst: &mut BytesMut, literal: bool) {
+    if literal {
+        // meshgate: the string as it is, H bit clear.
+        encode_int(val.len(), 7, 0, dst);
+        dst.put_slice(val);
+        return;
+    }
     if !val.is_empty() {
         let idx = position(dst);
 

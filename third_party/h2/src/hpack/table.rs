@@ -130,6 +130,14 @@ impl Table {
         }
     }
 
+    /// meshgate: the header as a literal without indexing, its name from the static table when
+    /// it is there, and the whole field only when the static table holds it (`:method GET`,
+    /// `:status 200`). Nothing enters the dynamic table, so a connection holds no encoder table
+    /// and encoding does no hashing or value comparisons (HAProxy's encoder does the same).
+    pub fn index_static_only(header: Header) -> Index {
+        Index::new(index_static(&header), header)
+    }
+
     /// Index the header in the HPACK table.
     pub fn index(&mut self, header: Header) -> Index {
         // Check the static table
