@@ -63,7 +63,7 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, runtime: Arc<Runtime>,
                 accepted_at,
             }) => {
                 // Boxed: hyper's HTTP/2 connection state would otherwise size every
-                // connection's task, HTTP/1.1 ones included.
+                // connection's task.
                 Box::pin(serve_h2(
                     runtime,
                     info,
@@ -86,7 +86,19 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, runtime: Arc<Runtime>,
                 accepted_at,
                 preface,
             }) => {
-                h1::serve(stream, rbuf, runtime, info, close, settings, accepted_at, preface).await;
+                // Boxed too, so the connection's task is as small as the sniff needs and an
+                // h2c connection does not carry room for the HTTP/1.1 server's state.
+                Box::pin(h1::serve(
+                    stream,
+                    rbuf,
+                    runtime,
+                    info,
+                    close,
+                    settings,
+                    accepted_at,
+                    preface,
+                ))
+                .await;
             }
             None => {}
         }

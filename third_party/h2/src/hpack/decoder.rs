@@ -220,7 +220,8 @@ impl Decoder {
                     let entry = self.decode_literal(src, true)?;
 
                     // Insert the header into the table
-                    self.table.insert(entry.clone());
+                    // meshgate: a copy, so the table pins no read buffer or arena.
+                    self.table.insert(entry.owned());
                     consume(src);
 
                     if f(entry).is_break() {

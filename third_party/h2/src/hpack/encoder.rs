@@ -7,6 +7,9 @@ use http::header::{HeaderName, HeaderValue};
 
 const DEFAULT_MAX_ALLOWED_SIZE: usize = 4 * 1024;
 
+/// meshgate: the capacity of a header block's encoding buffer.
+const SCRATCH_CAPACITY: usize = 512;
+
 #[derive(Debug)]
 pub struct Encoder {
     table: Table,
@@ -55,12 +58,18 @@ impl Encoder {
     /// CONTINUATION path keeps it, since the remainder is still needed - the
     /// next call simply starts from a fresh buffer.
     pub(crate) fn take_scratch(&mut self) -> BytesMut {
+        // meshgate: a buffer per header block (see `return_scratch`), sized for a typical one
+        // so that encoding does not grow it field by field.
+        if self.scratch.capacity() == 0 {
+            return BytesMut::with_capacity(SCRATCH_CAPACITY);
+        }
         std::mem::take(&mut self.scratch)
     }
 
     /// Returns a fully-written header block buffer for reuse.
     pub(crate) fn return_scratch(&mut self, scratch: BytesMut) {
-        self.scratch = scratch;
+        // meshgate: not kept: a connection would hold it for its whole life, idle included.
+        drop(scratch);
     }
 
     /// Queues a max size update.

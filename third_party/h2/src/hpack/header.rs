@@ -61,6 +61,20 @@ impl Header<Option<HeaderName>> {
 }
 
 impl Header {
+    /// meshgate: a copy whose strings own their bytes. The decoder's pseudo-header strings are
+    /// slices of the frame payload or of the Huffman arena; a dynamic-table entry holding one
+    /// would keep that whole allocation for the connection's life (field values are copies
+    /// already).
+    pub fn owned(&self) -> Header {
+        match self {
+            Header::Authority(v) => Header::Authority(BytesStr::from(v.as_str())),
+            Header::Scheme(v) => Header::Scheme(BytesStr::from(v.as_str())),
+            Header::Path(v) => Header::Path(BytesStr::from(v.as_str())),
+            Header::Protocol(p) => Header::Protocol(Protocol::from(p.as_str())),
+            other => other.clone(),
+        }
+    }
+
     pub fn new(name: Bytes, value: Bytes) -> Result<Header, DecoderError> {
         if name.is_empty() {
             return Err(DecoderError::NeedMore(NeedMore::UnexpectedEndOfStream));

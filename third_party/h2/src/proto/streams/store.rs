@@ -406,6 +406,10 @@ impl<'a> Ptr<'a> {
         // Remove the stream state
         let stream = self.store.slab.remove(self.key.index.0 as usize);
         assert_eq!(stream.id, self.key.stream_id);
+        // meshgate: with no stream left, the slab's storage goes (it never shrinks otherwise).
+        if self.store.slab.is_empty() {
+            self.store.slab = slab::Slab::new();
+        }
         stream.id
     }
 
@@ -416,6 +420,10 @@ impl<'a> Ptr<'a> {
     pub fn unlink(&mut self) {
         let id = self.key.stream_id;
         self.store.ids.swap_remove(&id);
+        // meshgate: likewise the id map, once no stream is linked.
+        if self.store.ids.is_empty() {
+            self.store.ids = IndexMap::new();
+        }
     }
 }
 
