@@ -7,6 +7,9 @@ use http::header::{HeaderName, HeaderValue};
 
 const DEFAULT_MAX_ALLOWED_SIZE: usize = 4 * 1024;
 
+/// meshgate: in literal mode, values this long or longer still enter the dynamic table.
+const LITERAL_MAX_VALUE: usize = 64;
+
 /// meshgate: the capacity of a header block's encoding buffer.
 const SCRATCH_CAPACITY: usize = 512;
 
@@ -125,8 +128,10 @@ impl Encoder {
                 // The header has an associated name. In which case, try to
                 // index it in the table.
                 Ok(header) => {
-                    // meshgate: literals without indexing when the process asked for them.
-                    let index = if literal {
+                    // meshgate: literals without indexing when the process asked for them,
+                    // except long values: those that repeat (a tenant's peer metadata, a
+                    // client's token) would cost their whole length on every request.
+                    let index = if literal && header.value_slice().len() < LITERAL_MAX_VALUE {
                         Table::index_static_only(header)
                     } else {
                         self.table.index(header)
@@ -283,10 +288,11 @@ fn encode_not_indexed2(
 /// coding (`set_literal_header_encoding`). Off by default: h2 as released.
 static LITERAL_ONLY: AtomicBool = AtomicBool::new(false);
 
-/// meshgate: for the whole process, encode header fields as literals without indexing (names
-/// from the static table), their strings without Huffman coding: no hashing, no value
-/// comparisons and no encoder table per connection, for a few more bytes per header block
-/// (HAProxy's encoder works the same way). Any HPACK decoder reads it (RFC 7541 §6.2.2, §5.2).
+/// meshgate: for the whole process, encode header fields shorter than `LITERAL_MAX_VALUE` as
+/// literals without indexing (names from the static table), and every string without Huffman
+/// coding: no hashing, no value comparisons and, for short fields, no encoder table entries,
+/// for a few more bytes per header block (HAProxy's encoder never indexes or Huffman-codes).
+/// Longer values are indexed as before. Any HPACK decoder reads it (RFC 7541 §6.2.2, §5.2).
 pub fn set_literal_header_encoding(on: bool) {
     LITERAL_ONLY.store(on, Ordering::Relaxed);
 }
