@@ -301,7 +301,8 @@ mod tests {
     /// meshgate's HPACK encoding (`h2::set_literal_header_encoding`, third_party/h2): every
     /// kind of field crosses intact to a decoder, twice on one connection; short strings are on
     /// the wire as they are in both requests (no Huffman coding, no dynamic-table reference),
-    /// and a long value only once (indexed, so the second request refers to it).
+    /// a client's long value only once (indexed, so the second request refers to it), and a
+    /// server's long value in full each time (a server connection keeps no encoder table).
     #[tokio::test]
     async fn literal_header_encoding_round_trips_every_kind_of_field() {
         h2::set_literal_header_encoding(true);
@@ -314,8 +315,15 @@ mod tests {
         let long = "v".repeat(300);
         let mut secret = http::HeaderValue::from_static("Bearer s3cr3t");
         secret.set_sensitive(true);
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let server_tap = Tap {
+            io: server_io,
+            written: served.clone(),
+        };
+        let long_response = "r".repeat(100);
+        let long_r = long_response.clone();
         let server = tokio::spawn(async move {
-            let mut conn = h2::server::handshake(server_io).await.unwrap();
+            let mut conn = h2::server::handshake(server_tap).await.unwrap();
             let mut seen = Vec::new();
             while let Some(r) = conn.accept().await {
                 let (req, mut respond) = r.unwrap();
@@ -325,6 +333,7 @@ mod tests {
                     .status(203)
                     .header("x-echo-path", parts.uri.path())
                     .header("x-echo-authority", parts.uri.authority().unwrap().as_str())
+                    .header("x-long-response", long_r.as_str())
                     .body(())
                     .unwrap();
                 respond.send_response(resp, true).unwrap();
@@ -360,6 +369,7 @@ mod tests {
                 resp.headers()["x-echo-authority"],
                 "reviews.bookinfo.svc.cluster.local:9080"
             );
+            assert_eq!(resp.headers()["x-long-response"], long_response.as_str());
         }
         drop(send);
         let seen = server.await.unwrap();
@@ -378,5 +388,12 @@ mod tests {
         assert_eq!(count(b"meshgate-test/1"), 2);
         // The 300-byte value crossed once, uncompressed, then by its table index.
         assert_eq!(count(long.as_bytes()), 1);
+        // A server indexes nothing: its long response value crossed in full both times.
+        let served = served.lock().unwrap().clone();
+        let in_served = served
+            .windows(long_response.len())
+            .filter(|w| *w == long_response.as_bytes())
+            .count();
+        assert_eq!(in_served, 2);
     }
 }

@@ -1340,6 +1340,8 @@ where
 
         // Create the codec
         let mut codec = Codec::new(io);
+        // meshgate: a client's repeated long request headers stay indexed in literal mode.
+        codec.set_index_long_values(true);
 
         if let Some(max) = builder.settings.max_frame_size() {
             codec.set_max_recv_frame_size(max as usize);

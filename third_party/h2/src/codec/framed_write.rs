@@ -354,6 +354,11 @@ impl<T, B> FramedWrite<T, B> {
         self.encoder.hpack.update_max_size(val);
     }
 
+    /// meshgate: see `hpack::Encoder::set_index_long_values`.
+    pub fn set_index_long_values(&mut self, on: bool) {
+        self.encoder.hpack.set_index_long_values(on);
+    }
+
     /// Retrieve the last data frame that has been sent
     pub fn take_last_data_frame(&mut self) -> Option<frame::Data<B>> {
         self.encoder.last_data_frame.take()

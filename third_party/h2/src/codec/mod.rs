@@ -95,6 +95,11 @@ impl<T, B> Codec<T, B> {
         self.framed_write().set_header_table_size(val)
     }
 
+    /// meshgate: index long header values even in literal mode (client connections).
+    pub fn set_index_long_values(&mut self, on: bool) {
+        self.framed_write().set_index_long_values(on)
+    }
+
     /// Set the decoder header table size size.
     pub fn set_recv_header_table_size(&mut self, val: usize) {
         self.inner.set_header_table_size(val)

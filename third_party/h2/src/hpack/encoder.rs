@@ -25,6 +25,10 @@ pub struct Encoder {
     /// across frames instead of being allocated and freed per frame. See
     /// `take_scratch` / `return_scratch`.
     scratch: BytesMut,
+    /// meshgate: in literal mode, whether values of `LITERAL_MAX_VALUE` bytes or more are
+    /// still indexed (client connections: few, carrying repeated long request headers); a
+    /// server connection indexes nothing, so its table stays empty however many clients.
+    index_long_values: bool,
 }
 
 #[derive(Debug, Copy, Clone, Eq, PartialEq)]
@@ -42,7 +46,13 @@ impl Encoder {
             max_allowed_size: DEFAULT_MAX_ALLOWED_SIZE,
             size_update: None,
             scratch: BytesMut::new(),
+            index_long_values: false,
         }
+    }
+
+    /// meshgate: see `index_long_values`.
+    pub fn set_index_long_values(&mut self, on: bool) {
+        self.index_long_values = on;
     }
 
     #[cfg(test)]
@@ -129,9 +139,10 @@ impl Encoder {
                 // index it in the table.
                 Ok(header) => {
                     // meshgate: literals without indexing when the process asked for them,
-                    // except long values: those that repeat (a tenant's peer metadata, a
-                    // client's token) would cost their whole length on every request.
-                    let index = if literal && header.value_slice().len() < LITERAL_MAX_VALUE {
+                    // except long values on a client connection: those that repeat (a tenant's
+                    // peer metadata, a token) would cost their whole length on every request.
+                    let short = !self.index_long_values || header.value_slice().len() < LITERAL_MAX_VALUE;
+                    let index = if literal && short {
                         Table::index_static_only(header)
                     } else {
                         self.table.index(header)
@@ -288,11 +299,12 @@ fn encode_not_indexed2(
 /// coding (`set_literal_header_encoding`). Off by default: h2 as released.
 static LITERAL_ONLY: AtomicBool = AtomicBool::new(false);
 
-/// meshgate: for the whole process, encode header fields shorter than `LITERAL_MAX_VALUE` as
-/// literals without indexing (names from the static table), and every string without Huffman
-/// coding: no hashing, no value comparisons and, for short fields, no encoder table entries,
-/// for a few more bytes per header block (HAProxy's encoder never indexes or Huffman-codes).
-/// Longer values are indexed as before. Any HPACK decoder reads it (RFC 7541 §6.2.2, §5.2).
+/// meshgate: for the whole process, encode header fields as literals without indexing (names
+/// from the static table), and every string without Huffman coding: no hashing, no value
+/// comparisons and no encoder table entries, for a few more bytes per header block (HAProxy's
+/// encoder never indexes or Huffman-codes). On client connections values of
+/// `LITERAL_MAX_VALUE` bytes or more are still indexed. Any HPACK decoder reads it
+/// (RFC 7541 §6.2.2, §5.2).
 pub fn set_literal_header_encoding(on: bool) {
     LITERAL_ONLY.store(on, Ordering::Relaxed);
 }
