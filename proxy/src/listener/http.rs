@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use tokio::time::Instant;
 
-use super::{Accepted, PrefaceSlot};
+use super::Accepted;
 use crate::config::Limits;
 use crate::h1::{self, buf::ReadBuf};
 use crate::io::Prefixed;
@@ -51,88 +51,21 @@ pub async fn serve(listener: TcpListener, name: Arc<str>, runtime: Arc<Runtime>,
     super::accept_loop(listener, name, runtime, close, |conn| async move {
         // The setup is boxed and freed before the protocol's server takes over: an idle
         // connection's task holds only what that server needs.
-        match Box::pin(setup(conn)).await {
-            Some(Ready::H2 {
-                runtime,
-                info,
-                limits,
-                io,
-                alt_svc,
-                close,
-                preface,
-                accepted_at,
-            }) => {
-                // Boxed: hyper's HTTP/2 connection state would otherwise size every
-                // connection's task.
-                Box::pin(serve_h2(
-                    runtime,
-                    info,
-                    &limits,
-                    io,
-                    alt_svc,
-                    close,
-                    preface,
-                    accepted_at,
-                ))
-                .await;
-            }
-            Some(Ready::H1 {
-                stream,
-                rbuf,
-                runtime,
-                info,
-                close,
-                settings,
-                accepted_at,
-                preface,
-            }) => {
-                // Boxed too, so the connection's task is as small as the sniff needs and an
-                // h2c connection does not carry room for the HTTP/1.1 server's state.
-                Box::pin(h1::serve(
-                    stream,
-                    rbuf,
-                    runtime,
-                    info,
-                    close,
-                    settings,
-                    accepted_at,
-                    preface,
-                ))
-                .await;
-            }
-            None => {}
+        if let Some(server) = Box::pin(setup(conn)).await {
+            server.await;
         }
     })
     .await;
 }
 
-/// A connection ready for its protocol's server.
-enum Ready {
-    H2 {
-        runtime: Arc<Runtime>,
-        info: Arc<ConnInfo>,
-        limits: Limits,
-        io: Prefixed<TcpStream>,
-        alt_svc: Option<http::HeaderValue>,
-        close: CloseSignal,
-        preface: PrefaceSlot,
-        accepted_at: Instant,
-    },
-    H1 {
-        stream: TcpStream,
-        rbuf: ReadBuf,
-        runtime: Arc<Runtime>,
-        info: Arc<ConnInfo>,
-        close: CloseSignal,
-        settings: h1::Settings,
-        accepted_at: Instant,
-        preface: PrefaceSlot,
-    },
-}
+/// A connection's protocol server, boxed: the connection's task is then as small as the
+/// sniff needs, neither sized by hyper's HTTP/2 state nor, for h2c, by the HTTP/1.1 server's.
+type Server = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// The PROXY header (behind a trusted load balancer) and the protocol sniff, both due within
-/// the header read timeout of the accept; `None` if the connection ends here.
-async fn setup(conn: Accepted) -> Option<Ready> {
+/// the header read timeout of the accept; then the server for the protocol the client speaks,
+/// or `None` if the connection ends here.
+async fn setup(conn: Accepted) -> Option<Server> {
     let Accepted {
         mut stream,
         peer,
@@ -187,16 +120,17 @@ async fn setup(conn: Accepted) -> Option<Ready> {
         true => {
             let prefix = bytes::Bytes::copy_from_slice(rbuf.pending());
             drop(rbuf);
-            Some(Ready::H2 {
+            let io = Prefixed::new(prefix, stream);
+            Some(Box::pin(serve_h2(
                 runtime,
                 info,
                 limits,
-                io: Prefixed::new(prefix, stream),
+                io,
                 alt_svc,
                 close,
                 preface,
                 accepted_at,
-            })
+            )))
         }
         false => {
             let settings = h1::Settings {
@@ -210,7 +144,7 @@ async fn setup(conn: Accepted) -> Option<Ready> {
                 body_idle_timeout,
                 alt_svc,
             };
-            Some(Ready::H1 {
+            Some(Box::pin(h1::serve(
                 stream,
                 rbuf,
                 runtime,
@@ -219,7 +153,7 @@ async fn setup(conn: Accepted) -> Option<Ready> {
                 settings,
                 accepted_at,
                 preface,
-            })
+            )))
         }
     }
 }
@@ -267,7 +201,7 @@ async fn sniff(stream: &TcpStream, rbuf: &mut ReadBuf, deadline: Instant) -> Opt
 async fn serve_h2(
     runtime: Arc<Runtime>,
     info: Arc<ConnInfo>,
-    limits: &Limits,
+    limits: Limits,
     io: Prefixed<TcpStream>,
     alt_svc: Option<http::HeaderValue>,
     mut close: CloseSignal,
@@ -300,7 +234,7 @@ async fn serve_h2(
             Ok::<_, std::convert::Infallible>(r.map(|b| watched.guard(b)))
         })
     });
-    let conn = h2_builder(limits).serve_connection(TokioIo::new(io), svc);
+    let conn = h2_builder(&limits).serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let first_due = accepted + limits.header_read_timeout;
     let idle = limits.idle_timeout;

@@ -18,13 +18,7 @@ pub struct Encoder {
     table: Table,
     max_allowed_size: usize,
     size_update: Option<SizeUpdate>,
-    /// Reusable buffer for the encoded header block of a single frame.
-    ///
-    /// A header block only has to live until it is copied into the
-    /// connection write buffer, so the buffer that holds it can be reused
-    /// across frames instead of being allocated and freed per frame. See
-    /// `take_scratch` / `return_scratch`.
-    scratch: BytesMut,
+    // meshgate: no reusable header-block buffer is kept (`take_scratch`).
     /// meshgate: in literal mode, whether values of `LITERAL_MAX_VALUE` bytes or more are
     /// still indexed (client connections: few, carrying repeated long request headers); a
     /// server connection indexes nothing, so its table stays empty however many clients.
@@ -45,7 +39,6 @@ impl Encoder {
             table: Table::new(max_size, capacity),
             max_allowed_size: DEFAULT_MAX_ALLOWED_SIZE,
             size_update: None,
-            scratch: BytesMut::new(),
             index_long_values: false,
         }
     }
@@ -64,24 +57,18 @@ impl Encoder {
         }
     }
 
-    /// Takes the reusable buffer for one header-block encode.
+    /// The buffer for one header-block encode.
     ///
-    /// The buffer is returned by `return_scratch` once the encoded block has
-    /// been copied into the write buffer. If it is not returned - the
-    /// CONTINUATION path keeps it, since the remainder is still needed - the
-    /// next call simply starts from a fresh buffer.
+    /// meshgate: a new one per header block, sized for a typical block so that encoding does
+    /// not grow it field by field; the released h2 kept one per connection for its whole life,
+    /// idle included.
     pub(crate) fn take_scratch(&mut self) -> BytesMut {
-        // meshgate: a buffer per header block (see `return_scratch`), sized for a typical one
-        // so that encoding does not grow it field by field.
-        if self.scratch.capacity() == 0 {
-            return BytesMut::with_capacity(SCRATCH_CAPACITY);
-        }
-        std::mem::take(&mut self.scratch)
+        BytesMut::with_capacity(SCRATCH_CAPACITY)
     }
 
-    /// Returns a fully-written header block buffer for reuse.
+    /// A fully-written header block buffer.
     pub(crate) fn return_scratch(&mut self, scratch: BytesMut) {
-        // meshgate: not kept: a connection would hold it for its whole life, idle included.
+        // meshgate: not kept (`take_scratch`).
         drop(scratch);
     }
 
@@ -141,8 +128,9 @@ impl Encoder {
                     // meshgate: literals without indexing when the process asked for them,
                     // except long values on a client connection: those that repeat (a tenant's
                     // peer metadata, a token) would cost their whole length on every request.
-                    let short = !self.index_long_values || header.value_slice().len() < LITERAL_MAX_VALUE;
-                    let index = if literal && short {
+                    let index = if literal
+                        && (!self.index_long_values || header.value_slice().len() < LITERAL_MAX_VALUE)
+                    {
                         Table::index_static_only(header)
                     } else {
                         self.table.index(header)
