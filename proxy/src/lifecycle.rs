@@ -52,15 +52,28 @@ pub async fn closing(rx: &mut CloseSignal) -> (Duration, Instant) {
 /// Waits for the listener's close signal, then a random moment within its spread, so that
 /// connections are asked to go one by one rather than in one wave; returns the deadline.
 pub async fn closing_spread(rx: &mut CloseSignal) -> Instant {
-    use rand::Rng;
     let (spread, deadline) = closing(rx).await;
-    let wait = if spread.is_zero() {
+    tokio::time::sleep(spread_wait(spread)).await;
+    deadline
+}
+
+/// The close signal as it stands: `Some((spread, deadline))` once the listener is closing.
+pub fn closing_now(rx: &CloseSignal) -> Option<(Duration, Instant)> {
+    match *rx.borrow() {
+        ListenerState::Closing { spread, deadline } => Some((spread, deadline)),
+        ListenerState::Serving => None,
+    }
+}
+
+/// How long one connection waits, once its listener is closing, before it is asked to go: a
+/// random moment within `spread`.
+pub fn spread_wait(spread: Duration) -> Duration {
+    use rand::Rng;
+    if spread.is_zero() {
         Duration::ZERO
     } else {
         spread.mul_f64(rand::rng().random_range(0.0..1.0))
-    };
-    tokio::time::sleep(wait).await;
-    deadline
+    }
 }
 
 #[derive(Debug, Default)]

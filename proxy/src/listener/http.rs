@@ -7,6 +7,7 @@
 //! finish (GOAWAY / `Connection: close`) at a random moment within the spread; cut whatever is
 //! left at the deadline.
 
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,8 +40,9 @@ fn h2_builder(limits: &Limits) -> hyper::server::conn::http2::Builder<TokioExecu
         // and closes the connection with ENHANCE_YOUR_CALM past this many pending at once.
         .max_pending_accept_reset_streams(Some(20))
         .max_local_error_reset_streams(Some(1024))
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10))
+        // No keep-alive PINGs: requests and bodies moving are what keep a connection
+        // (`idle_timeout`, `body_idle_timeout`), and hyper's pinger cost every connection a
+        // timer, a shared recorder locked on each frame, and about 300 bytes.
         // RFC 8441: lets HTTP/2 clients open WebSockets (extended CONNECT).
         .enable_connect_protocol();
     b
@@ -48,19 +50,39 @@ fn h2_builder(limits: &Limits) -> hyper::server::conn::http2::Builder<TokioExecu
 
 /// Serves `listener` until told to close.
 pub async fn serve(listener: TcpListener, name: Arc<str>, runtime: Arc<Runtime>, close: CloseSignal) {
-    super::accept_loop(listener, name, runtime, close, |conn| async move {
-        // The setup is boxed and freed before the protocol's server takes over: an idle
-        // connection's task holds only what that server needs.
-        if let Some(server) = Box::pin(setup(conn)).await {
-            server.await;
-        }
+    super::accept_loop(listener, name, runtime, close, |conn| {
+        ConnTask::Setup(Box::pin(setup(conn)))
     })
     .await;
 }
 
+/// A connection's task: its setup, boxed and freed once it is done, then the protocol's
+/// server. Not an `async` block, which would keep the `Accepted` it was given (240 bytes) for
+/// the connection's whole life.
+enum ConnTask {
+    Setup(std::pin::Pin<Box<dyn Future<Output = Option<Server>> + Send>>),
+    Serving(Server),
+}
+
+impl Future for ConnTask {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        loop {
+            match &mut *self {
+                ConnTask::Setup(setup) => match std::task::ready!(setup.as_mut().poll(cx)) {
+                    Some(server) => *self = ConnTask::Serving(server),
+                    None => return std::task::Poll::Ready(()),
+                },
+                ConnTask::Serving(server) => return server.as_mut().poll(cx),
+            }
+        }
+    }
+}
+
 /// A connection's protocol server, boxed: the connection's task is then as small as the
 /// sniff needs, neither sized by hyper's HTTP/2 state nor, for h2c, by the HTTP/1.1 server's.
-type Server = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+type Server = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The PROXY header (behind a trusted load balancer) and the protocol sniff, both due within
 /// the header read timeout of the accept; then the server for the protocol the client speaks,
@@ -124,7 +146,7 @@ async fn setup(conn: Accepted) -> Option<Server> {
             Some(Box::pin(serve_h2(
                 runtime,
                 info,
-                limits,
+                &limits,
                 io,
                 alt_svc,
                 close,
@@ -197,20 +219,23 @@ async fn sniff(stream: &TcpStream, rbuf: &mut ReadBuf, deadline: Instant) -> Opt
 /// An h2c connection (prior knowledge), served by hyper's HTTP/2 server. Its first request
 /// must arrive within the header read timeout of the accept, and it is closed (GOAWAY) once
 /// it has had no request in flight for `limits.idle_timeout`: pings alone do not keep it.
+///
+/// Not an `async fn`, which would keep a copy of every argument beside the locals made from
+/// them for the connection's whole life; and one timer serves the deadlines, the drain spread
+/// and the stalled-body sweep, which runs only while a body streams.
 #[allow(clippy::too_many_arguments)]
-async fn serve_h2(
+fn serve_h2(
     runtime: Arc<Runtime>,
     info: Arc<ConnInfo>,
-    limits: Limits,
+    limits: &Limits,
     io: Prefixed<TcpStream>,
     alt_svc: Option<http::HeaderValue>,
     mut close: CloseSignal,
     preface: super::PrefaceSlot,
     accepted: Instant,
-) {
-    let peer = info.client;
-    let evicted = preface.evicted();
-    tokio::pin!(evicted);
+) -> impl Future<Output = ()> + Send + 'static {
+    // Boxed and dropped at the first request, with the share of the slot it holds.
+    let evicted = Box::pin(preface.evicted());
     *info.preface.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(preface));
     let conn_info = info.clone();
     let body_idle = runtime.current().snapshot.upstream.body_idle_timeout;
@@ -234,55 +259,99 @@ async fn serve_h2(
             Ok::<_, std::convert::Infallible>(r.map(|b| watched.guard(b)))
         })
     });
-    let conn = h2_builder(&limits).serve_connection(TokioIo::new(io), svc);
-    tokio::pin!(conn);
+    // Boxed here: pinned inside the block it would be moved into a second slot of its state.
+    let mut conn = Box::pin(h2_builder(limits).serve_connection(TokioIo::new(io), svc));
     let first_due = accepted + limits.header_read_timeout;
     let idle = limits.idle_timeout;
-    let drain = crate::lifecycle::closing_spread(&mut close);
-    tokio::pin!(drain);
-    let mut sweep = tokio::time::interval(body_idle / 4);
-    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let deadline = loop {
-        // When to look again: the first request's deadline, or the end of the idle time.
-        let check = if info.requests.load(Ordering::Relaxed) == 0 {
-            first_due
-        } else if info.in_flight.load(Ordering::Relaxed) == 0 {
-            crate::lifecycle::instant_of(info.last_done.load(Ordering::Relaxed)) + idle
-        } else {
-            Instant::now() + idle
+    let mut evicted = Some(evicted);
+    async move {
+        let peer = &info.client;
+        // Once closing: when this connection is asked to go, and the deadline after that.
+        let mut drain = crate::lifecycle::closing_now(&close)
+            .map(|(spread, deadline)| (Instant::now() + crate::lifecycle::spread_wait(spread), deadline));
+        let mut next_sweep = None;
+        let timer = tokio::time::sleep_until(first_due);
+        tokio::pin!(timer);
+        let deadline = loop {
+            // In a block, so that none of its values is kept across the wait.
+            let watching = {
+                let now = Instant::now();
+                let requests = info.requests.load(Ordering::Relaxed);
+                let idle_at = if requests == 0 {
+                    first_due
+                } else if info.in_flight.load(Ordering::Relaxed) == 0 {
+                    crate::lifecycle::instant_of(info.last_done.load(Ordering::Relaxed)) + idle
+                } else {
+                    now + idle
+                };
+                if now >= idle_at {
+                    tracing::debug!(client = %peer, silent = requests == 0, "closing an idle h2c connection");
+                    break now + Duration::from_secs(1);
+                }
+                if let Some((ask_at, deadline)) = drain {
+                    if now >= ask_at {
+                        break deadline;
+                    }
+                }
+                let watching = watch.watching();
+                if !watching {
+                    next_sweep = None;
+                } else if next_sweep.is_none_or(|due| now >= due) {
+                    if next_sweep.is_some() {
+                        watch.sweep(body_idle);
+                    }
+                    next_sweep = Some(now + body_idle / 4);
+                }
+                let wake = [next_sweep, drain.map(|d| d.0)]
+                    .into_iter()
+                    .flatten()
+                    .fold(idle_at, Instant::min);
+                if timer.is_elapsed() || timer.deadline() != wake {
+                    timer.as_mut().reset(wake);
+                }
+                watching
+            };
+            tokio::select! {
+                res = conn.as_mut() => {
+                    if let Err(e) = res {
+                        tracing::debug!(client = %peer, error = %e, "h2c connection ended with error");
+                    }
+                    return;
+                }
+                _ = timer.as_mut() => {}
+                changed = close.changed(), if drain.is_none() => {
+                    drain = match changed {
+                        Ok(()) => crate::lifecycle::closing_now(&close),
+                        // Nobody can tell it any more: the instance is going away.
+                        Err(_) => Some((Duration::ZERO, Instant::now())),
+                    }
+                    .map(|(spread, deadline)| (Instant::now() + crate::lifecycle::spread_wait(spread), deadline));
+                }
+                // The first body to stream starts the sweep.
+                _ = std::future::poll_fn(|cx| watch.poll_watching(cx)), if !watching => {}
+                // Still without a request and the oldest of too many in their preface.
+                _ = std::future::poll_fn(|cx| {
+                    if info.requests.load(Ordering::Relaxed) > 0 {
+                        evicted = None;
+                    }
+                    match evicted.as_mut() {
+                        Some(e) => e.as_mut().poll(cx),
+                        None => std::task::Poll::Pending,
+                    }
+                }) => return,
+            }
         };
+        info.closing.store(true, Ordering::SeqCst);
+        // GOAWAY: streams in flight finish, until the deadline.
+        conn.as_mut().graceful_shutdown();
+        timer.as_mut().reset(deadline);
         tokio::select! {
             res = conn.as_mut() => {
                 if let Err(e) = res {
-                    tracing::debug!(client = %peer, error = %e, "h2c connection ended with error");
-                }
-                return;
-            }
-            _ = tokio::time::sleep_until(check) => {
-                let now = Instant::now();
-                let silent = info.requests.load(Ordering::Relaxed) == 0 && now >= first_due;
-                let idled = info.in_flight.load(Ordering::Relaxed) == 0
-                    && now >= crate::lifecycle::instant_of(info.last_done.load(Ordering::Relaxed)) + idle;
-                if silent || idled {
-                    tracing::debug!(client = %peer, silent, "closing an idle h2c connection");
-                    break now + Duration::from_secs(1);
+                    tracing::debug!(client = %peer, error = %e, "h2c connection ended with error while closing");
                 }
             }
-            deadline = &mut drain => break deadline,
-            _ = sweep.tick() => watch.sweep(body_idle),
-            // Still without a request and the oldest of too many in their preface.
-            _ = &mut evicted, if info.requests.load(Ordering::Relaxed) == 0 => return,
+            _ = timer => {}
         }
-    };
-    info.closing.store(true, Ordering::SeqCst);
-    // GOAWAY: streams in flight finish, until the deadline.
-    conn.as_mut().graceful_shutdown();
-    tokio::select! {
-        res = conn.as_mut() => {
-            if let Err(e) = res {
-                tracing::debug!(client = %peer, error = %e, "h2c connection ended with error while closing");
-            }
-        }
-        _ = tokio::time::sleep_until(deadline) => {}
     }
 }

@@ -89,7 +89,7 @@ pub struct ResponseBody {
 }
 
 impl ResponseBody {
-    pub(super) fn local(b: Bytes) -> Self {
+    pub(crate) fn local(b: Bytes) -> Self {
         ResponseBody {
             inner: Inner::Local(Some(b)),
             lease: None,

@@ -296,6 +296,73 @@ async fn idle_h2c_connections_are_closed() {
     assert!(ended.is_ok(), "an idle h2c connection was held open");
 }
 
+/// An h2c client that stops reading one response: the stream is cut after
+/// `body_idle_timeout`, while its connection goes on serving other streams. The connection had
+/// no streaming body before, so its task sweeps only because the first one woke it.
+#[tokio::test]
+async fn a_stalled_h2c_response_is_cut_and_its_connection_serves_on() {
+    let env = EnvBuilder::default()
+        .upstream("upstream:\n  body_idle_timeout: 2s\n")
+        .start()
+        .await
+        .unwrap();
+    let tcp = connect_from(env.addr(), BILLING_IP.parse().unwrap()).await.unwrap();
+    // A large connection window, so the stalled stream's unread bytes hold only its own window.
+    let (send, conn) = h2::client::Builder::new()
+        .initial_connection_window_size(64 << 20)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let get = |path: &str| {
+        Request::get(format!("http://{}{path}", host("reviews")))
+            .body(())
+            .unwrap()
+    };
+    let mut send = send.ready().await.unwrap();
+    let (stalled, _) = send.send_request(get("/?bytes=200000000"), true).unwrap();
+    let stalled = tokio::time::timeout(CLIENT_TIMEOUT, stalled).await.unwrap().unwrap();
+    assert_eq!(stalled.status(), 200);
+    let mut stalled = stalled.into_body();
+    // Nothing read (so no window given back) for twice the timeout.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut send = send.ready().await.unwrap();
+    let (other, _) = send.send_request(get("/?bytes=100000"), true).unwrap();
+    let other = tokio::time::timeout(CLIENT_TIMEOUT, other).await.unwrap().unwrap();
+    assert_eq!(other.status(), 200);
+    let mut other = other.into_body();
+    let mut got = 0;
+    while let Some(d) = tokio::time::timeout(CLIENT_TIMEOUT, other.data()).await.unwrap() {
+        let d = d.unwrap();
+        got += d.len();
+        let _ = other.flow_control().release_capacity(d.len());
+    }
+    assert_eq!(got, 100_000, "the connection stopped serving after one stream stalled");
+    // The stalled stream: what it had buffered, then its reset, not the other 200 MB.
+    let mut total = 0usize;
+    let cut = tokio::time::timeout(CLIENT_TIMEOUT, async {
+        while let Some(d) = stalled.data().await {
+            match d {
+                Ok(d) => {
+                    total += d.len();
+                    let _ = stalled.flow_control().release_capacity(d.len());
+                    if total > 100_000_000 {
+                        return false;
+                    }
+                }
+                Err(_) => return true,
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    assert!(
+        cut,
+        "a stalled h2c response was never cut ({total} bytes read after the stall)"
+    );
+}
+
 #[tokio::test]
 async fn http3_handshakes_that_never_finish_do_not_block_tcp_clients() {
     let env = EnvBuilder::default()
