@@ -363,6 +363,57 @@ async fn a_stalled_h2c_response_is_cut_and_its_connection_serves_on() {
     );
 }
 
+/// A drain asks an h2c client to go with GOAWAY: the stream it has in flight finishes whole,
+/// a new stream is refused, and the connection then ends, all well before `drain.timeout`.
+#[tokio::test]
+async fn a_drain_sends_h2c_clients_goaway_and_lets_their_streams_finish() {
+    let env = EnvBuilder::default()
+        .extra("drain:\n  delay: 1ms\n  spread: 1s\n  timeout: 30s\n")
+        .start()
+        .await
+        .unwrap();
+    let tcp = connect_from(env.addr(), BILLING_IP.parse().unwrap()).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    // 1 MB: more than the stream's window, so it is still in flight when the drain starts.
+    let req = Request::get(format!("http://{}/?bytes=1000000", host("reviews")))
+        .body(())
+        .unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(CLIENT_TIMEOUT, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let app = env.gate.app.clone();
+    let drain = tokio::spawn(async move { app.drain().await });
+    // Past the spread: the GOAWAY has been sent.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut body = resp.into_body();
+    let mut got = 0;
+    while let Some(d) = tokio::time::timeout(CLIENT_TIMEOUT, body.data()).await.unwrap() {
+        let d = d.expect("the stream in flight was cut by the drain");
+        got += d.len();
+        let _ = body.flow_control().release_capacity(d.len());
+    }
+    assert_eq!(got, 1_000_000);
+    let refused = match send.ready().await {
+        Err(_) => true,
+        Ok(mut s) => {
+            let req = Request::get(format!("http://{}/", host("reviews"))).body(()).unwrap();
+            match s.send_request(req, true) {
+                Err(_) => true,
+                Ok((r, _)) => tokio::time::timeout(CLIENT_TIMEOUT, r).await.unwrap().is_err(),
+            }
+        }
+    };
+    assert!(refused, "a new stream was served after the GOAWAY");
+    let ended = tokio::time::timeout(Duration::from_secs(10), driver).await;
+    assert!(ended.is_ok(), "the drained h2c connection was held open");
+    tokio::time::timeout(Duration::from_secs(30), drain)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test]
 async fn http3_handshakes_that_never_finish_do_not_block_tcp_clients() {
     let env = EnvBuilder::default()
