@@ -271,6 +271,43 @@ async fn the_mesh_sees_the_canonical_host_and_no_client_controls() {
     );
 }
 
+/// A raw h2c connection (the `h2` crate, so a test controls windows and reads) from the
+/// billing subnet: the request handle and the connection's driver.
+async fn raw_h2c(env: &Env, connection_window: u32) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<()>) {
+    let tcp = connect_from(env.addr(), BILLING_IP.parse().unwrap()).await.unwrap();
+    let (send, conn) = h2::client::Builder::new()
+        .initial_connection_window_size(connection_window)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (send.ready().await.unwrap(), driver)
+}
+
+/// GET `path` from the reviews service on `send`: the 200 response's body.
+async fn h2_get(send: &mut h2::client::SendRequest<Bytes>, path: &str) -> h2::RecvStream {
+    let req = Request::get(format!("http://{}{path}", host("reviews")))
+        .body(())
+        .unwrap();
+    let (resp, _) = send.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(CLIENT_TIMEOUT, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.into_body()
+}
+
+/// Reads `body` to its end, giving the window back as it goes: the bytes read.
+async fn h2_read_all(body: &mut h2::RecvStream) -> usize {
+    let mut got = 0;
+    while let Some(d) = tokio::time::timeout(CLIENT_TIMEOUT, body.data()).await.unwrap() {
+        let d = d.expect("the response ended with an error");
+        got += d.len();
+        let _ = body.flow_control().release_capacity(d.len());
+    }
+    got
+}
+
 #[tokio::test]
 async fn idle_h2c_connections_are_closed() {
     let env = EnvBuilder::default()
@@ -278,19 +315,8 @@ async fn idle_h2c_connections_are_closed() {
         .start()
         .await
         .unwrap();
-    let tcp = connect_from(env.addr(), BILLING_IP.parse().unwrap()).await.unwrap();
-    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
-    let driver = tokio::spawn(conn);
-    let mut send = send.ready().await.unwrap();
-    let req = Request::get(format!("http://{}/", host("reviews"))).body(()).unwrap();
-    let (resp, _) = send.send_request(req, true).unwrap();
-    let resp = tokio::time::timeout(CLIENT_TIMEOUT, resp).await.unwrap().unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut body = resp.into_body();
-    while let Some(d) = body.data().await {
-        let d = d.unwrap();
-        let _ = body.flow_control().release_capacity(d.len());
-    }
+    let (mut send, driver) = raw_h2c(&env, 65_535).await;
+    h2_read_all(&mut h2_get(&mut send, "/").await).await;
     // Nothing in flight: the server ends the connection (GOAWAY, then close), pings or not.
     let ended = tokio::time::timeout(Duration::from_secs(20), driver).await;
     assert!(ended.is_ok(), "an idle h2c connection was held open");
@@ -306,37 +332,13 @@ async fn a_stalled_h2c_response_is_cut_and_its_connection_serves_on() {
         .start()
         .await
         .unwrap();
-    let tcp = connect_from(env.addr(), BILLING_IP.parse().unwrap()).await.unwrap();
     // A large connection window, so the stalled stream's unread bytes hold only its own window.
-    let (send, conn) = h2::client::Builder::new()
-        .initial_connection_window_size(64 << 20)
-        .handshake::<_, Bytes>(tcp)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let get = |path: &str| {
-        Request::get(format!("http://{}{path}", host("reviews")))
-            .body(())
-            .unwrap()
-    };
-    let mut send = send.ready().await.unwrap();
-    let (stalled, _) = send.send_request(get("/?bytes=200000000"), true).unwrap();
-    let stalled = tokio::time::timeout(CLIENT_TIMEOUT, stalled).await.unwrap().unwrap();
-    assert_eq!(stalled.status(), 200);
-    let mut stalled = stalled.into_body();
+    let (mut send, _driver) = raw_h2c(&env, 64 << 20).await;
+    let mut stalled = h2_get(&mut send, "/?bytes=200000000").await;
     // Nothing read (so no window given back) for twice the timeout.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let mut send = send.ready().await.unwrap();
-    let (other, _) = send.send_request(get("/?bytes=100000"), true).unwrap();
-    let other = tokio::time::timeout(CLIENT_TIMEOUT, other).await.unwrap().unwrap();
-    assert_eq!(other.status(), 200);
-    let mut other = other.into_body();
-    let mut got = 0;
-    while let Some(d) = tokio::time::timeout(CLIENT_TIMEOUT, other.data()).await.unwrap() {
-        let d = d.unwrap();
-        got += d.len();
-        let _ = other.flow_control().release_capacity(d.len());
-    }
+    let got = h2_read_all(&mut h2_get(&mut send, "/?bytes=100000").await).await;
     assert_eq!(got, 100_000, "the connection stopped serving after one stream stalled");
     // The stalled stream: what it had buffered, then its reset, not the other 200 MB.
     let mut total = 0usize;
@@ -372,29 +374,18 @@ async fn a_drain_sends_h2c_clients_goaway_and_lets_their_streams_finish() {
         .start()
         .await
         .unwrap();
-    let tcp = connect_from(env.addr(), BILLING_IP.parse().unwrap()).await.unwrap();
-    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
-    let driver = tokio::spawn(conn);
-    let mut send = send.ready().await.unwrap();
+    let (mut send, driver) = raw_h2c(&env, 65_535).await;
     // 1 MB: more than the stream's window, so it is still in flight when the drain starts.
-    let req = Request::get(format!("http://{}/?bytes=1000000", host("reviews")))
-        .body(())
-        .unwrap();
-    let (resp, _) = send.send_request(req, true).unwrap();
-    let resp = tokio::time::timeout(CLIENT_TIMEOUT, resp).await.unwrap().unwrap();
-    assert_eq!(resp.status(), 200);
+    let mut body = h2_get(&mut send, "/?bytes=1000000").await;
     let app = env.gate.app.clone();
     let drain = tokio::spawn(async move { app.drain().await });
     // Past the spread: the GOAWAY has been sent.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut body = resp.into_body();
-    let mut got = 0;
-    while let Some(d) = tokio::time::timeout(CLIENT_TIMEOUT, body.data()).await.unwrap() {
-        let d = d.expect("the stream in flight was cut by the drain");
-        got += d.len();
-        let _ = body.flow_control().release_capacity(d.len());
-    }
-    assert_eq!(got, 1_000_000);
+    assert_eq!(
+        h2_read_all(&mut body).await,
+        1_000_000,
+        "the stream in flight was cut short"
+    );
     let refused = match send.ready().await {
         Err(_) => true,
         Ok(mut s) => {
