@@ -38,11 +38,9 @@ pub struct Watch(Arc<Mutex<Slots>>);
 
 #[derive(Default)]
 struct Slots {
+    /// When the last body leaves, the slab's storage goes too, so an idle connection keeps none.
     slots: Vec<Option<Arc<Shared>>>,
     free: Vec<usize>,
-    /// Bodies in the list: when it drops to zero the slab's storage goes too, so an idle
-    /// connection keeps none.
-    live: usize,
     /// The connection's task, waiting for a first body to sweep.
     waiter: Option<Waker>,
 }
@@ -68,7 +66,6 @@ impl Watch {
                 s.slots.len() - 1
             }
         };
-        s.live += 1;
         let waiter = s.waiter.take();
         drop(s);
         if let Some(w) = waiter {
@@ -79,13 +76,13 @@ impl Watch {
 
     /// Whether any body is being watched, i.e. whether the connection must sweep.
     pub fn watching(&self) -> bool {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).live > 0
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).live() > 0
     }
 
     /// Ready once a body is being watched; until then the task is woken by the first to join.
     pub fn poll_watching(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if s.live > 0 {
+        if s.live() > 0 {
             return Poll::Ready(());
         }
         if !s.waiter.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
@@ -110,12 +107,18 @@ impl Watch {
     }
 }
 
+impl Slots {
+    /// Bodies in the list.
+    fn live(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+}
+
 impl Drop for Guarded {
     fn drop(&mut self) {
         if let Guarded::Watched(_, index, watch) = self {
             let mut s = watch.0.lock().unwrap_or_else(|e| e.into_inner());
-            s.live -= 1;
-            if s.live == 0 {
+            if s.live() == 1 {
                 s.slots = Vec::new();
                 s.free = Vec::new();
             } else {
@@ -223,7 +226,7 @@ mod tests {
         drop(c);
         assert!(!watch.watching());
         let s = watch.0.lock().unwrap();
-        assert_eq!((s.slots.capacity(), s.free.capacity(), s.live), (0, 0, 0));
+        assert_eq!((s.slots.capacity(), s.free.capacity(), s.live()), (0, 0, 0));
     }
 
     #[test]
