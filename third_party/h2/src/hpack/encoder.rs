@@ -13,6 +13,14 @@ const LITERAL_MAX_VALUE: usize = 64;
 /// meshgate: the capacity of a header block's encoding buffer.
 const SCRATCH_CAPACITY: usize = 512;
 
+/// meshgate: a buffer grown past this by a large header block is not kept for the next.
+const SCRATCH_KEEP_MAX: usize = 16 * 1024;
+
+thread_local! {
+    /// meshgate: the header-block encoding buffer lent to one block at a time (`take_scratch`).
+    static SCRATCH: std::cell::Cell<Option<BytesMut>> = const { std::cell::Cell::new(None) };
+}
+
 #[derive(Debug)]
 pub struct Encoder {
     table: Table,
@@ -59,17 +67,24 @@ impl Encoder {
 
     /// The buffer for one header-block encode.
     ///
-    /// meshgate: a new one per header block, sized for a typical block so that encoding does
-    /// not grow it field by field; the released h2 kept one per connection for its whole life,
-    /// idle included.
+    /// meshgate: one buffer per thread, lent to each header block while it is encoded and
+    /// written, sized for a typical block so that encoding does not grow it field by field.
+    /// The released h2 kept one per connection for its whole life, idle included; a new one
+    /// per block cost two allocations per proxied request.
     pub(crate) fn take_scratch(&mut self) -> BytesMut {
-        BytesMut::with_capacity(SCRATCH_CAPACITY)
+        SCRATCH
+            .with(|slot| slot.take())
+            .unwrap_or_else(|| BytesMut::with_capacity(SCRATCH_CAPACITY))
     }
 
     /// A fully-written header block buffer.
-    pub(crate) fn return_scratch(&mut self, scratch: BytesMut) {
-        // meshgate: not kept (`take_scratch`).
-        drop(scratch);
+    pub(crate) fn return_scratch(&mut self, mut scratch: BytesMut) {
+        // meshgate: back to the thread's slot (`take_scratch`), unless a large block grew it
+        // or it is no longer the whole allocation (a block split over CONTINUATION frames).
+        scratch.clear();
+        if scratch.capacity() >= SCRATCH_CAPACITY && scratch.capacity() <= SCRATCH_KEEP_MAX {
+            SCRATCH.with(|slot| slot.set(Some(scratch)));
+        }
     }
 
     /// Queues a max size update.
