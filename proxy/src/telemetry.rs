@@ -171,6 +171,9 @@ fn sanitize(s: &str) -> String {
 
 static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 static TRACESTATE: http::HeaderName = http::HeaderName::from_static("tracestate");
+// Constants, not `&str` keys (parsed into a name on each lookup): looked up on every request.
+static B3: http::HeaderName = http::HeaderName::from_static("b3");
+static X_B3_TRACEID: http::HeaderName = http::HeaderName::from_static("x-b3-traceid");
 
 /// Gives a request a W3C trace context unless it has one: a valid `traceparent` (and its
 /// `tracestate`) and B3 headers pass unchanged; an invalid `traceparent` is replaced and its
@@ -181,7 +184,7 @@ pub fn ensure_trace_context(h: &mut http::HeaderMap, sample_rate: f64) {
     let valid = match (found.next(), found.next()) {
         (Some(v), None) => valid_traceparent(v.as_bytes()),
         (None, _) => {
-            if h.contains_key("b3") || h.contains_key("x-b3-traceid") {
+            if h.contains_key(&B3) || h.contains_key(&X_B3_TRACEID) {
                 return;
             }
             false

@@ -9,10 +9,14 @@ use http::Response;
 use super::body::ResponseBody;
 use crate::error::ProxyError;
 
+/// A constant rather than a `&str` key: a string is parsed into a header name on each lookup,
+/// and this one is looked up on every request.
+static GRPC_TIMEOUT: header::HeaderName = header::HeaderName::from_static("grpc-timeout");
+
 /// `grpc-timeout` (gRPC over HTTP/2: at most 8 digits and a unit H, M, S, m, u or n).
 pub(super) fn grpc_timeout(h: &HeaderMap) -> Option<std::time::Duration> {
     use std::time::Duration;
-    let v = h.get("grpc-timeout")?.to_str().ok()?;
+    let v = h.get(&GRPC_TIMEOUT)?.to_str().ok()?;
     let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
     if digits.is_empty() || digits.len() > 8 {
         return None;

@@ -18,9 +18,40 @@ pub(super) static MESH_ONLY: [HeaderName; 3] = [
     HeaderName::from_static("x-envoy-peer-metadata-id"),
 ];
 
+/// Hop-by-hop by definition (RFC 9110 §7.6.1).
+static HOP_BY_HOP: [&HeaderName; 8] = [
+    &header::CONNECTION,
+    &PROXY_CONNECTION,
+    &KEEP_ALIVE,
+    &header::TE,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+    &header::PROXY_AUTHORIZATION,
+    &header::PROXY_AUTHENTICATE,
+];
+
+/// Whether any of `names` is in the map: one pass of comparisons over the few names a message
+/// carries, where a lookup per name would hash each (most messages carry none of them).
+pub(super) fn has_any(h: &HeaderMap, names: &[&HeaderName]) -> bool {
+    h.keys().any(|k| names.contains(&k))
+}
+
+/// Removes each of `names` that is present.
+pub(super) fn remove_all(h: &mut HeaderMap, names: &[&HeaderName]) {
+    if has_any(h, names) {
+        for n in names {
+            h.remove(*n);
+        }
+    }
+}
+
 /// Removes hop-by-hop fields (RFC 9110 §7.6.1): those named in `Connection`, plus the ones that
 /// are hop-by-hop by definition. `TE: trailers` survives: gRPC needs it end to end over h2.
 pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Fields named in `Connection` count only when there is a `Connection`, which is one of these.
+    if !has_any(h, &HOP_BY_HOP) {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -35,16 +66,7 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
         v.to_str()
             .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")))
     });
-    for n in [
-        &header::CONNECTION,
-        &PROXY_CONNECTION,
-        &KEEP_ALIVE,
-        &header::TE,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &header::PROXY_AUTHORIZATION,
-        &header::PROXY_AUTHENTICATE,
-    ] {
+    for n in HOP_BY_HOP {
         h.remove(n);
     }
     if te_trailers {
@@ -68,8 +90,7 @@ pub(super) fn strip_envoy_controls(h: &mut HeaderMap) {
 
 /// Removes what only the mesh may say about a response's origin before the VM sees it.
 pub(super) fn strip_mesh_response(h: &mut HeaderMap) {
-    h.remove(&MESH_ONLY[1]);
-    h.remove(&MESH_ONLY[2]);
+    remove_all(h, &[&MESH_ONLY[1], &MESH_ONLY[2]]);
 }
 
 pub(super) fn new_request_id() -> HeaderValue {
