@@ -3,5 +3,6 @@
 
 pub mod gen;
 pub mod procfs;
+pub mod quota;
 pub mod report;
 pub mod runner;

@@ -89,24 +89,43 @@ pub fn checks(scenarios: &[ScenarioReport]) -> Vec<Check> {
         None => missing(goal),
     });
 
+    // Measured in the peak scenario, where each proxy is held to the same share of a core and
+    // so saturates before the generator; h1-small stands in when it was not run, and says that
+    // its figure is the generator's wherever the proxies were not busy.
     let goal = "Peak throughput on one core ≥ 1.3 × HAProxy's";
-    out.push(match pair("h1-small") {
-        Some((m, h)) => {
-            let busy = |b: Option<f64>| b.map(|b| format!("{:.0}%", b * 100.0)).unwrap_or_default();
+    let busy = |b: Option<f64>| b.map(|b| format!("{:.0}%", b * 100.0)).unwrap_or_default();
+    out.push(match (find("peak"), pair("peak"), pair("h1-small")) {
+        (Some(sc), Some((m, h)), _) => {
+            let share = sc.cpu_quota.unwrap_or(1.0);
             Check {
                 goal: goal.into(),
                 measured: format!(
-                    "{:.0} vs {:.0} req/s: {:.2}× (proxy CPU busy {} vs {})",
+                    "{:.0} vs {:.0} req/s per core ({:.0} vs {:.0} req/s held to {:.0}% of a core each, busy {} vs {}): {:.2}×",
+                    m.requests_per_sec / share,
+                    h.requests_per_sec / share,
                     m.requests_per_sec,
                     h.requests_per_sec,
-                    m.requests_per_sec / h.requests_per_sec.max(1e-9),
+                    share * 100.0,
                     busy(m.proxy_cpu_busy),
-                    busy(h.proxy_cpu_busy)
+                    busy(h.proxy_cpu_busy),
+                    m.requests_per_sec / h.requests_per_sec.max(1e-9)
                 ),
                 pass: Some(m.requests_per_sec >= 1.3 * h.requests_per_sec),
             }
         }
-        None => missing(goal),
+        (_, _, Some((m, h))) => Check {
+            goal: goal.into(),
+            measured: format!(
+                "h1-small (the peak scenario was not run): {:.0} vs {:.0} req/s: {:.2}× (proxy CPU busy {} vs {}; below 100% the generator, not the proxy, set the pace)",
+                m.requests_per_sec,
+                h.requests_per_sec,
+                m.requests_per_sec / h.requests_per_sec.max(1e-9),
+                busy(m.proxy_cpu_busy),
+                busy(h.proxy_cpu_busy)
+            ),
+            pass: Some(m.requests_per_sec >= 1.3 * h.requests_per_sec),
+        },
+        _ => missing(goal),
     });
 
     // Issue #14: at most 4 KiB per idle connection, measured with 10,000 of them (the 1,000

@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::gen::{self, Load, Mode, Outcome, Proto};
 use crate::procfs;
+use crate::quota::Quota;
 
 pub const HOST: &str = "reviews.bookinfo.svc.cluster.local";
 pub const SNI: &str = "outbound_.9080_._.reviews.bookinfo.svc.cluster.local";
@@ -75,6 +76,10 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     (
         "mixed-deny",
         "HTTP/1.1 in; half the connections from a subnet no tenant allows (403); 32 in flight",
+    ),
+    (
+        "peak",
+        "HTTP/1.1 in, 128-byte responses, 64 in flight; each proxy held to a quarter of CPU 1 (cgroup CPU quota) so it, not the generator, saturates; req/s per CPU is the one-core peak",
     ),
     (
         "half-load",
@@ -150,6 +155,8 @@ pub struct ScenarioReport {
     pub runs: Vec<RunFigures>,
     pub summary: Vec<Summary>,
     pub notes: Vec<String>,
+    /// The share of one CPU each proxy was held to (the peak scenario).
+    pub cpu_quota: Option<f64>,
 }
 
 impl ScenarioReport {
@@ -422,7 +429,13 @@ struct Shape {
     path: String,
     concurrency: usize,
     mixed: bool,
+    /// Hold each proxy to this share of one CPU (and leave `direct` out: it has no proxy).
+    quota: Option<f64>,
 }
+
+/// The peak scenario's CPU share per proxy: small enough that the generator and the mesh, on
+/// the other core, keep either proxy saturated.
+pub const PEAK_SHARE: f64 = 0.25;
 
 fn load_for(top: &Topology, target: Target, addr: SocketAddr, shape: &Shape, opts: &Options) -> anyhow::Result<Load> {
     let allowed = gen::sources(ALLOWED_NET, 64)?;
@@ -554,6 +567,7 @@ pub async fn compare(opts: &Options) -> anyhow::Result<Report> {
             runs: vec![],
             summary: vec![],
             notes: vec![],
+            cpu_quota: None,
         };
         match *name {
             "idle-1k" | "idle-10k" | "idle-h2c-10k" => {
@@ -570,6 +584,7 @@ pub async fn compare(opts: &Options) -> anyhow::Result<Report> {
                     "h1-64k" => (shape(false, "/?bytes=65536", 16), None),
                     "h1-1m" => (shape(false, "/?bytes=1048576", 4), None),
                     "mixed-deny" => (shape(true, "/?bytes=128", 32), None),
+                    "peak" => (shape(false, "/?bytes=128", 64).quota(PEAK_SHARE), None),
                     "half-load" => {
                         let peak = match haproxy_peak {
                             Some(p) => p,
@@ -617,12 +632,18 @@ fn shape(mixed: bool, path: &str, concurrency: usize) -> Shape {
         path: path.into(),
         concurrency,
         mixed,
+        quota: None,
     }
 }
 
 impl Shape {
     fn h2c(mut self) -> Self {
         self.h2c = true;
+        self
+    }
+
+    fn quota(mut self, share: f64) -> Self {
+        self.quota = Some(share);
         self
     }
 }
@@ -652,11 +673,30 @@ async fn requests(
 ) -> anyhow::Result<()> {
     let mg = start_meshgate(top, opts).await?;
     let hp = start_haproxy(top, opts).await?;
+    let quotas = match shape.quota {
+        Some(share) => {
+            let applied = Quota::apply(mg.pid(), share, "meshgate")
+                .and_then(|m| Ok((m, Quota::apply(hp.pid(), share, "haproxy")?)));
+            match applied {
+                Ok(q) => {
+                    rep.cpu_quota = Some(q.0.share);
+                    Some(q)
+                }
+                // The other scenarios still run; the peak check falls back to h1-small and says so.
+                Err(e) => {
+                    eprintln!("  not run: {e:#}");
+                    rep.notes.push(format!("not run: no CPU quota could be set: {e:#}"));
+                    return Ok(());
+                }
+            }
+        }
+        None => None,
+    };
     let mut targets: Vec<(Target, Option<&ProxyProc>, SocketAddr)> = vec![
         (Target::Meshgate, Some(&mg), mg.addr),
         (Target::Haproxy, Some(&hp), hp.addr),
     ];
-    if !shape.mixed {
+    if !shape.mixed && shape.quota.is_none() {
         targets.push((Target::Direct, None, top.mesh.gateway_addr()));
     }
     let prepare = |t: Target, addr: SocketAddr| -> anyhow::Result<Load> {
@@ -695,6 +735,23 @@ async fn requests(
     for (t, p, _) in &targets {
         rep.summary.push(summarize(*t, &rep.runs, p.and_then(peak_kib)));
     }
+    if let Some((qm, qh)) = &quotas {
+        let throttled = |q: &Quota| {
+            q.throttled_secs()
+                .map(|s| format!("{s:.2} s"))
+                .unwrap_or_else(|| "unknown".into())
+        };
+        rep.notes.push(format!(
+            "each proxy held to {:.0}% of CPU 1 (CFS quota, 10 ms period); time refused by the quota over the scenario: meshgate {}, HAProxy {}",
+            qm.share * 100.0,
+            throttled(qm),
+            throttled(qh)
+        ));
+    }
+    // The processes first, so the cgroups are empty when removed.
+    drop(targets);
+    drop((mg, hp));
+    drop(quotas);
     Ok(())
 }
 

@@ -75,6 +75,7 @@ async fn compare_runs_each_kind_of_scenario_against_all_targets_and_writes_the_r
             "h1-small",
             "h2c-small",
             "mixed-deny",
+            "peak",
             "half-load",
             "idle-1k",
             "cold-start",
@@ -107,6 +108,23 @@ async fn compare_runs_each_kind_of_scenario_against_all_targets_and_writes_the_r
         assert_eq!(run.statuses.len(), 2, "{run:?}");
         assert_eq!(run.errors, 0, "{run:?}");
     }
+    // Each proxy held to a quarter of a core: the kernel's quota caps what it used.
+    let peak = by_name("peak");
+    assert_eq!(peak.cpu_quota, Some(runner::PEAK_SHARE), "{:?}", peak.notes);
+    assert!(peak.of(Target::Direct).is_none());
+    for t in [Target::Meshgate, Target::Haproxy] {
+        let s = peak.of(t).unwrap();
+        assert!(s.requests > 0 && s.errors == 0, "{t:?}: {s:?}");
+        let busy = s.proxy_cpu_busy.unwrap();
+        assert!(
+            busy <= runner::PEAK_SHARE + 0.1,
+            "{t:?} used {busy} of a core under a quota of 0.25"
+        );
+    }
+    assert!(report
+        .checks
+        .iter()
+        .any(|c| c.goal.starts_with("Peak") && c.measured.contains("per core")));
     let idle = by_name("idle-1k");
     for t in [Target::Meshgate, Target::Haproxy] {
         let s = idle.of(t).unwrap();
@@ -132,7 +150,7 @@ async fn compare_runs_each_kind_of_scenario_against_all_targets_and_writes_the_r
     }
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap()).unwrap();
-    assert_eq!(json["scenarios"].as_array().unwrap().len(), 6);
+    assert_eq!(json["scenarios"].as_array().unwrap().len(), 7);
     let svg = std::fs::read_to_string(out.path().join("chart.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("h1-small"));
     assert!(out.path().join("haproxy.cfg").exists() && out.path().join("meshgate.yaml").exists());
