@@ -40,7 +40,8 @@ where
     ///
     /// This exists separately from State in order to support
     /// graceful shutdown.
-    error: Option<frame::GoAway>,
+    // meshgate: boxed, as the GOAWAY frames below: received at most once, kept in every connection.
+    error: Option<Box<frame::GoAway>>,
 
     /// Pending GOAWAY frames to write.
     go_away: GoAway,
@@ -57,8 +58,9 @@ where
     /// Stream state handler
     streams: Streams<B, P>,
 
-    /// A `tracing` span tracking the lifetime of the connection.
-    span: tracing::Span,
+    // meshgate: no `tracing` span for the connection's lifetime: 40 bytes in every connection,
+    // cloned and entered on every poll, for a `Connection{peer}` label on h2's own debug events
+    // (seen only with `RUST_LOG=h2=debug`).
 
     /// Client or server
     _phantom: PhantomData<P>,
@@ -71,7 +73,7 @@ struct DynConnection<'a, B: Buf = Bytes> {
 
     streams: DynStreams<'a, B>,
 
-    error: &'a mut Option<frame::GoAway>,
+    error: &'a mut Option<Box<frame::GoAway>>,
 
     ping_pong: &'a mut PingPong,
 }
@@ -155,8 +157,6 @@ where
             }
         }
         let streams = Streams::new(streams_config(&config));
-        let span = tracing::debug_span!(parent: None, "Connection", peer = %P::NAME);
-        span.follows_from(tracing::Span::current());
         Connection {
             codec,
             inner: ConnectionInner {
@@ -167,7 +167,6 @@ where
                 ping_pong: PingPong::new(),
                 settings: Settings::new(config.settings),
                 streams,
-                span,
                 _phantom: PhantomData,
             },
         }
@@ -216,7 +215,6 @@ where
     /// Returns `Error` as this may raise errors that are caused by delayed
     /// processing of received frames.
     fn poll_ready(&mut self, cx: &mut Context) -> Poll<Result<(), Error>> {
-        let _e = self.inner.span.enter();
         let span = tracing::trace_span!("poll_ready");
         let _e = span.enter();
         // The order of these calls don't really matter too much
@@ -300,12 +298,6 @@ where
 
     /// Advances the internal state of the connection.
     pub fn poll(&mut self, cx: &mut Context) -> Poll<Result<(), Error>> {
-        // XXX(eliza): cloning the span is unfortunately necessary here in
-        // order to placate the borrow checker — `self` is mutably borrowed by
-        // `poll2`, which means that we can't borrow `self.span` to enter it.
-        // The clone is just an atomic ref bump.
-        let span = self.inner.span.clone();
-        let _e = span.enter();
         let span = tracing::trace_span!("poll");
         let _e = span.enter();
 
@@ -595,7 +587,7 @@ where
                 // until they are all EOS. Once they are, State should
                 // transition to GoAway.
                 self.streams.recv_go_away(&frame)?;
-                *self.error = Some(frame);
+                *self.error = Some(Box::new(frame));
             }
             Some(Ping(frame)) => {
                 tracing::trace!(?frame, "recv PING");
