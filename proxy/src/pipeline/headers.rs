@@ -185,6 +185,37 @@ mod tests {
     }
 
     #[test]
+    fn each_hop_by_hop_field_alone_is_found_and_removed() {
+        // The removal runs only when one pass over the names finds one: each must be found alone.
+        for name in HOP_BY_HOP {
+            let mut h = HeaderMap::new();
+            h.insert("x-kept", "1".parse().unwrap());
+            h.append(name, "x".parse().unwrap());
+            h.append(name, "y".parse().unwrap());
+            strip_hop_by_hop(&mut h);
+            assert!(!h.contains_key(name), "{name} kept: {h:?}");
+            assert_eq!(h.len(), 1, "{name}: {h:?}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert("x-kept", "1".parse().unwrap());
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+    }
+
+    #[test]
+    fn remove_all_removes_every_value_of_each_name_present() {
+        let key = HeaderName::from_static("x-api-key");
+        let mut h = HeaderMap::new();
+        h.append(&key, "a".parse().unwrap());
+        h.append(&key, "b".parse().unwrap());
+        h.insert(&MESH_ONLY[0], "By=spiffe://x".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        remove_all(&mut h, &[&key, &MESH_ONLY[0], &MESH_ONLY[1]]);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+    }
+
+    #[test]
     fn te_trailers_survives() {
         let mut h = HeaderMap::new();
         h.insert(header::TE, "trailers, gzip".parse().unwrap());

@@ -80,7 +80,8 @@ impl Encoder {
     /// A fully-written header block buffer.
     pub(crate) fn return_scratch(&mut self, mut scratch: BytesMut) {
         // meshgate: back to the thread's slot (`take_scratch`), unless a large block grew it
-        // or it is no longer the whole allocation (a block split over CONTINUATION frames).
+        // past `SCRATCH_KEEP_MAX`. (A block split over CONTINUATION frames never comes back
+        // here: its buffer is dropped with the last frame.)
         scratch.clear();
         if scratch.capacity() >= SCRATCH_CAPACITY && scratch.capacity() <= SCRATCH_KEEP_MAX {
             SCRATCH.with(|slot| slot.set(Some(scratch)));
