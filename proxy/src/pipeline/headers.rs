@@ -12,7 +12,7 @@ pub(super) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 /// Identity and telemetry headers only the mesh may set (istio-wire.md §0, §3).
-pub(super) static MESH_ONLY: [HeaderName; 3] = [
+static MESH_ONLY: [HeaderName; 3] = [
     HeaderName::from_static("x-forwarded-client-cert"),
     HeaderName::from_static("x-envoy-peer-metadata"),
     HeaderName::from_static("x-envoy-peer-metadata-id"),
@@ -32,17 +32,8 @@ static HOP_BY_HOP: [&HeaderName; 8] = [
 
 /// Whether any of `names` is in the map: one pass of comparisons over the few names a message
 /// carries, where a lookup per name would hash each (most messages carry none of them).
-pub(super) fn has_any(h: &HeaderMap, names: &[&HeaderName]) -> bool {
+fn has_any(h: &HeaderMap, names: &[&HeaderName]) -> bool {
     h.keys().any(|k| names.contains(&k))
-}
-
-/// Removes each of `names` that is present.
-pub(super) fn remove_all(h: &mut HeaderMap, names: &[&HeaderName]) {
-    if has_any(h, names) {
-        for n in names {
-            h.remove(*n);
-        }
-    }
 }
 
 /// Removes hop-by-hop fields (RFC 9110 §7.6.1): those named in `Connection`, plus the ones that
@@ -74,13 +65,15 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-/// Removes `x-envoy-*` request fields: Envoy obeys them from an internal peer (retries,
-/// timeouts, the original path), and meshgate is one to the mesh, so a client must not reach
-/// them through it (Envoy strips them from untrusted clients at the edge the same way).
-pub(super) fn strip_envoy_controls(h: &mut HeaderMap) {
+/// Removes what a client must not send into the mesh, in one pass over the request's names:
+/// the fields only the mesh may set, the API key that identified the client (`api_key`), and
+/// every `x-envoy-*` field: Envoy obeys those from an internal peer (retries, timeouts, the
+/// original path), and meshgate is one to the mesh, so a client must not reach them through it
+/// (Envoy strips them from untrusted clients at the edge the same way).
+pub(super) fn strip_client_controls(h: &mut HeaderMap, api_key: &HeaderName) {
     let found: Vec<HeaderName> = h
         .keys()
-        .filter(|n| n.as_str().starts_with("x-envoy-"))
+        .filter(|n| n.as_str().starts_with("x-envoy-") || *n == api_key || MESH_ONLY.contains(n))
         .cloned()
         .collect();
     for n in found {
@@ -90,7 +83,10 @@ pub(super) fn strip_envoy_controls(h: &mut HeaderMap) {
 
 /// Removes what only the mesh may say about a response's origin before the VM sees it.
 pub(super) fn strip_mesh_response(h: &mut HeaderMap) {
-    remove_all(h, &[&MESH_ONLY[1], &MESH_ONLY[2]]);
+    if has_any(h, &[&MESH_ONLY[1], &MESH_ONLY[2]]) {
+        h.remove(&MESH_ONLY[1]);
+        h.remove(&MESH_ONLY[2]);
+    }
 }
 
 pub(super) fn new_request_id() -> HeaderValue {
@@ -204,14 +200,16 @@ mod tests {
     }
 
     #[test]
-    fn remove_all_removes_every_value_of_each_name_present() {
+    fn client_controls_go_with_every_value() {
         let key = HeaderName::from_static("x-api-key");
         let mut h = HeaderMap::new();
         h.append(&key, "a".parse().unwrap());
         h.append(&key, "b".parse().unwrap());
         h.insert(&MESH_ONLY[0], "By=spiffe://x".parse().unwrap());
+        h.insert(&MESH_ONLY[2], "sidecar~forged".parse().unwrap());
+        h.insert("x-envoy-retry-on", "5xx".parse().unwrap());
         h.insert("x-kept", "1".parse().unwrap());
-        remove_all(&mut h, &[&key, &MESH_ONLY[0], &MESH_ONLY[1]]);
+        strip_client_controls(&mut h, &key);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
     }
 

@@ -30,8 +30,8 @@ pub use conn::ConnInfo;
 use grpc::{grpc_local_response, grpc_timeout, grpc_timeout_header, is_grpc};
 pub(crate) use headers::strip_hop_by_hop;
 use headers::{
-    authority_of, declared_length, new_request_id, remove_all, requested_upgrade, strip_envoy_controls,
-    strip_mesh_response, MESH_ONLY, X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID,
+    authority_of, declared_length, new_request_id, requested_upgrade, strip_client_controls, strip_mesh_response,
+    X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID,
 };
 use log::AccessLog;
 pub use tunnel::ClientUpgrade;
@@ -374,8 +374,7 @@ where
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, protocol.clone());
     }
-    remove_all(h, &[&snap.api_key_header, &MESH_ONLY[0], &MESH_ONLY[1], &MESH_ONLY[2]]);
-    strip_envoy_controls(h);
+    strip_client_controls(h, &snap.api_key_header);
     let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.trim().is_empty() => {
             let ip = conn.client.ip().to_canonical();
