@@ -88,6 +88,9 @@ pub struct Load {
 pub struct Outcome {
     pub sent: u64,
     pub statuses: BTreeMap<u16, u64>,
+    /// Client connections opened: one per HTTP/1.1 worker, plus one after each response that
+    /// said `Connection: close` or failed.
+    pub connections: u64,
     /// Connection or protocol failures (no HTTP status).
     pub errors: u64,
     pub timeouts: u64,
@@ -102,6 +105,7 @@ impl Outcome {
         Outcome {
             sent: 0,
             statuses: BTreeMap::new(),
+            connections: 0,
             errors: 0,
             timeouts: 0,
             body_bytes: 0,
@@ -116,6 +120,7 @@ impl Outcome {
         for (s, n) in o.statuses {
             *self.statuses.entry(s).or_default() += n;
         }
+        self.connections += o.connections;
         self.errors += o.errors;
         self.timeouts += o.timeouts;
         self.body_bytes += o.body_bytes;
@@ -305,6 +310,7 @@ async fn worker(sh: Arc<Shared>, index: usize) -> Outcome {
         let began = due.unwrap_or_else(Instant::now);
         out.sent += 1;
         let req = request(load);
+        let mut opened = 0;
         let result = tokio::time::timeout(load.request_timeout, async {
             if load.proto.is_h2() {
                 let slot = &sh.h2[index % sh.h2.len()];
@@ -314,6 +320,7 @@ async fn worker(sh: Arc<Shared>, index: usize) -> Outcome {
                         Some(s) => Sender::H2(s.clone()),
                         None => {
                             let s = open(load, source).await?;
+                            opened += 1;
                             if let Sender::H2(s) = &s {
                                 *guard = Some(s.clone());
                             }
@@ -325,6 +332,7 @@ async fn worker(sh: Arc<Shared>, index: usize) -> Outcome {
             } else {
                 if h1.is_none() {
                     h1 = Some(open(load, source).await?);
+                    opened += 1;
                 }
                 let r = exchange(h1.as_mut().expect("just opened"), req).await;
                 // A connection the server closes (an error, or `Connection: close` after a
@@ -336,6 +344,7 @@ async fn worker(sh: Arc<Shared>, index: usize) -> Outcome {
             }
         })
         .await;
+        out.connections += opened;
         match result {
             Ok(Ok((status, bytes, _))) => {
                 *out.statuses.entry(status).or_default() += 1;

@@ -178,10 +178,11 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let out = rt.block_on(gen::run(load));
             println!(
-                "{} sent, {} answered {:?}, {} errors, {} timeouts in {:.2} s: {:.0} req/s; latency ms p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2}",
+                "{} sent, {} answered {:?} over {} connections, {} errors, {} timeouts in {:.2} s: {:.0} req/s; latency ms p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2}",
                 out.sent,
                 out.answered(),
                 out.statuses,
+                out.connections,
                 out.errors,
                 out.timeouts,
                 out.elapsed.as_secs_f64(),

@@ -113,6 +113,8 @@ pub struct RunFigures {
     pub expected: u64,
     pub errors: u64,
     pub statuses: std::collections::BTreeMap<u16, u64>,
+    /// Client connections the generator opened (a new one after each `Connection: close`).
+    pub connections: u64,
     pub seconds: f64,
     pub requests_per_sec: f64,
     pub p50_ms: f64,
@@ -315,7 +317,8 @@ frontend vm\n    bind 127.0.0.1:{port}\n    option forwardfor\n\
     acl has_key req.hdr(x-meshgate-key) -m found\n\
     acl laptop req.hdr(x-meshgate-key),digest(sha256),hex -m str {key_hex}\n\
     http-request deny deny_status 401 if has_key !laptop\n\
-    http-request deny deny_status 403 unless billing or laptop\n\
+    # A client in no tenant: 403 and the connection closed after it, as meshgate does (issue #19).\n\
+    http-request deny deny_status 403 content-type text/plain string \"unknown_client: no tenant allows this source\" hdr Connection close unless billing or laptop\n\
     http-request del-header x-meshgate-key\n\
     # Routing by Host, port optional; anything else is not a mesh service.\n\
     acl reviews req.hdr(host),field(1,:),lower -m str {HOST}\n\
@@ -495,6 +498,7 @@ async fn measure(
         expected,
         errors: out.sent - expected,
         statuses: out.statuses.clone(),
+        connections: out.connections,
         seconds: out.elapsed.as_secs_f64(),
         requests_per_sec: out.requests_per_sec(),
         p50_ms: out.percentile_ms(0.5),
