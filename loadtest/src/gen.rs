@@ -88,8 +88,9 @@ pub struct Load {
 pub struct Outcome {
     pub sent: u64,
     pub statuses: BTreeMap<u16, u64>,
-    /// Client connections opened: one per HTTP/1.1 worker, plus one after each response that
-    /// said `Connection: close` or failed.
+    /// Client connections opened: HTTP/1.1, one per worker and another after each response
+    /// that said `Connection: close` or failed; HTTP/2, one per shared connection and another
+    /// for each that closed.
     pub connections: u64,
     /// Connection or protocol failures (no HTTP status).
     pub errors: u64,

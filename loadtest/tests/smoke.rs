@@ -101,8 +101,8 @@ async fn compare_runs_each_kind_of_scenario_against_all_targets_and_writes_the_r
             assert_eq!(s.cpu_secs_per_10k.is_some(), t != Target::Direct, "{name} {t:?}");
         }
     }
-    // Denied clients get 403 from both proxies, allowed ones 200, nothing else; and both close
-    // the connection after a 403 (issue #19), so the same work is compared: every denied
+    // Denied clients get 403 from both proxies, allowed ones 200, nothing else; and both answer
+    // the 403 with `Connection: close` (issue #19), so the same work is compared: every denied
     // request came over a new connection.
     for run in &by_name("mixed-deny").runs {
         let (ok, denied) = (run.statuses.get(&200), run.statuses.get(&403));
